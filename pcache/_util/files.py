@@ -1,0 +1,29 @@
+"""Small POSIX file helpers shared by the disk tier, the journal and the uploader."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+
+def unlink_quiet(path: str) -> None:
+    """Remove ``path`` if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so a rename inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: Any) -> None:
+    """Write every byte of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]

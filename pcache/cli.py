@@ -1,0 +1,208 @@
+"""pcache: inspect, warm, flush, verify and garbage-collect a cache directory.
+
+Every option also comes from PCACHE_<NAME> env vars or a TOML file (--config, [pcache]
+table); flags win over env, env over the file. S3 endpoints and credentials follow the AWS tools:
+--endpoint-url or AWS_ENDPOINT_URL, and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pcache._util.log import setup_logging
+from pcache._util.storage import split_url, storage_options
+from pcache.config import CacheConfig
+from pcache.errors import ConfigError
+
+EXAMPLES = """examples:
+  pcache stat --cache-dir /nvme/pcache
+  pcache warm --endpoint-url http://127.0.0.1:8333 s3://datasets/pile/v1/
+  pcache flush --cache-dir /nvme/pcache --timeout 600
+  pcache verify --cache-dir /nvme/pcache
+  pcache gc --cache-dir /nvme/pcache
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", help="cache directory (env PCACHE_CACHE_DIR; default ~/.cache/pcache)")
+    p.add_argument("--config", help="TOML file with a [pcache] table (env PCACHE_CONFIG)")
+    p.add_argument("--block-size", help="block size, e.g. 4MiB (env PCACHE_BLOCK_SIZE)")
+    p.add_argument("--disk-bytes", help="disk tier budget, e.g. 500GiB (env PCACHE_DISK_BYTES)")
+    p.add_argument("--memory-bytes", help="memory tier budget per process (env PCACHE_MEMORY_BYTES)")
+    p.add_argument("--compression", choices=["none", "zstd"], help="compress blocks on disk")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--log-format", choices=["text", "json"], help="log format (env PCACHE_LOG_FORMAT)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pcache", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("stat", help="usage per tier, hit ratio and pending uploads")
+    _add_common(p)
+    p = sub.add_parser("warm", help="prefetch objects or prefixes into the cache, with a progress bar")
+    _add_common(p)
+    p.add_argument("urls", nargs="+", metavar="URL", help="object or prefix, e.g. s3://bucket/shards/")
+    p = sub.add_parser("flush", help="upload write-back files left in the journal (e.g. by a killed process)")
+    _add_common(p)
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument("--prefix", help="only files under this origin URL")
+    p = sub.add_parser("verify", help="re-check every block's checksum and drop corrupt blocks")
+    _add_common(p)
+    p = sub.add_parser("gc", help="reconcile index and files, remove stale temp files, enforce the budget")
+    _add_common(p)
+    p.add_argument("--keep-done-days", type=float, default=7.0, help="forget upload records older than this")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> CacheConfig:
+    return CacheConfig.load(args.config, cache_dir=args.cache_dir, block_size=args.block_size,
+                            disk_bytes=args.disk_bytes, memory_bytes=args.memory_bytes,
+                            compression=args.compression)
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
+    print(json.dumps(data, indent=1) if args.json else human)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    from pcache.diskstore import DiskStore
+    from pcache.journal import Journal
+
+    config = _config(args)
+    journal = Journal(config.cache_dir)
+    store = DiskStore(config.cache_dir, config.disk_bytes, reserved=journal.pending_bytes)
+    s = store.stats()
+    pending = journal.pending()
+    hits = s["hits_memory"] + s["hits_disk"]
+    lookups = hits + s["misses"]
+    data = {"cache_dir": config.cache_dir, "disk_blocks": s["blocks"], "disk_bytes": s["total"],
+            "disk_budget": config.disk_bytes, "memory_budget_per_process": config.memory_bytes,
+            "hits_memory": s["hits_memory"], "hits_disk": s["hits_disk"], "misses": s["misses"],
+            "hit_ratio": (hits / lookups) if lookups else None, "origin_bytes": s["origin_bytes"],
+            "evictions": s["evictions"], "corrupt_blocks": s["corrupt_blocks"],
+            "pending_uploads": len(pending), "pending_bytes": sum(e["size"] for e in pending)}
+    ratio = f"{data['hit_ratio']:.1%}" if lookups else "n/a"
+    human = "\n".join([
+        f"cache dir       {config.cache_dir}",
+        f"disk tier       {s['blocks']} blocks, {_human(s['total'])} of {_human(config.disk_bytes)}",
+        f"memory tier     budget {_human(config.memory_bytes)} per process",
+        f"hit ratio       {ratio} (memory {s['hits_memory']}, disk {s['hits_disk']}, misses {s['misses']})",
+        f"origin reads    {_human(s['origin_bytes'])}",
+        f"evictions       {s['evictions']}; corrupt blocks dropped {s['corrupt_blocks']}",
+        f"pending uploads {len(pending)} ({_human(data['pending_bytes'])})",
+    ] + [f"  {e['url']} ({_human(e['size'])}){'  last error: ' + e['last_error'] if e.get('last_error') else ''}"
+         for e in pending[:20]])
+    _emit(args, data, human)
+    return 0
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    import fsspec
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    config = _config(args)
+    total_bytes = total_files = 0
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), disable=args.json or not sys.stderr.isatty()) as bar:
+        for url in args.urls:
+            protocol, path = split_url(url)
+            fs = fsspec.filesystem("pcache", target_protocol=protocol,
+                                   target_options=storage_options(protocol, args.endpoint_url),
+                                   **{k: v for k, v in vars(config).items()})
+            target = fs._target_path(path)
+            info = fs.info(target)
+            files = {target: info} if info["type"] == "file" else fs.find(target, detail=True)
+            task = bar.add_task(f"warm {url}", total=sum(i["size"] for i in files.values()))
+            for name, item in files.items():
+                ref = fs.ref(name)
+                fetch = fs.origin.fetcher(name, ref.version)
+                step = config.block_size * config.fetch_workers
+                for off in range(0, ref.size, step):
+                    chunk = fs.engine.get_range(ref, off, min(ref.size, off + step), fetch)
+                    bar.advance(task, len(chunk))
+                total_bytes += item["size"]
+                total_files += 1
+            fs.engine.disk.flush_hits()
+    _emit(args, {"files": total_files, "bytes": total_bytes},
+          f"warmed {total_files} file(s), {_human(total_bytes)}")
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    from pcache.uploader import Uploader
+
+    config = _config(args)
+    uploader = Uploader(config, endpoint_url=args.endpoint_url)
+    before = uploader.journal.pending(args.prefix)
+    failed = uploader.drain(args.prefix, timeout=args.timeout)
+    done = len(before) - len(uploader.journal.pending(args.prefix))
+    data = {"uploaded": done, "failed": failed, "still_pending": len(uploader.journal.pending(args.prefix))}
+    lines = [f"uploaded {done} file(s); {data['still_pending']} still pending"]
+    lines += [f"failed: {url}" for url in failed]
+    _emit(args, data, "\n".join(lines))
+    return 1 if data["still_pending"] else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from pcache.diskstore import DiskStore
+
+    config = _config(args)
+    store = DiskStore(config.cache_dir, config.disk_bytes, config.compression)
+    n = sum(1 for _ in store.iter_block_files())
+    with Progress(disable=args.json or not sys.stderr.isatty()) as bar:
+        task = bar.add_task("verify", total=n)
+        corrupt = store.verify(progress=lambda k: bar.advance(task, k))
+    store.flush_hits()
+    _emit(args, {"checked": n, "corrupt": corrupt},
+          f"checked {n} block(s); {len(corrupt)} corrupt (dropped, will be refetched)"
+          + "".join(f"\n  {p}" for p in corrupt))
+    return 1 if corrupt else 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pcache.diskstore import DiskStore
+    from pcache.journal import Journal
+
+    config = _config(args)
+    journal = Journal(config.cache_dir)
+    store = DiskStore(config.cache_dir, config.disk_bytes, reserved=journal.pending_bytes)
+    result = store.gc()
+    result["orphan_staged"] = journal.remove_orphans()
+    result["done_records_pruned"] = journal.prune_done(args.keep_done_days * 86400)
+    _emit(args, result, ", ".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+COMMANDS = {"stat": cmd_stat, "warm": cmd_warm, "flush": cmd_flush, "verify": cmd_verify, "gc": cmd_gc}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(json_format=(args.log_format == "json") if args.log_format else None)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError, PermissionError, TimeoutError) as exc:
+        print(f"pcache {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pcache {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

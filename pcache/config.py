@@ -1,0 +1,87 @@
+"""Configuration of a pcache instance (one frozen dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pcache._util.config import load_config
+from pcache.errors import ConfigError
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+def default_cache_dir() -> str:
+    """Return ``$XDG_CACHE_HOME/pcache`` (or ``~/.cache/pcache``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pcache")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Settings of the local cache engine. Sizes accept ``"4MiB"``-style strings in TOML/env/flags.
+
+    Attributes:
+        cache_dir: Directory holding the disk tier, LMDB index, journal and staged uploads. Many
+            processes may share it.
+        block_size: Bytes per cache block; part of the block key, so changing it starts a fresh cache.
+        memory_bytes: In-process memory tier budget (LRU), per process.
+        disk_bytes: Disk tier budget for clean blocks plus staged (not yet uploaded) write-back files.
+        compression: ``"none"`` or ``"zstd"`` for blocks on disk.
+        zstd_level: zstd level when compression is on.
+        readahead_blocks: Maximum blocks prefetched ahead of a sequential reader.
+        max_inflight_bytes: Bound on bytes being fetched from the origin at once, per process.
+        fetch_workers: Threads fetching blocks from the origin in parallel, per process.
+        metadata_ttl: Seconds an ``info``/``ls`` answer is reused.
+        retry_attempts: Attempts per origin call before :class:`OriginUnavailableError`.
+        retry_base_delay: First backoff delay, in seconds (doubles each retry, with jitter).
+        upload_part_size: Multipart upload part size.
+        upload_concurrency: Parts uploaded in parallel per file.
+        upload_workers: Files uploaded in parallel by the background uploader.
+        uploader_idle_exit: Seconds the background uploader waits for new work before exiting.
+    """
+
+    cache_dir: str = field(default_factory=default_cache_dir)
+    block_size: int = 4 * MiB
+    memory_bytes: int = 256 * MiB
+    disk_bytes: int = 16 * GiB
+    compression: str = "none"
+    zstd_level: int = 3
+    readahead_blocks: int = 16
+    max_inflight_bytes: int = 128 * MiB
+    fetch_workers: int = 16
+    metadata_ttl: float = 10.0
+    retry_attempts: int = 6
+    retry_base_delay: float = 0.1
+    upload_part_size: int = 32 * MiB
+    upload_concurrency: int = 8
+    upload_workers: int = 2
+    uploader_idle_exit: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.cache_dir:
+            raise ConfigError("cache_dir", "must not be empty")
+        object.__setattr__(self, "cache_dir", os.path.abspath(os.path.expanduser(self.cache_dir)))
+        if self.block_size < 4096 or self.block_size > 1024 * MiB:
+            raise ConfigError("block_size", f"must be between 4KiB and 1GiB, got {self.block_size}")
+        for name in ("memory_bytes", "disk_bytes", "max_inflight_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be >= 0")
+        if self.compression not in ("none", "zstd"):
+            raise ConfigError("compression", f"must be 'none' or 'zstd', got {self.compression!r}")
+        for name in ("fetch_workers", "retry_attempts", "upload_concurrency", "upload_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.readahead_blocks < 0:
+            raise ConfigError("readahead_blocks", "must be >= 0")
+        if self.upload_part_size < 5 * MiB:
+            raise ConfigError("upload_part_size", "must be >= 5MiB (the S3 minimum part size)")
+        if self.metadata_ttl < 0:
+            raise ConfigError("metadata_ttl", "must be >= 0")
+
+    @classmethod
+    def load(cls, toml_path: str | None = None, **overrides: Any) -> CacheConfig:
+        """Build a config from defaults, ``toml_path`` (or ``$PCACHE_CONFIG``), ``PCACHE_*`` env, kwargs."""
+        return load_config(cls, toml_path=toml_path, section="pcache", env_prefix="PCACHE_", overrides=overrides)

@@ -1,0 +1,206 @@
+"""The block cache engine: memory tier -> disk tier -> origin, with single-flight and readahead.
+
+One engine exists per (``cache_dir``, process): every :class:`~pcache.fs.PCacheFileSystem` in a process
+that names the same directory shares its memory tier, fetch threads and in-flight table. After a
+``fork`` (DataLoader workers) the child builds its own, since threads and LMDB handles do not survive.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import xxhash
+
+from pcache._util.log import get_logger
+from pcache.config import CacheConfig
+from pcache.diskstore import DiskStore
+from pcache.errors import CacheFullError
+from pcache.locks import SingleFlight, StripeLocks
+from pcache.memory import MemoryLRU
+
+log = get_logger(__name__)
+
+Fetch = Callable[[int, int], bytes]
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """One version of one origin object.
+
+    Attributes:
+        url: Origin identity (protocol, endpoint and path), part of every block key.
+        version: ETag, or ``size:mtime`` when the store has no ETag; a new version means new keys.
+        size: Object size in bytes.
+    """
+
+    url: str
+    version: str
+    size: int
+
+
+def block_key(obj: ObjectRef, index: int, block_size: int) -> bytes:
+    """Return the 16-byte key of block ``index`` of ``obj`` (block size included: it sets boundaries)."""
+    return xxhash.xxh3_128_digest(f"{obj.url}\0{obj.version}\0{block_size}\0{index}".encode())
+
+
+class BlockCache:
+    """Tiered block reads for one ``cache_dir`` in one process."""
+
+    def __init__(self, config: CacheConfig, reserved: Callable[[], int] | None = None) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.memory = MemoryLRU(config.memory_bytes)
+        self.disk = DiskStore(config.cache_dir, config.disk_bytes, config.compression, config.zstd_level,
+                              reserved=reserved)
+        self.locks = StripeLocks(os.path.join(config.cache_dir, "locks"))
+        self.flight = SingleFlight()
+        self.pool = ThreadPoolExecutor(config.fetch_workers, thread_name_prefix="pcache-fetch")
+        self._inflight_budget = threading.BoundedSemaphore(max(1, config.max_inflight_bytes // self.block_size))
+        self.counters = {"hits_memory": 0, "hits_disk": 0, "misses": 0, "origin_bytes": 0}
+
+    def _count(self, name: str, delta: int = 1) -> None:
+        self.counters[name] += delta
+        self.disk.note_stat(name, delta)
+
+    # -- single blocks ---------------------------------------------------------------------------
+    def block_span(self, obj: ObjectRef, index: int) -> tuple[int, int]:
+        start = index * self.block_size
+        return start, min(obj.size, start + self.block_size)
+
+    def get_block(self, obj: ObjectRef, index: int, fetch: Fetch) -> bytes:
+        """Return block ``index`` of ``obj`` from the fastest tier that has it."""
+        key = block_key(obj, index, self.block_size)
+        data = self.memory.get(key)
+        if data is not None:
+            self._count("hits_memory")
+            return data
+        return self.flight.run(key, lambda: self._load(obj, index, key, fetch))
+
+    def _load(self, obj: ObjectRef, index: int, key: bytes, fetch: Fetch) -> bytes:
+        data = self.disk.read(key)
+        if data is None:
+            # Another process may be fetching this block: wait for its stripe lock, then look again.
+            with self.locks.hold(key):
+                data = self.disk.read(key)
+                if data is None:
+                    data = self._fetch_and_publish(obj, index, key, fetch)
+                    self.memory.put(key, data)
+                    return data
+        self._count("hits_disk")
+        self.memory.put(key, data)
+        return data
+
+    def _fetch_and_publish(self, obj: ObjectRef, index: int, key: bytes, fetch: Fetch) -> bytes:
+        start, end = self.block_span(obj, index)
+        data = fetch(start, end)
+        if len(data) != end - start:
+            raise OSError(f"short read from origin {obj.url} (version {obj.version}) bytes {start}-{end}: "
+                          f"got {len(data)} bytes; the object may have changed")
+        self._count("misses")
+        self._count("origin_bytes", len(data))
+        try:
+            self.disk.publish(key, data)
+        except CacheFullError as exc:
+            # The caller still gets its bytes; the cache just does not keep this block.
+            log.warning("not caching block of %s: %s", obj.url, exc, extra={"url": obj.url})
+        return data
+
+    def contains(self, obj: ObjectRef, index: int) -> bool:
+        """Return True if the block is in memory or on disk (no checksum verification)."""
+        key = block_key(obj, index, self.block_size)
+        return key in self.memory or os.path.exists(self.disk.block_path(key))
+
+    # -- ranges and readahead -------------------------------------------------------------------
+    def get_range(self, obj: ObjectRef, start: int, end: int, fetch: Fetch) -> bytes:
+        """Return bytes ``[start, end)`` of ``obj``, fetching missing blocks in parallel."""
+        end = min(end, obj.size)
+        if start >= end:
+            return b""
+        first, last = start // self.block_size, (end - 1) // self.block_size
+        bs = self.block_size
+        if first == last:
+            block = self.get_block(obj, first, fetch)
+            lo = start - first * bs
+            return block if lo == 0 and end - start == len(block) else block[lo:end - first * bs]
+        parts = self._gather(obj, first, last, fetch)
+        parts[0] = parts[0][start - first * bs:]
+        parts[-1] = parts[-1][: end - last * bs]
+        return b"".join(parts)
+
+    def readinto(self, obj: ObjectRef, start: int, buf: memoryview, fetch: Fetch) -> int:
+        """Fill ``buf`` with bytes from ``start``; return the count (short only at end of object)."""
+        end = min(obj.size, start + len(buf))
+        if start >= end:
+            return 0
+        bs = self.block_size
+        first, last = start // bs, (end - 1) // bs
+        blocks = [self.get_block(obj, first, fetch)] if first == last else self._gather(obj, first, last, fetch)
+        pos = 0
+        for i, block in zip(range(first, last + 1), blocks, strict=True):
+            lo = max(start, i * bs) - i * bs
+            hi = min(end, (i + 1) * bs) - i * bs
+            buf[pos:pos + hi - lo] = memoryview(block)[lo:hi]
+            pos += hi - lo
+        return pos
+
+    def _gather(self, obj: ObjectRef, first: int, last: int, fetch: Fetch) -> list[bytes]:
+        """Fetch blocks ``first..last`` with at most ``fetch_workers`` in parallel, in order."""
+        window = self.config.fetch_workers
+        futures: dict[int, Future[bytes]] = {}
+        out: list[bytes] = []
+        for i in range(first, min(last, first + window - 1) + 1):
+            futures[i] = self.pool.submit(self.get_block, obj, i, fetch)
+        for i in range(first, last + 1):
+            nxt = i + window
+            if nxt <= last:
+                futures[nxt] = self.pool.submit(self.get_block, obj, nxt, fetch)
+            out.append(futures.pop(i).result())
+        return out
+
+    def prefetch(self, obj: ObjectRef, indices: range, fetch: Fetch) -> int:
+        """Start background loads of blocks not already cached or in flight; return how many started.
+
+        Bytes in flight stay under ``max_inflight_bytes``: when the budget is used up, the remaining
+        blocks are skipped (the reader fetches them on demand) rather than queued without bound.
+        """
+        started = 0
+        for i in indices:
+            if i * self.block_size >= obj.size:
+                break
+            key = block_key(obj, i, self.block_size)
+            if key in self.memory or self.flight.in_flight(key):
+                continue
+            if not self._inflight_budget.acquire(blocking=False):
+                break
+            future = self.pool.submit(self.get_block, obj, i, fetch)
+            future.add_done_callback(self._prefetch_done)
+            started += 1
+        return started
+
+    def _prefetch_done(self, future: Future[bytes]) -> None:
+        self._inflight_budget.release()
+        exc = future.exception()
+        if exc is not None:
+            log.debug("prefetch failed: %r", exc)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.disk.close()
+
+
+_ENGINES: dict[tuple[str, int], BlockCache] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def get_engine(config: CacheConfig, reserved: Callable[[], int] | None = None) -> BlockCache:
+    """Return this process's engine for ``config.cache_dir`` (created on first use, and after fork)."""
+    key = (config.cache_dir, os.getpid())
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _ENGINES[key] = BlockCache(config, reserved=reserved)
+        return engine

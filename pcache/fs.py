@@ -1,0 +1,253 @@
+"""The fsspec filesystem ``pcache``: read-through block cache and write-back in front of any fsspec store.
+
+Both spellings work::
+
+    fsspec.open("pcache::s3://bucket/key", "rb", pcache={"cache_dir": D}, s3={...})
+    fsspec.filesystem("pcache", target_protocol="s3", target_options={...}, cache_dir=D)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import weakref
+from typing import Any
+
+import fsspec
+from fsspec.implementations.chained import ChainedFileSystem
+
+from pcache._util.retry import RetryPolicy
+from pcache.config import CacheConfig
+from pcache.engine import BlockCache, ObjectRef, get_engine
+from pcache.origin import Origin
+from pcache.writeback import WriteBack, WriteBackFile
+
+_WRITEBACKS: dict[tuple[str, int], WriteBack] = {}
+_REGISTRY_LOCK = threading.Lock()
+# Keyed by id(): fsspec computes an instance's hash only after __init__ returns.
+_INSTANCES: weakref.WeakValueDictionary[int, PCacheFileSystem] = weakref.WeakValueDictionary()
+
+
+def get_writeback(config: CacheConfig) -> WriteBack:
+    """Return this process's write-back manager for ``config.cache_dir``."""
+    key = (config.cache_dir, os.getpid())
+    with _REGISTRY_LOCK:
+        wb = _WRITEBACKS.get(key)
+        if wb is None:
+            wb = _WRITEBACKS[key] = WriteBack(config)
+        return wb
+
+
+def all_writebacks() -> list[WriteBack]:
+    """Write-back managers created in this process."""
+    with _REGISTRY_LOCK:
+        return [wb for (_, pid), wb in _WRITEBACKS.items() if pid == os.getpid()]
+
+
+def all_filesystems() -> list[PCacheFileSystem]:
+    """Live pcache filesystems in this process."""
+    return list(_INSTANCES.values())
+
+
+def build_target_fs(protocol: str, options: dict[str, Any], skip_instance_cache: bool = False) -> Any:
+    """Build the origin filesystem. For S3, s3fs and botocore try each call once, so
+    :func:`pcache._util.retry.retry_call` is the one retry layer (stacked retries multiply: s3fs's 5 tries
+    x botocore's attempts x ours). Explicit user ``config_kwargs`` win."""
+    if protocol not in ("s3", "s3a"):
+        return fsspec.filesystem(protocol, skip_instance_cache=skip_instance_cache, **options)
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+    fs = fsspec.filesystem(protocol, skip_instance_cache=skip_instance_cache,
+                           **{**options, "config_kwargs": config})
+    fs.retries = 1  # s3fs keeps this as a class attribute, not a constructor option
+    return fs
+
+
+def _endpoint_of(target_options: dict[str, Any]) -> str:
+    client = target_options.get("client_kwargs") or {}
+    return str(client.get("endpoint_url") or target_options.get("endpoint_url") or "")
+
+
+def strip_url(path: str) -> str:
+    """Reduce ``pcache::s3://b/k``, ``pcache://b/k`` or ``s3://b/k`` to the target path ``b/k``."""
+    path = path.split("::")[-1]
+    if path.startswith("pcache://"):
+        path = path[len("pcache://"):]
+    if "://" in path:
+        path = path.split("://", 1)[1]
+    return path.rstrip("/") or path
+
+
+class PCacheFileSystem(ChainedFileSystem):
+    """Cached, checksummed reads and durable write-back over a target fsspec filesystem.
+
+    Args:
+        target_protocol: Protocol of the origin (``"s3"``, ``"file"``, ...).
+        target_options: Storage options for the origin (credentials stay in memory only).
+        fs: An already built origin filesystem, instead of protocol and options.
+        config_file: TOML file with a ``[pcache]`` table; ``PCACHE_*`` env vars override it.
+        **cache_options: :class:`~pcache.config.CacheConfig` fields (``cache_dir``, ``block_size``, ...).
+    """
+
+    protocol = "pcache"
+
+    def __init__(self, target_protocol: str | None = None, target_options: dict[str, Any] | None = None,
+                 fs: Any = None, fo: str | None = None, config_file: str | None = None,
+                 **cache_options: Any) -> None:
+        fsspec_kw = {k: cache_options.pop(k) for k in ("skip_instance_cache", "use_listings_cache",
+                                                         "listings_expiry_time", "max_paths", "asynchronous",
+                                                         "loop") if k in cache_options}
+        super().__init__(**fsspec_kw)
+        self.target_options = dict(target_options or {})
+        if fs is None:
+            target_protocol = target_protocol or "file"
+            fs = build_target_fs(target_protocol, self.target_options)
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self.target_protocol = "s3" if proto in ("s3", "s3a") else proto
+        self.config = CacheConfig.load(config_file, **cache_options)
+        self.engine: BlockCache = get_engine(self.config, reserved=lambda: self.writeback.journal.pending_bytes())
+        self.writeback: WriteBack = get_writeback(self.config)
+        policy = RetryPolicy(attempts=self.config.retry_attempts, base_delay=self.config.retry_base_delay)
+        endpoint = _endpoint_of(self.target_options) or (os.environ.get("AWS_ENDPOINT_URL", "")
+                                                         if self.target_protocol == "s3" else "")
+        self.origin = Origin(fs, self.target_protocol, f"{endpoint}|" if endpoint else "", policy,
+                             self.config.metadata_ttl)
+        self.fs = fs
+        _INSTANCES[id(self)] = self
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        if isinstance(path, list):
+            return [cls._strip_protocol(p) for p in path]
+        return strip_url(str(path))
+
+    def _target_path(self, path: str) -> str:
+        return self.fs._strip_protocol(strip_url(path))
+
+    def url(self, path: str) -> str:
+        """Return the origin URL (``s3://bucket/key``) for ``path``."""
+        return self.origin.url(self._target_path(path))
+
+    # -- metadata --------------------------------------------------------------------------------
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        target = self._target_path(path)
+        staged = self.writeback.staged_path(self.origin.url(target))
+        if staged is not None:
+            try:
+                return {"name": target, "size": os.path.getsize(staged), "type": "file", "pending_upload": True}
+            except FileNotFoundError:
+                pass  # the upload completed meanwhile
+        return self.origin.info(target)
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        return self.origin.ls(self._target_path(path), detail)
+
+    def find(self, path: str, maxdepth: int | None = None, withdirs: bool = False, detail: bool = False,
+             **kwargs: Any) -> Any:
+        return self.fs.find(self._target_path(path), maxdepth=maxdepth, withdirs=withdirs, detail=detail,
+                            **kwargs)
+
+    def ref(self, path: str) -> ObjectRef:
+        """Return the versioned reference used for block keys."""
+        return self.origin.ref(self._target_path(path))
+
+    # -- data ------------------------------------------------------------------------------------
+    def _open(self, path: str, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
+              cache_options: Any = None, **kwargs: Any) -> Any:
+        target = self._target_path(path)
+        url = self.origin.url(target)
+        if "r" in mode:
+            staged = self.writeback.staged_path(url)
+            if staged is not None:
+                try:
+                    return open(staged, "rb")  # not uploaded yet: the local copy is the truth
+                except FileNotFoundError:
+                    pass
+            return PCacheFile(self, target, self.origin.ref(target))
+        if "w" in mode:
+            return WriteBackFile(self.writeback, url, self.target_protocol, target, self.target_options,
+                                 on_close=lambda: self.origin.invalidate(target))
+        raise ValueError(f"pcache supports modes 'rb' and 'wb', not {mode!r} (path {url})")
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        with self._open(path, "rb") as f:
+            size = f.size if isinstance(f, PCacheFile) else os.fstat(f.fileno()).st_size
+            start = 0 if start is None else (start + size if start < 0 else start)
+            end = size if end is None else (end + size if end < 0 else end)
+            f.seek(start)
+            return f.read(max(0, end - start))
+
+    # -- durability ------------------------------------------------------------------------------
+    def flush(self, prefix: str | None = None, timeout: float | None = None) -> None:
+        """Block until every staged file under ``prefix`` is durable at the origin."""
+        self.writeback.wait(self.url(prefix) if prefix else None, timeout)
+
+    def commit(self, prefix: str, timeout: float | None = None) -> str:
+        """Flush ``prefix``, then write its ``_COMMITTED`` marker; return the marker's URL."""
+        return self.writeback.commit(self.url(prefix), self.fs, self._target_path(prefix), timeout)
+
+
+class PCacheFile(io.RawIOBase):
+    """A read-only, seekable file served block by block from the cache tiers, with readahead."""
+
+    def __init__(self, fs: PCacheFileSystem, path: str, ref: ObjectRef) -> None:
+        super().__init__()
+        self.fs, self.path, self.ref = fs, path, ref
+        self.size = ref.size
+        self._engine = fs.engine
+        self._fetch = fs.origin.fetcher(path, ref.version)
+        self._pos = 0
+        self._expected = -1
+        self._streak = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position in {self.fs.url(self.path)}")
+        self._pos = base + offset
+        return self._pos
+
+    def _readahead(self, start: int, end: int) -> None:
+        """Prefetch ahead when reads are sequential; the window doubles with each sequential read."""
+        self._streak = self._streak + 1 if start == self._expected else 0
+        self._expected = end
+        limit = self.fs.config.readahead_blocks
+        if self._streak == 0 or limit == 0 or end >= self.size:
+            return
+        bs = self._engine.block_size
+        window = min(limit, 2 ** min(self._streak, 16))
+        nxt = (end - 1) // bs + 1
+        self._engine.prefetch(self.ref, range(nxt, nxt + window), self._fetch)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError(f"read of closed file {self.fs.url(self.path)}")
+        end = self.size if size is None or size < 0 else min(self.size, self._pos + size)
+        start = self._pos
+        if start >= end:
+            return b""
+        self._readahead(start, end)
+        data = self._engine.get_range(self.ref, start, end, self._fetch)
+        self._pos = end
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        start = self._pos
+        self._readahead(start, min(self.size, start + len(view)))
+        count = self._engine.readinto(self.ref, start, view, self._fetch)
+        self._pos += count
+        return count

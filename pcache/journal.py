@@ -1,0 +1,172 @@
+"""The write-back journal: a synced LMDB environment in ``cache_dir/journal``.
+
+``pending`` maps an upload id to its entry (origin URL, protocol, path, non-secret storage options,
+size, xxh3-128, multipart upload id, last error). ``done`` maps a URL to what was uploaded (size, ETag,
+xxh3-128), which :func:`pcache.commit` records in the marker. Every write is fsynced: an entry that
+``close()`` reported is on disk before ``close()`` returns.
+
+Secrets never enter the journal: :func:`split_secrets` strips them, and the uploader gets them from the
+environment, the config, or its parent process's pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import lmdb
+
+_SECRET_NAMES = {"key", "secret", "token", "password", "passwd", "session_token", "anon_key"}
+_SECRET_PARTS = ("secret", "token", "password", "credential", "access_key", "private")
+
+
+def is_secret_option(name: str) -> bool:
+    """Return True for storage-option names that carry credentials."""
+    lowered = name.lower()
+    return lowered in _SECRET_NAMES or any(part in lowered for part in _SECRET_PARTS)
+
+
+def split_secrets(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split storage options into (public, secret), recursing into nested dicts like client_kwargs."""
+    public: dict[str, Any] = {}
+    secret: dict[str, Any] = {}
+    for name, value in options.items():
+        if is_secret_option(name):
+            secret[name] = value
+        elif isinstance(value, dict):
+            pub, sec = split_secrets(value)
+            public[name] = pub
+            if sec:
+                secret[name] = sec
+        else:
+            public[name] = value
+    return public, secret
+
+
+def merge_options(public: dict[str, Any], secret: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`split_secrets`."""
+    out = dict(public)
+    for name, value in secret.items():
+        if isinstance(value, dict) and isinstance(out.get(name), dict):
+            out[name] = merge_options(out[name], value)
+        else:
+            out[name] = value
+    return out
+
+
+def options_fingerprint(protocol: str, public: dict[str, Any]) -> str:
+    """Identify a target store (protocol + non-secret options) without any secret in it."""
+    return json.dumps([protocol, public], sort_keys=True, default=str)
+
+
+def under_prefix(url: str, prefix: str | None) -> bool:
+    """Return True when ``url`` is ``prefix`` itself or lies below it (path-component aware)."""
+    if not prefix:
+        return True
+    prefix = prefix.rstrip("/")
+    return url == prefix or url.startswith(prefix + "/")
+
+
+class Journal:
+    """Pending and completed uploads for one ``cache_dir`` (safe across processes)."""
+
+    def __init__(self, cache_dir: str) -> None:
+        self.dir = os.path.join(cache_dir, "writeback")
+        os.makedirs(self.dir, exist_ok=True)
+        self.env = lmdb.open(os.path.join(cache_dir, "journal"), map_size=1 << 30, max_dbs=4, sync=True,
+                             metasync=True, max_readers=1024)
+        self.pending_db = self.env.open_db(b"pending")
+        self.done_db = self.env.open_db(b"done")
+
+    def data_path(self, upload_id: str) -> str:
+        """Where the staged bytes of ``upload_id`` live."""
+        return os.path.join(self.dir, f"{upload_id}.data")
+
+    def lock_path(self, upload_id: str) -> str:
+        """The flock file an uploader holds while it works on ``upload_id``."""
+        return os.path.join(self.dir, f"{upload_id}.lock")
+
+    def add(self, entry: dict[str, Any]) -> None:
+        """Record a staged file (durably; the data file must already be fsynced and renamed)."""
+        with self.env.begin(write=True) as txn:
+            txn.put(entry["id"].encode(), json.dumps(entry).encode(), db=self.pending_db)
+
+    def update(self, entry_id: str, **changes: Any) -> None:
+        """Merge ``changes`` into a pending entry (no-op if it is gone)."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(entry_id.encode(), db=self.pending_db)
+            if raw is not None:
+                entry = json.loads(raw)
+                entry.update(changes)
+                txn.put(entry_id.encode(), json.dumps(entry).encode(), db=self.pending_db)
+
+    def complete(self, upload_id: str, etag: str | None) -> None:
+        """Move an entry from pending to done, in one durable transaction."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(upload_id.encode(), db=self.pending_db)
+            if raw is None:
+                return
+            entry = json.loads(raw)
+            done = {"size": entry["size"], "xxh3_128": entry["xxh3_128"], "etag": etag,
+                    "completed": time.time()}
+            txn.put(entry["url"].encode(), json.dumps(done).encode(), db=self.done_db)
+            txn.delete(upload_id.encode(), db=self.pending_db)
+
+    def pending(self, prefix: str | None = None) -> list[dict[str, Any]]:
+        """Return pending entries whose URL lies under ``prefix`` (all when None), oldest first."""
+        with self.env.begin() as txn:
+            entries = [json.loads(v) for _, v in txn.cursor(db=self.pending_db)]
+        return sorted((e for e in entries if under_prefix(e["url"], prefix)), key=lambda e: e["created"])
+
+    def pending_for_url(self, url: str) -> dict[str, Any] | None:
+        """Return the newest pending entry for exactly ``url``, if any."""
+        matches = [e for e in self.pending(url) if e["url"] == url]
+        return matches[-1] if matches else None
+
+    def pending_bytes(self) -> int:
+        """Bytes staged and not yet durable at the origin (never evicted)."""
+        return sum(e["size"] for e in self.pending())
+
+    def done(self, prefix: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (url, record) of completed uploads under ``prefix``."""
+        with self.env.begin() as txn:
+            items = [(k.decode(), json.loads(v)) for k, v in txn.cursor(db=self.done_db)]
+        for url, rec in items:
+            if under_prefix(url, prefix):
+                yield url, rec
+
+    def remove_orphans(self, tmp_age_s: float = 3600.0) -> int:
+        """Delete staged files no pending entry refers to, and stale ``.tmp`` files of killed writers.
+
+        A ``.tmp`` file belongs to a writer whose ``close()`` never returned, so no caller was told it
+        was saved; it is removed once older than ``tmp_age_s`` (a live writer touches it as it writes).
+        """
+        live = {e["id"] for e in self.pending()}
+        removed = 0
+        now = time.time()
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            stem, _, ext = name.partition(".")
+            try:
+                stale = (ext == "data" and stem not in live) or (
+                    ext == "tmp" and now - os.stat(path).st_mtime > tmp_age_s)
+                if stale:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def prune_done(self, older_than_s: float) -> int:
+        """Forget completed-upload records older than ``older_than_s`` seconds."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        with self.env.begin(write=True) as txn:
+            for key, value in list(txn.cursor(db=self.done_db)):
+                if json.loads(value)["completed"] < cutoff:
+                    txn.delete(key, db=self.done_db)
+                    removed += 1
+        return removed

@@ -1,0 +1,75 @@
+"""Single-flight: one origin fetch per block, across threads and across processes.
+
+Within a process, concurrent misses on a key wait on one :class:`~concurrent.futures.Future`. Across
+processes that share a ``cache_dir``, the fetching thread also holds an exclusive ``flock`` on one of
+a fixed set of stripe files, so another process that misses the same block waits and then finds it
+published. A fixed stripe count keeps the lock directory small; an unrelated block that hashes to the
+same stripe only waits for one fetch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class StripeLocks:
+    """Cross-process exclusive locks on ``n_stripes`` files in ``lock_dir``."""
+
+    def __init__(self, lock_dir: str, n_stripes: int = 1024) -> None:
+        self.lock_dir = lock_dir
+        self.n_stripes = n_stripes
+        os.makedirs(lock_dir, exist_ok=True)
+
+    @contextmanager
+    def hold(self, key: bytes) -> Iterator[None]:
+        """Hold the stripe lock for ``key`` (blocks until it is free; releases on exit)."""
+        stripe = int.from_bytes(key[:4], "little") % self.n_stripes
+        fd = os.open(os.path.join(self.lock_dir, f"{stripe:04x}"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+class SingleFlight:
+    """Coalesces concurrent calls for the same key within a process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inflight: dict[bytes, Future[bytes]] = {}
+
+    def in_flight(self, key: bytes) -> bool:
+        """Return True if some thread is already producing ``key``."""
+        return key in self._inflight
+
+    def run(self, key: bytes, producer: Callable[[], bytes]) -> bytes:
+        """Return ``producer()``; concurrent callers with the same key share one call and its result."""
+        with self._lock:
+            fut = self._inflight.get(key)
+            owner = fut is None
+            if owner:
+                fut = Future()
+                self._inflight[key] = fut
+        assert fut is not None
+        if not owner:
+            return fut.result()
+        try:
+            value = producer()
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        else:
+            fut.set_result(value)
+            return value
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)

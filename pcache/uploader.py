@@ -1,0 +1,206 @@
+"""The background uploader: drains the write-back journal to the origin.
+
+It runs as its own process (``python -m pcache.uploader``, spawned on demand by the writer) so upload
+work never competes for the caller's GIL, and the same :func:`drain` serves ``pcache flush``. S3 targets
+get multipart uploads with ``upload_concurrency`` parts in flight, each part retried with backoff;
+other fsspec targets get ``put_file``. An uploader claims a file with an ``flock`` on its lock file,
+so several uploaders (a respawned one, a ``pcache flush``) never send the same file twice at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fsspec.asyn import sync
+
+from pcache._util.files import unlink_quiet
+from pcache._util.log import get_logger, setup_logging
+from pcache._util.retry import RetryPolicy, retry_call
+from pcache.config import CacheConfig
+from pcache.fs import build_target_fs
+from pcache.journal import Journal, merge_options, options_fingerprint
+
+log = get_logger("pcache.uploader")
+
+
+class Uploader:
+    """Uploads journal entries of one ``cache_dir``.
+
+    Args:
+        config: Cache settings (part size, concurrency, retries).
+        secrets: Secret storage options by :func:`options_fingerprint`; entries without one use env/config
+            credentials (``AWS_ACCESS_KEY_ID`` and friends).
+        endpoint_url: Overrides the S3 endpoint recorded in the journal (``pcache flush --endpoint-url``).
+    """
+
+    def __init__(self, config: CacheConfig, secrets: dict[str, dict[str, Any]] | None = None,
+                 endpoint_url: str | None = None) -> None:
+        self.config = config
+        self.endpoint_url = endpoint_url
+        self.journal = Journal(config.cache_dir)
+        self.secrets = secrets or {}
+        self.policy = RetryPolicy(attempts=config.retry_attempts, base_delay=config.retry_base_delay)
+        self._fs: dict[str, Any] = {}
+
+    def _filesystem(self, entry: dict[str, Any]) -> Any:
+        fp = options_fingerprint(entry["protocol"], entry["options"])
+        if fp not in self._fs:
+            options = merge_options(entry["options"], self.secrets.get(fp, {}))
+            if self.endpoint_url and entry["protocol"] == "s3":
+                options["client_kwargs"] = {**options.get("client_kwargs", {}), "endpoint_url": self.endpoint_url}
+            self._fs[fp] = build_target_fs(entry["protocol"], options, skip_instance_cache=True)
+        return self._fs[fp]
+
+    def upload_one(self, entry: dict[str, Any]) -> bool | None:
+        """Upload one entry unless another uploader holds it.
+
+        Returns:
+            True when it is durable at the origin, False when the upload failed, None when busy elsewhere.
+        """
+        lock_fd = os.open(self.journal.lock_path(entry["id"]), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            if self.journal.pending_for_url(entry["url"]) is None:
+                return True  # another uploader finished it meanwhile
+            try:
+                etag = self._send(entry)
+            except Exception as exc:  # noqa: BLE001 - recorded, and the entry stays pending
+                self.journal.update(entry["id"], last_error=f"{type(exc).__name__}: {exc}"[:500],
+                                    attempts=entry.get("attempts", 0) + 1)
+                log.error("upload of %s failed: %s", entry["url"], exc, extra={"url": entry["url"]})
+                return False
+            self.journal.complete(entry["id"], etag)
+            unlink_quiet(self.journal.data_path(entry["id"]))
+            log.info("uploaded %s (%d bytes)", entry["url"], entry["size"], extra={"url": entry["url"]})
+            return True
+        finally:
+            os.close(lock_fd)
+            unlink_quiet(self.journal.lock_path(entry["id"]))
+
+    def _send(self, entry: dict[str, Any]) -> str | None:
+        fs = self._filesystem(entry)
+        local = self.journal.data_path(entry["id"])
+        path, url = entry["path"], entry["url"]
+        if hasattr(fs, "_call_s3") and entry["size"] > self.config.upload_part_size:
+            etag = self._s3_multipart(fs, entry, local)
+        elif hasattr(fs, "_call_s3"):
+            bucket, key, _ = fs.split_path(path)
+            with open(local, "rb") as fh:
+                body = fh.read()
+            resp = retry_call(lambda: sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=body),
+                              url=url, policy=self.policy)
+            etag = resp.get("ETag")
+        else:
+            fs.makedirs(fs._parent(path), exist_ok=True)
+            retry_call(lambda: fs.put_file(local, path), url=url, policy=self.policy)
+            etag = None
+        fs.invalidate_cache(path)
+        size = retry_call(lambda: fs.info(path)["size"], url=url, policy=self.policy)
+        if size != entry["size"]:
+            raise OSError(f"{url}: origin has {size} bytes after upload, expected {entry['size']}")
+        return etag.strip('"') if etag else None
+
+    def _s3_multipart(self, fs: Any, entry: dict[str, Any], local: str) -> str | None:
+        bucket, key, _ = fs.split_path(entry["path"])
+        url = entry["url"]
+        stale = entry.get("upload_id")
+        if stale:  # a killed uploader's multipart upload: abort it so nothing is orphaned
+            try:
+                sync(fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=stale)
+            except Exception as exc:  # noqa: BLE001 - already gone is fine
+                log.debug("abort of stale upload %s: %s", stale, exc)
+        mpu = retry_call(lambda: sync(fs.loop, fs._call_s3, "create_multipart_upload", Bucket=bucket, Key=key),
+                         url=url, policy=self.policy)
+        upload_id = mpu["UploadId"]
+        self.journal.update(entry["id"], upload_id=upload_id)
+        part_size, size = self.config.upload_part_size, entry["size"]
+        spans = [(n + 1, off, min(part_size, size - off)) for n, off in enumerate(range(0, size, part_size))]
+        fd = os.open(local, os.O_RDONLY)
+
+        def send_part(span: tuple[int, int, int]) -> dict[str, Any]:
+            number, offset, length = span
+            body = os.pread(fd, length, offset)
+            resp = retry_call(
+                lambda: sync(fs.loop, fs._call_s3, "upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
+                             PartNumber=number, Body=body),
+                url=f"{url} part {number}", policy=self.policy)
+            return {"PartNumber": number, "ETag": resp["ETag"]}
+
+        try:
+            with ThreadPoolExecutor(self.config.upload_concurrency) as pool:
+                parts = list(pool.map(send_part, spans))
+            resp = retry_call(
+                lambda: sync(fs.loop, fs._call_s3, "complete_multipart_upload", Bucket=bucket, Key=key,
+                             UploadId=upload_id, MultipartUpload={"Parts": parts}),
+                url=url, policy=self.policy)
+        except BaseException:
+            try:
+                sync(fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            except Exception as exc:  # noqa: BLE001 - best effort; the id stays in the journal
+                log.warning("could not abort multipart upload of %s: %s", url, exc)
+            raise
+        finally:
+            os.close(fd)
+        return resp.get("ETag")
+
+    def drain(self, prefix: str | None = None, idle_exit: float = 0.0, max_rounds: int = 3,
+              timeout: float | None = None) -> list[str]:
+        """Upload pending entries until none is left (waiting ``idle_exit`` s for new ones).
+
+        Stops early, leaving entries pending, once ``timeout`` seconds have passed.
+
+        Returns:
+            URLs still pending because their upload failed ``max_rounds`` times in this run.
+        """
+        failures: dict[str, int] = {}
+        idle_since = time.monotonic()
+        deadline = None if timeout is None else idle_since + timeout
+        with ThreadPoolExecutor(self.config.upload_workers) as pool:
+            while deadline is None or time.monotonic() < deadline:
+                todo = [e for e in self.journal.pending(prefix) if failures.get(e["id"], 0) < max_rounds]
+                if not todo:
+                    if time.monotonic() - idle_since >= idle_exit:
+                        break
+                    time.sleep(0.05)
+                    continue
+                results = list(pool.map(self.upload_one, todo))
+                for entry, ok in zip(todo, results, strict=True):
+                    if ok is False:
+                        failures[entry["id"]] = failures.get(entry["id"], 0) + 1
+                if False in results:
+                    time.sleep(self.policy.delay(min(max(failures.values()), 6)))
+                elif None in results:
+                    time.sleep(0.1)  # another uploader holds some entries: poll until it finishes
+                idle_since = time.monotonic()
+        return [e["url"] for e in self.journal.pending(prefix) if failures.get(e["id"], 0) >= max_rounds]
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the spawned uploader; reads ``{"config": ..., "secrets": ...}`` JSON on stdin."""
+    parser = argparse.ArgumentParser(prog="python -m pcache.uploader", description=__doc__)
+    parser.add_argument("--stdin-json", action="store_true", help="read config and secrets from stdin")
+    args = parser.parse_args(argv)
+    # Ctrl-C in the trainer's terminal must not cut a checkpoint upload short; SIGTERM/SIGKILL still stop us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    setup_logging()
+    payload = json.load(sys.stdin) if args.stdin_json else {}
+    config = CacheConfig(**payload.get("config", {}))
+    uploader = Uploader(config, payload.get("secrets", {}))
+    failed = uploader.drain(idle_exit=config.uploader_idle_exit)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

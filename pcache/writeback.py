@@ -1,0 +1,226 @@
+"""Checkpoint write-back: stage locally with fsync, upload in the background, flush and commit.
+
+``close()`` of a :class:`WriteBackFile` returns once the bytes are fsynced in ``cache_dir`` and the
+journal entry is durable; a background uploader process then sends them to the origin. Staged files are
+outside the block index, so eviction can never touch data that is not yet at the origin.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+from pcache._util.checksum import content_hasher
+from pcache._util.files import fsync_dir, unlink_quiet, write_all
+from pcache._util.log import get_logger
+from pcache._util.retry import RetryPolicy, retry_call
+from pcache.config import CacheConfig
+from pcache.errors import CacheFullError, UploadError
+from pcache.journal import Journal, options_fingerprint, split_secrets, under_prefix
+
+log = get_logger(__name__)
+
+_BUFFER = 8 * 1024 * 1024
+MARKER = "_COMMITTED"
+
+
+class WriteBackFile(io.RawIOBase):
+    """A write-only file staged in ``cache_dir``; ``close()`` makes it durable locally and queues it.
+
+    Use :meth:`discard` (or leave a ``with`` block by an exception) to drop it without uploading.
+    """
+
+    def __init__(self, manager: WriteBack, url: str, protocol: str, path: str, options: dict[str, Any],
+                 on_close: Any = None) -> None:
+        super().__init__()
+        self.manager, self.url, self.protocol, self.path = manager, url, protocol, path
+        self.options = options
+        self.on_close = on_close
+        self.upload_id = uuid.uuid4().hex
+        self._tmp = os.path.join(manager.journal.dir, f"{self.upload_id}.tmp")
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._buf = bytearray()
+        self._hasher = content_hasher()
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._size
+
+    def write(self, data: Any) -> int:
+        if self.closed:
+            raise ValueError(f"write to closed file {self.url}")
+        view = memoryview(data).cast("B")
+        self._hasher.update(view)
+        self._size += len(view)
+        if len(self._buf) + len(view) < _BUFFER:
+            self._buf += view
+            return len(view)
+        try:
+            write_all(self._fd, self._buf)
+            self._buf = bytearray()
+            write_all(self._fd, view)
+        except OSError as exc:
+            self._fail(exc)
+        return len(view)
+
+    def _fail(self, exc: OSError) -> None:
+        """Drop the staged file and raise; a full disk becomes :class:`CacheFullError` naming the URL."""
+        self.discard()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheFullError(self.url, str(exc)) from exc
+        raise exc
+
+    def discard(self) -> None:
+        """Drop the staged bytes; nothing is uploaded."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        unlink_quiet(self._tmp)
+        super().close()
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """fsync locally, record durably in the journal, start the upload, and return."""
+        if self.closed:
+            return
+        try:
+            write_all(self._fd, self._buf)
+            self._buf = bytearray()
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._tmp, self.manager.journal.data_path(self.upload_id))
+            fsync_dir(self.manager.journal.dir)
+        except OSError as exc:
+            self._fail(exc)
+        public, secret = split_secrets(self.options)
+        self.manager.journal.add({
+            "id": self.upload_id, "url": self.url, "protocol": self.protocol, "path": self.path,
+            "options": public, "size": self._size, "xxh3_128": self._hasher.hexdigest(),
+            "created": time.time(), "attempts": 0,
+        })
+        super().close()
+        self.manager.remember_secret(self.protocol, public, secret)
+        self.manager.kick()
+        if self.on_close is not None:
+            self.on_close()
+
+
+class WriteBack:
+    """Staging, background upload and durability waits for one ``cache_dir`` in one process."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self.journal = Journal(config.cache_dir)
+        self._secrets: dict[str, dict[str, Any]] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc_secrets: set[str] = set()
+        self._lock = threading.Lock()
+
+    def remember_secret(self, protocol: str, public: dict[str, Any], secret: dict[str, Any]) -> None:
+        """Keep credentials in memory only, for the uploader process this one spawns."""
+        if secret:
+            self._secrets[options_fingerprint(protocol, public)] = secret
+
+    def kick(self) -> None:
+        """Make sure an uploader process is running with every credential this process knows."""
+        with self._lock:
+            alive = self._proc is not None and self._proc.poll() is None
+            if alive and set(self._secrets) <= self._proc_secrets:
+                return
+            log_path = os.path.join(self.config.cache_dir, "uploader.log")
+            with open(log_path, "ab") as log_fh:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "pcache.uploader", "--stdin-json"], stdin=subprocess.PIPE,
+                    stdout=log_fh, stderr=log_fh, close_fds=True,
+                )
+            assert proc.stdin is not None
+            # Credentials travel over a pipe, never argv, env files or the journal.
+            proc.stdin.write(json.dumps({"config": asdict(self.config), "secrets": self._secrets}).encode())
+            proc.stdin.close()
+            self._proc, self._proc_secrets = proc, set(self._secrets)
+
+    def wait(self, prefix: str | None = None, timeout: float | None = None, max_failed_runs: int = 3) -> None:
+        """Block until nothing under ``prefix`` is pending (durable at the origin).
+
+        A failed uploader run (origin down, say) is restarted; after ``max_failed_runs`` consecutive
+        failed runs the last error is raised. Staged files stay journaled either way.
+
+        Raises:
+            TimeoutError: if ``timeout`` passes first, naming how many files are still pending.
+            UploadError: if uploads kept failing, naming the URL and the last error.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failed_runs = 0
+        while True:
+            pending = self.journal.pending(prefix)
+            if not pending:
+                return
+            with self._lock:
+                proc = self._proc
+            code = proc.poll() if proc is not None else 0
+            if proc is None or code is not None:
+                failed_runs = failed_runs + 1 if code not in (0, None) else 0
+                if failed_runs >= max_failed_runs:
+                    failed = next((e for e in pending if e.get("last_error")), pending[0])
+                    raise UploadError(failed["url"], failed.get("last_error") or f"uploader exited {code}")
+                with self._lock:
+                    self._proc = None
+                self.kick()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{len(pending)} file(s) under {prefix or 'the cache'} still pending upload "
+                                   f"after {timeout}s, e.g. {pending[0]['url']}")
+            time.sleep(0.05)
+
+    def commit(self, prefix: str, fs: Any, path_prefix: str, timeout: float | None = None) -> str:
+        """Write ``<prefix>/_COMMITTED`` once every file under ``prefix`` is durable; return its URL.
+
+        The marker is a JSON manifest of the prefix at the origin (path, size, ETag, and the xxh3-128
+        of every file uploaded through this cache).
+        """
+        self.wait(prefix, timeout)
+        if self.journal.pending(prefix):  # re-check: never write a marker over pending data
+            raise UploadError(prefix, "files still pending after flush")
+        policy = RetryPolicy(attempts=self.config.retry_attempts, base_delay=self.config.retry_base_delay)
+        base = path_prefix.rstrip("/")
+        fs.invalidate_cache(base)
+        listing = retry_call(lambda: fs.find(base, detail=True), url=prefix, policy=policy)
+        hashes = dict(self.journal.done(prefix))
+        files = []
+        for name, info in sorted(listing.items()):
+            rel = name[len(base):].lstrip("/")
+            if rel == MARKER:
+                continue
+            rec = hashes.get(f"{prefix.rstrip('/')}/{rel}", {})
+            files.append({"path": rel, "size": info.get("size"), "etag": str(info.get("ETag", "")).strip('"'),
+                          "xxh3_128": rec.get("xxh3_128")})
+        marker = json.dumps({"format": "pcache-commit/1", "prefix": prefix, "committed": time.time(),
+                             "files": files}, indent=1).encode()
+        marker_path = f"{base}/{MARKER}"
+        retry_call(lambda: fs.pipe_file(marker_path, marker), url=f"{prefix.rstrip('/')}/{MARKER}", policy=policy)
+        return f"{prefix.rstrip('/')}/{MARKER}"
+
+    def staged_path(self, url: str) -> str | None:
+        """Local path of the newest pending copy of ``url``, or None if it is not pending."""
+        entry = self.journal.pending_for_url(url)
+        return self.journal.data_path(entry["id"]) if entry else None
+
+    def is_pending(self, prefix: str) -> bool:
+        return any(under_prefix(e["url"], prefix) for e in self.journal.pending(prefix))

@@ -1,0 +1,101 @@
+"""Shared helpers: retry with backoff, config precedence and typed errors, secret scrubbing."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pcache import CacheConfig, ConfigError, OriginUnavailableError
+from pcache._util.config import load_config, parse_size
+from pcache._util.retry import RetryPolicy, retry_call
+from pcache.journal import merge_options, split_secrets
+
+
+def test_retry_recovers_from_transient_errors() -> None:
+    calls, sleeps = [], []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("reset")
+        return "ok"
+
+    assert retry_call(flaky, url="s3://b/k", sleep=sleeps.append) == "ok"
+    assert len(calls) == 3 and len(sleeps) == 2
+
+
+def test_retry_gives_up_with_error_naming_url() -> None:
+    def down() -> None:
+        raise TimeoutError("timed out")
+
+    with pytest.raises(OriginUnavailableError, match="s3://bucket/key after 4 attempts") as info:
+        retry_call(down, url="s3://bucket/key", policy=RetryPolicy(attempts=4), sleep=lambda s: None)
+    assert isinstance(info.value, OSError)
+
+
+def test_retry_does_not_retry_missing_objects() -> None:
+    calls = []
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("s3://b/missing")
+
+    with pytest.raises(FileNotFoundError):
+        retry_call(missing, url="s3://b/missing", sleep=lambda s: None)
+    assert len(calls) == 1
+
+
+def test_backoff_is_exponential_with_full_jitter() -> None:
+    policy = RetryPolicy(base_delay=0.1, max_delay=1.0)
+    rng = random.Random(0)
+    for i in range(8):
+        cap = min(1.0, 0.1 * 2**i)
+        assert all(0 <= policy.delay(i, rng) <= cap for _ in range(50))
+
+
+def test_parse_size() -> None:
+    assert parse_size("4MiB") == 4 << 20
+    assert parse_size("1g") == 1 << 30
+    assert parse_size("512k") == 512 << 10
+    assert parse_size(123) == 123
+    with pytest.raises(ConfigError, match="disk_bytes"):
+        parse_size("lots", "disk_bytes")
+
+
+def test_config_precedence_file_env_flags(tmp_path) -> None:
+    toml = tmp_path / "pcache.toml"
+    toml.write_text('[pcache]\nblock_size = "1MiB"\nmemory_bytes = "64MiB"\ncompression = "zstd"\n')
+    env = {"PCACHE_MEMORY_BYTES": "32MiB"}
+    cfg = load_config(CacheConfig, toml_path=toml, env=env, overrides={"compression": "none",
+                                                                      "cache_dir": str(tmp_path)})
+    assert cfg.block_size == 1 << 20  # file
+    assert cfg.memory_bytes == 32 << 20  # env beats file
+    assert cfg.compression == "none"  # flag beats env and file
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [('block_size = "huge"', "block_size"), ('compression = "lz4"', "compression"),
+     ("nonsense = 1", "nonsense"), ("fetch_workers = 0", "fetch_workers")],
+)
+def test_invalid_config_names_the_field(tmp_path, text: str, field: str) -> None:
+    toml = tmp_path / "bad.toml"
+    toml.write_text(f"[pcache]\n{text}\n")
+    with pytest.raises(ConfigError, match=field):
+        CacheConfig.load(str(toml), cache_dir=str(tmp_path))
+
+
+def test_invalid_env_names_the_variable(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PCACHE_READAHEAD_BLOCKS", "many")
+    with pytest.raises(ConfigError, match="PCACHE_READAHEAD_BLOCKS"):
+        CacheConfig.load(cache_dir=str(tmp_path))
+
+
+def test_secrets_are_split_out_of_storage_options() -> None:
+    options = {"key": "AKIA", "secret": "s3cr3t", "token": "t",
+               "client_kwargs": {"endpoint_url": "http://127.0.0.1:1", "aws_secret_access_key": "x"}}
+    public, secret = split_secrets(options)
+    assert "s3cr3t" not in repr(public) and "AKIA" not in repr(public) and "x" not in repr(public.values())
+    assert public == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}}
+    assert merge_options(public, secret) == options
