@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 
@@ -36,6 +36,16 @@ HEADER = struct.Struct("<4sB3xQQQ")
 MAGIC = b"PCB1"
 FLAG_ZSTD = 1
 _HIT_FLUSH_EVERY = 4096
+
+
+class _Opened(NamedTuple):
+    """A block file opened for reading, with its validated header."""
+
+    fd: int
+    flags: int
+    raw_len: int
+    stored_len: int
+    checksum: int
 
 
 @dataclass(frozen=True)
@@ -101,42 +111,76 @@ class DiskStore:
         return HEADER.pack(MAGIC, flags, len(data), len(payload), block_checksum(data)), payload
 
     # -- reads -----------------------------------------------------------------------------------
-    def read(self, key: bytes) -> bytes | None:
-        """Return the verified block, or None when absent or corrupt (a corrupt block is dropped)."""
+    def _open_block(self, key: bytes) -> _Opened | None:
+        """Open a block file and validate its header; return (fd, flags, raw_len, stored_len) or None."""
         path = self.block_path(key)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
-        try:
-            header = os.pread(fd, HEADER.size, 0)
-            if len(header) != HEADER.size:
-                return self._corrupt(key, path, "short header")
+        header = os.pread(fd, HEADER.size, 0)
+        if len(header) == HEADER.size:
             magic, flags, raw_len, stored_len, checksum = HEADER.unpack(header)
-            if magic != MAGIC:
-                return self._corrupt(key, path, "bad magic")
+            if magic == MAGIC:
+                return _Opened(fd, flags, raw_len, stored_len, checksum)
+        os.close(fd)
+        self._corrupt(key, path, "bad or short header")
+        return None
+
+    def read(self, key: bytes) -> bytes | None:
+        """Return the verified block, or None when absent or corrupt (a corrupt block is dropped)."""
+        opened = self._open_block(key)
+        if opened is None:
+            return None
+        fd, flags, raw_len, stored_len, checksum = opened
+        try:
             payload = os.pread(fd, stored_len, HEADER.size)
         finally:
             os.close(fd)
+        path = self.block_path(key)
         if len(payload) != stored_len:
-            return self._corrupt(key, path, "truncated payload")
+            self._corrupt(key, path, "truncated payload")
+            return None
         if flags & FLAG_ZSTD:
             import zstandard
 
             try:
                 payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_len)
             except zstandard.ZstdError:
-                return self._corrupt(key, path, "undecodable zstd payload")
+                self._corrupt(key, path, "undecodable zstd payload")
+                return None
         if len(payload) != raw_len or block_checksum(payload) != checksum:
-            return self._corrupt(key, path, "checksum mismatch")
+            self._corrupt(key, path, "checksum mismatch")
+            return None
         self._note_hit(key)
         return payload
 
-    def _corrupt(self, key: bytes, path: str, why: str) -> bytes | None:
+    def read_into(self, key: bytes, out: memoryview) -> int | None:
+        """Read and verify a block straight into ``out`` (no allocation); return its length or None.
+
+        Returns None when the block is absent, corrupt (then dropped), compressed, or larger than
+        ``out``; the caller falls back to :meth:`read`, which handles every case.
+        """
+        opened = self._open_block(key)
+        if opened is None:
+            return None
+        fd, flags, raw_len, stored_len, checksum = opened
+        try:
+            if flags & FLAG_ZSTD or raw_len > len(out):
+                return None
+            got = os.preadv(fd, [out[:raw_len]], HEADER.size)
+        finally:
+            os.close(fd)
+        if got != raw_len or block_checksum(out[:raw_len]) != checksum:
+            self._corrupt(key, self.block_path(key), "checksum mismatch or truncated payload")
+            return None
+        self._note_hit(key)
+        return raw_len
+
+    def _corrupt(self, key: bytes, path: str, why: str) -> None:
         log.warning("dropping corrupt cache block %s: %s", path, why, extra={"path": path, "reason": why})
         self.note_stat("corrupt_blocks")
         self.drop(key)
-        return None  # typed as the read result so callers can `return self._corrupt(...)`
 
     def _note_hit(self, key: bytes) -> None:
         with self._hits_lock:

@@ -61,6 +61,7 @@ class BlockCache:
         self.pool = ThreadPoolExecutor(config.fetch_workers, thread_name_prefix="pcache-fetch")
         self._inflight_budget = threading.BoundedSemaphore(max(1, config.max_inflight_bytes // self.block_size))
         self.counters = {"hits_memory": 0, "hits_disk": 0, "misses": 0, "origin_bytes": 0}
+        self._tls = threading.local()
 
     def _count(self, name: str, delta: int = 1) -> None:
         self.counters[name] += delta
@@ -120,16 +121,51 @@ class BlockCache:
         end = min(end, obj.size)
         if start >= end:
             return b""
-        first, last = start // self.block_size, (end - 1) // self.block_size
         bs = self.block_size
+        first, last = start // bs, (end - 1) // bs
         if first == last:
             block = self.get_block(obj, first, fetch)
             lo = start - first * bs
             return block if lo == 0 and end - start == len(block) else block[lo:end - first * bs]
-        parts = self._gather(obj, first, last, fetch)
-        parts[0] = parts[0][start - first * bs:]
-        parts[-1] = parts[-1][: end - last * bs]
+        if self.memory.capacity_bytes == 0:
+            local = self._local_range(obj, first, last, start, end)
+            if local is not None:
+                return local
+        parts = self._blocks(obj, first, last, fetch)
+        lo, hi = start - first * bs, end - last * bs
+        if lo or hi != len(parts[-1]):
+            views = [memoryview(p) for p in parts]
+            views[0], views[-1] = views[0][lo:], views[-1][:hi]
+            return b"".join(views)
         return b"".join(parts)
+
+    def _scratch(self, count: int) -> list[bytearray]:
+        """Per-thread reusable block buffers: re-used memory is never page-faulted in again."""
+        bufs: list[bytearray] = self._tls.__dict__.setdefault("scratch", [])
+        while len(bufs) < count:
+            bufs.append(bytearray(self.block_size))
+        return bufs
+
+    def _local_range(self, obj: ObjectRef, first: int, last: int, start: int, end: int) -> bytes | None:
+        """Assemble a range whose blocks are all on local disk, verifying each in a scratch buffer.
+
+        Used when no memory tier would keep the blocks: the only allocation is the result, as with a
+        plain ``pread``. Returns None (caller takes the general path) if any block is missing or bad.
+        """
+        if last - first + 1 > 64:
+            return None
+        bs = self.block_size
+        views = []
+        for n, buf in enumerate(self._scratch(last - first + 1)[: last - first + 1]):
+            i = first + n
+            got = self.disk.read_into(block_key(obj, i, bs), memoryview(buf))
+            if got is None:
+                return None
+            lo = max(start, i * bs) - i * bs
+            hi = min(end, (i + 1) * bs) - i * bs
+            views.append(memoryview(buf)[lo:hi])
+        self._count("hits_disk", len(views))
+        return b"".join(views)
 
     def readinto(self, obj: ObjectRef, start: int, buf: memoryview, fetch: Fetch) -> int:
         """Fill ``buf`` with bytes from ``start``; return the count (short only at end of object)."""
@@ -138,27 +174,56 @@ class BlockCache:
             return 0
         bs = self.block_size
         first, last = start // bs, (end - 1) // bs
-        blocks = [self.get_block(obj, first, fetch)] if first == last else self._gather(obj, first, last, fetch)
+        if self.memory.capacity_bytes == 0 and start % bs == 0 and (end % bs == 0 or end == obj.size):
+            # Whole blocks: verify them in the caller's own buffer, with no copy at all.
+            pos = 0
+            for i in range(first, last + 1):
+                got = self.disk.read_into(block_key(obj, i, bs), buf[pos:pos + bs])
+                if got is None:
+                    break
+                pos += got
+            else:
+                self._count("hits_disk", last - first + 1)
+                return pos
         pos = 0
-        for i, block in zip(range(first, last + 1), blocks, strict=True):
+        for i, block in zip(range(first, last + 1), self._blocks(obj, first, last, fetch), strict=True):
             lo = max(start, i * bs) - i * bs
             hi = min(end, (i + 1) * bs) - i * bs
             buf[pos:pos + hi - lo] = memoryview(block)[lo:hi]
             pos += hi - lo
         return pos
 
-    def _gather(self, obj: ObjectRef, first: int, last: int, fetch: Fetch) -> list[bytes]:
-        """Fetch blocks ``first..last`` with at most ``fetch_workers`` in parallel, in order."""
-        window = self.config.fetch_workers
+    def _blocks(self, obj: ObjectRef, first: int, last: int, fetch: Fetch) -> list[bytes]:
+        """Blocks ``first..last`` in order: memory hits inline, the rest through the fetch pool."""
+        blocks: list[bytes | None] = []
+        for i in range(first, last + 1):
+            data = self.memory.get(block_key(obj, i, self.block_size))
+            blocks.append(data)
+            if data is not None:
+                self._count("hits_memory")
+        missing = [first + n for n, b in enumerate(blocks) if b is None]
+        all_local = all(os.path.exists(self.disk.block_path(block_key(obj, i, self.block_size)))
+                        for i in missing)
+        if len(missing) == 1 or all_local:
+            # Local disk reads are faster inline than handed to the pool; the pool is for origin fetches.
+            for i in missing:
+                blocks[i - first] = self.get_block(obj, i, fetch)
+        elif missing:
+            for i, data in zip(missing, self._gather(obj, missing, fetch), strict=True):
+                blocks[i - first] = data
+        return blocks  # type: ignore[return-value]  # every slot is filled above
+
+    def _gather(self, obj: ObjectRef, indices: list[int], fetch: Fetch) -> list[bytes]:
+        """Load ``indices`` in order, with at most ``fetch_workers`` blocks and ``max_inflight_bytes`` in flight."""
+        window = max(1, min(self.config.fetch_workers, self.config.max_inflight_bytes // self.block_size))
         futures: dict[int, Future[bytes]] = {}
         out: list[bytes] = []
-        for i in range(first, min(last, first + window - 1) + 1):
-            futures[i] = self.pool.submit(self.get_block, obj, i, fetch)
-        for i in range(first, last + 1):
-            nxt = i + window
-            if nxt <= last:
-                futures[nxt] = self.pool.submit(self.get_block, obj, nxt, fetch)
-            out.append(futures.pop(i).result())
+        for n in range(min(window, len(indices))):
+            futures[n] = self.pool.submit(self.get_block, obj, indices[n], fetch)
+        for n in range(len(indices)):
+            if n + window < len(indices):
+                futures[n + window] = self.pool.submit(self.get_block, obj, indices[n + window], fetch)
+            out.append(futures.pop(n).result())
         return out
 
     def prefetch(self, obj: ObjectRef, indices: range, fetch: Fetch) -> int:
@@ -172,7 +237,9 @@ class BlockCache:
             if i * self.block_size >= obj.size:
                 break
             key = block_key(obj, i, self.block_size)
-            if key in self.memory or self.flight.in_flight(key):
+            # Readahead hides origin latency; a block already on local disk needs none (and reading it
+            # early only helps if the memory tier could keep it, at the cost of a second read).
+            if key in self.memory or self.flight.in_flight(key) or os.path.exists(self.disk.block_path(key)):
                 continue
             if not self._inflight_budget.acquire(blocking=False):
                 break

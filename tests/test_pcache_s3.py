@@ -96,7 +96,7 @@ def test_cached_data_survives_origin_outage(tmp_path, s3_server, s3_options, buc
 
 
 def test_chaos_reads_and_uploads_complete(tmp_path, s3_server, s3_options, bucket, chaos_proxy) -> None:
-    proxy = chaos_proxy(fail_ratio=0.10)
+    proxy = chaos_proxy(fail_ratio=0.10, seed=42)
     options = s3_server.storage_options(endpoint_url=proxy.endpoint_url)
     data = os.urandom(12 * MiB)
     put(s3_options, f"{bucket}/chaos/in.bin", data)
