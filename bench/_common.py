@@ -154,7 +154,8 @@ def make_row(
         "baseline_values": list(baseline_values),
         "baseline_seconds": list(baseline_seconds) if baseline_seconds is not None else None,
         "ratio": ratio,
-        "paired_ratios": [v / b if b > 0 else float("inf") for v, b in zip(values, baseline_values, strict=True)],
+        "paired_ratios": [v / b if b > 0 else float("inf")
+                          for v, b in zip(values, baseline_values, strict=True)],
         "target": target,
         "met": None if target is None else bool(ratio >= target),
         "notes": notes,
@@ -247,7 +248,9 @@ def cpu_loop(duration_s: float, batch: int = 20_000) -> dict[str, float]:
         batch: Iterations between clock checks.
 
     Returns:
-        ``ops``, ``wall_s``, ``ops_per_s`` and ``thread_cpu_s`` (CPU time this thread actually got).
+        ``ops``, ``wall_s``, ``ops_per_s``, ``thread_cpu_s`` (CPU time this thread actually got) and
+        ``thread_cpu_share`` (``thread_cpu_s / wall_s``: below 1 when the thread waited for a core or for
+        the GIL).
     """
     table: dict[int, int] = {}
     ops = 0
@@ -263,4 +266,6 @@ def cpu_loop(duration_s: float, batch: int = 20_000) -> dict[str, float]:
         if now >= deadline:
             break
     wall = now - t0
-    return {"ops": ops, "wall_s": wall, "ops_per_s": ops / wall, "thread_cpu_s": time.thread_time() - c0}
+    thread_cpu = time.thread_time() - c0
+    return {"ops": ops, "wall_s": wall, "ops_per_s": ops / wall, "thread_cpu_s": thread_cpu,
+            "thread_cpu_share": thread_cpu / wall}

@@ -32,6 +32,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ SAMPLE = 64
 TARGETS = {"warm": 0.9, "cold_s3fs": 2.0, "cold_blockcache": 2.0, "close": 0.7, "upload": 0.8, "cpu": 0.9}
 
 Check = Callable[[bytes, int], None]
+ZERO_COPY_NOTE = ("; a 4 MiB read on the memory tier returns the cached block object itself (no copy), "
+                  "while pread copies")
 
 
 @dataclass
@@ -117,15 +120,16 @@ def pcache_fs(ctx: Context, cache_dir: Path, **cache_options: Any) -> Any:
     Returns:
         A :class:`pcache.PCacheFileSystem`.
     """
-    return fsspec.filesystem("pcache", target_protocol="s3", target_options=ctx.opts, cache_dir=str(cache_dir),
-                             skip_instance_cache=True, **cache_options)
+    return fsspec.filesystem("pcache", target_protocol="s3", target_options=ctx.opts,
+                             cache_dir=str(cache_dir), skip_instance_cache=True, **cache_options)
 
 
 def close_pcache(fs: Any, cache_dir: Path) -> None:
     """Release a pcache filesystem's memory tier, threads and LMDB handles, then delete its cache dir."""
     engine = fs.engine
-    engine.memory.clear()
-    engine.close()
+    with contextlib.suppress(AttributeError):  # cleanup only: tolerate engine API changes
+        engine.memory.clear()
+        engine.close()
     shutil.rmtree(cache_dir, ignore_errors=True)
 
 
@@ -206,6 +210,11 @@ def read_whole(fs: Any, path: str) -> bytes:
     return data
 
 
+def s3fs_put(ctx: Context, path: str) -> None:
+    """Upload the local copy of the object with a fresh ``s3fs.S3FileSystem(**opts).put_file``."""
+    s3fs.S3FileSystem(skip_instance_cache=True, **ctx.opts).put_file(ctx.local_path, path)
+
+
 def write_chunks(f: Any, view: memoryview) -> None:
     """Write ``view`` to ``f`` in :data:`WRITE_CHUNK` slices."""
     for off in range(0, len(view), WRITE_CHUNK):
@@ -278,8 +287,8 @@ def setup(server: SeaweedServer, workdir: Path) -> Context:
     s3 = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
     seconds, _ = timed(lambda: s3.put_file(local_path, OBJECT))
     log(f"pcache: uploaded the object in {seconds:.1f}s ({mbps(size, seconds):.0f} MB/s)")
-    ctx = Context(server=server, workdir=workdir, opts=opts, size=size, repeat=repeat, data=data, digest=digest,
-                  local_path=local_path, s3=s3)
+    ctx = Context(server=server, workdir=workdir, opts=opts, size=size, repeat=repeat, data=data,
+                  digest=digest, local_path=local_path, s3=s3)
     verify_upload(ctx, OBJECT)
     return ctx
 
@@ -299,7 +308,7 @@ def bench_warm(ctx: Context) -> list[dict[str, Any]]:
         cache_dir = ctx.workdir / f"warm-{variant}"
         fs = pcache_fs(ctx, cache_dir, memory_bytes=memory_bytes)
         try:
-            seconds, data = timed(lambda fs=fs: read_whole(fs, OBJECT))
+            seconds, data = timed(partial(read_whole, fs, OBJECT))
             verify_bytes(ctx, data, f"pcache cold fill ({variant})")
             del data
             log(f"warm/{variant}: filled the cache in {seconds:.1f}s")
@@ -316,7 +325,8 @@ def bench_warm(ctx: Context) -> list[dict[str, Any]]:
                     pcache_s.append(fs_read_loop(fs, OBJECT, chunk, ctx.size, check))
                 counters = {k: v - before.get(k, 0) for k, v in fs.engine.counters.items()}
                 if counters.get("misses", 0):
-                    raise AssertionError(f"warm/{variant}: {counters['misses']} origin fetches in timed reads")
+                    raise AssertionError(
+                        f"warm/{variant}: {counters['misses']} origin fetches in timed reads")
                 mib = chunk // MiB
                 rows.append(make_row(
                     module=NAME, key=f"warm_{variant}_{mib}MiB",
@@ -327,11 +337,14 @@ def bench_warm(ctx: Context) -> list[dict[str, Any]]:
                     baseline_values=[mbps(ctx.size, s) for s in base_s], baseline_seconds=base_s,
                     target=TARGETS["warm"],
                     notes="open() not timed; first/last 64 bytes of every chunk checked; one untimed "
-                          "fully hashed pass before timing",
-                    extra={"cache_fill_s": seconds, "engine_counters_during_timing": counters},
+                          "fully hashed pass before timing"
+                          + (ZERO_COPY_NOTE if variant == "memory" and chunk == 4 * MiB else ""),
+                    extra={"cache_fill_s": seconds, "engine_counters_during_timing": counters,
+                           "blocks_read_in_timed_passes": ctx.repeat * -(-ctx.size // fs.engine.block_size)},
                 ))
-                log(f"warm/{variant}/{mib}MiB: pcache {median([mbps(ctx.size, s) for s in pcache_s]):.0f} MB/s "
-                    f"vs pread {median([mbps(ctx.size, s) for s in base_s]):.0f} MB/s")
+                pc_mbps, base_mbps = median([mbps(ctx.size, s) for s in pcache_s]), median(
+                    [mbps(ctx.size, s) for s in base_s])
+                log(f"warm/{variant}/{mib}MiB: pcache {pc_mbps:.0f} MB/s vs pread {base_mbps:.0f} MB/s")
         finally:
             close_pcache(fs, cache_dir)
     return rows
@@ -341,6 +354,8 @@ def bench_warm(ctx: Context) -> list[dict[str, Any]]:
 def bench_cold(ctx: Context) -> list[dict[str, Any]]:
     """Cold whole-object reads: pcache vs s3fs (measure b) and vs fsspec blockcache (measure c)."""
     times: dict[str, list[float]] = {"pcache": [], "s3fs": [], "blockcache": []}
+    cpu: dict[str, list[dict[str, Any]]] = {"pcache": [], "s3fs": [], "blockcache": []}
+    pids: dict[str, int | None] = {"weed": weed_pid(ctx.server), "bench_process": os.getpid()}
     misses: list[int] = []
     order = ["s3fs", "blockcache", "pcache"]
     for r in range(ctx.repeat):
@@ -356,7 +371,9 @@ def bench_cold(ctx: Context) -> list[dict[str, Any]]:
             else:
                 fs = pcache_fs(ctx, cache_dir)
             try:
-                seconds, data = timed(lambda fs=fs: read_whole(fs, OBJECT))
+                with CpuWindow(pids) as win:
+                    seconds, data = timed(partial(read_whole, fs, OBJECT))
+                cpu[name].append(win.result)
                 verify_bytes(ctx, data, f"cold read via {name}")
                 del data
                 if name == "pcache":
@@ -369,15 +386,17 @@ def bench_cold(ctx: Context) -> list[dict[str, Any]]:
             times[name].append(seconds)
             log(f"cold/{r}: {name} {seconds:.2f}s ({mbps(ctx.size, seconds):.0f} MB/s)")
     pc = [mbps(ctx.size, s) for s in times["pcache"]]
-    common = {"module": NAME, "unit": "MB/s", "nbytes": ctx.size, "values": pc, "seconds": times["pcache"]}
     note = ("open()+read() of the whole object timed, fresh empty cache each repeat; the server's own page "
-            "cache is warm for all three; bytes hashed after timing")
-    extra = {"pcache_origin_block_fetches": misses}
+            "cache is warm for all three; bytes hashed after timing; extra.cpu has the CPU seconds of this "
+            "process and of weed, and the machine's busy cores, during each read")
+    extra = {"pcache_origin_block_fetches": misses, "cpu": cpu}
     return [
-        make_row(**common, key="cold_vs_s3fs", measure="b. cold sequential read vs s3fs",
+        make_row(module=NAME, unit="MB/s", nbytes=ctx.size, values=pc, seconds=times["pcache"],
+                 key="cold_vs_s3fs", measure="b. cold sequential read vs s3fs",
                  baseline="s3fs open().read()", baseline_values=[mbps(ctx.size, s) for s in times["s3fs"]],
                  baseline_seconds=times["s3fs"], target=TARGETS["cold_s3fs"], notes=note, extra=extra),
-        make_row(**common, key="cold_vs_blockcache", measure="c. cold sequential read vs fsspec blockcache",
+        make_row(module=NAME, unit="MB/s", nbytes=ctx.size, values=pc, seconds=times["pcache"],
+                 key="cold_vs_blockcache", measure="c. cold sequential read vs fsspec blockcache",
                  baseline="fsspec blockcache open().read()",
                  baseline_values=[mbps(ctx.size, s) for s in times["blockcache"]],
                  baseline_seconds=times["blockcache"], target=TARGETS["cold_blockcache"], notes=note,
@@ -395,6 +414,9 @@ def bench_writeback(ctx: Context) -> list[dict[str, Any]]:
     local_s: list[float] = []
     upload_s: list[float] = []
     put_s: list[float] = []
+    upload_cpu: list[dict[str, Any]] = []
+    put_cpu: list[dict[str, Any]] = []
+    pids: dict[str, int | None] = {"weed": weed_pid(ctx.server), "bench_process": os.getpid()}
     view = ctx.view
     try:
         for r in range(ctx.repeat):
@@ -409,8 +431,11 @@ def bench_writeback(ctx: Context) -> list[dict[str, Any]]:
             with fs.open(path, "wb") as f:
                 write_chunks(f, view)
             t1 = time.perf_counter()
-            fs.flush(path)
-            t2 = time.perf_counter()
+            proc = uploader_proc(fs)
+            with CpuWindow({**pids, "uploader": proc.pid if proc is not None else None}) as win:
+                fs.flush(path)
+                t2 = time.perf_counter()
+            upload_cpu.append(win.result)
             close_s.append(t1 - t0)
             upload_s.append(t2 - t1)
             if journal_digest(fs, fs.url(path)) != ctx.digest:
@@ -420,9 +445,10 @@ def bench_writeback(ctx: Context) -> list[dict[str, Any]]:
 
             settle()
             put_path = f"{BUCKET}/ckpt/put-{r}.bin"
-            seconds, _ = timed(lambda put_path=put_path: s3fs.S3FileSystem(
-                skip_instance_cache=True, **ctx.opts).put_file(ctx.local_path, put_path))
+            with CpuWindow(pids) as win:
+                seconds, _ = timed(partial(s3fs_put, ctx, put_path))
             put_s.append(seconds)
+            put_cpu.append(win.result)
             verify_upload(ctx, put_path)
             ctx.s3.rm(put_path)
             log(f"writeback/{r}: local write+fsync {local_s[-1]:.2f}s, pcache close {close_s[-1]:.2f}s, "
@@ -446,7 +472,9 @@ def bench_writeback(ctx: Context) -> list[dict[str, Any]]:
                  baseline="s3fs put_file (multipart)", baseline_values=[mbps(size, s) for s in put_s],
                  baseline_seconds=put_s, target=TARGETS["upload"],
                  notes="includes the uploader process start-up; put_file time includes building the "
-                       "S3FileSystem; uploads verified by size, journaled xxh3-128 and sampled ranges"),
+                       "S3FileSystem; uploads verified by size, journaled xxh3-128 and sampled ranges; "
+                       "extra has CPU seconds per process (weed, uploader, this process) during each upload",
+                 extra={"pcache_upload_cpu": upload_cpu, "s3fs_put_cpu": put_cpu}),
     ]
 
 
@@ -474,14 +502,16 @@ def bench_cpu(ctx: Context) -> list[dict[str, Any]]:
             path = f"{BUCKET}/ckpt/cpu-{r}.bin"
             with fs.open(path, "wb") as f:
                 write_chunks(f, view)
+            t_closed = time.perf_counter()
             proc = uploader_proc(fs)
             with CpuWindow({**pids, "uploader": proc.pid if proc is not None else None}) as win:
                 res = cpu_loop(window)
             in_flight = fs.writeback.is_pending(fs.url(path))
             t0 = time.perf_counter()
             fs.flush(path)
+            t1 = time.perf_counter()
             busy_pc.append({**res, **win.result, "upload_in_flight_at_end": in_flight,
-                            "flush_after_window_s": time.perf_counter() - t0})
+                            "flush_after_window_s": t1 - t0, "upload_total_s": t1 - t_closed})
             verify_upload(ctx, path)
             ctx.s3.rm(path)
 
@@ -491,11 +521,12 @@ def bench_cpu(ctx: Context) -> list[dict[str, Any]]:
 
             def put(put_path: str = put_path, errors: list[BaseException] = errors) -> None:
                 try:
-                    s3fs.S3FileSystem(skip_instance_cache=True, **ctx.opts).put_file(ctx.local_path, put_path)
+                    s3fs_put(ctx, put_path)
                 except BaseException as exc:  # re-raised in the main thread
                     errors.append(exc)
 
             thread = threading.Thread(target=put, name="bench-s3fs-put", daemon=True)
+            t_start = time.perf_counter()
             thread.start()
             with CpuWindow(pids) as win:
                 res = cpu_loop(window)
@@ -503,18 +534,21 @@ def bench_cpu(ctx: Context) -> list[dict[str, Any]]:
             thread.join()
             if errors:
                 raise errors[0]
-            busy_thread.append({**res, **win.result, "upload_in_flight_at_end": alive})
+            busy_thread.append({**res, **win.result, "upload_in_flight_at_end": alive,
+                                "upload_total_s": time.perf_counter() - t_start})
             verify_upload(ctx, put_path)
             ctx.s3.rm(put_path)
             log(f"cpu/{r}: idle {idle[-1]['ops_per_s'] / 1e6:.2f} Mops/s, during pcache upload "
-                f"{busy_pc[-1]['ops_per_s'] / 1e6:.2f}, during s3fs thread {busy_thread[-1]['ops_per_s'] / 1e6:.2f}")
+                f"{busy_pc[-1]['ops_per_s'] / 1e6:.2f}, "
+                f"during s3fs thread {busy_thread[-1]['ops_per_s'] / 1e6:.2f}")
         wait_uploader_exit(fs)
     finally:
         close_pcache(fs, cache_dir)
     idle_ops = [x["ops_per_s"] for x in idle]
     note = (f"{window:.2f}s pure-Python loop started right after close() (or thread start); 2 shared cores "
             "also run SeaweedFS, so part of any slowdown is the machine, not the GIL: see extra (CPU seconds "
-            "of each process and busy cores over the window)")
+            "of each process, the loop thread's CPU share and busy cores over the window; weed_cpu_s shows "
+            "whether the upload progressed during the window, upload_total_s how long it took in all)")
     return [
         make_row(module=NAME, key="cpu_during_writeback", measure="f. caller ops/s during pcache upload",
                  unit="ops/s", values=[x["ops_per_s"] for x in busy_pc], baseline="same loop, idle",

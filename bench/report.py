@@ -19,7 +19,7 @@ Row = dict[str, Any]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a ``.tmp`` sibling and a rename, so readers never see half a file."""
+    """Write ``data`` to ``path`` via a ``.tmp`` sibling and a rename, so readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -92,13 +92,25 @@ def summary_markdown(results: Sequence[dict[str, Any]], machine: dict[str, Any],
     """
     out = ["# Benchmark summary", ""]
     out.append(
-        f"Object {settings['size_mb']} MiB, median of {settings['repeat']} repeats, run took {wall_s:.0f} s on "
-        f"{machine.get('nproc')} CPUs ({machine.get('cpu_model', '?')}), Python {machine.get('python')}. "
+        f"Object {settings['size_mb']} MiB, median of {settings['repeat']} repeats, "
+        f"run took {wall_s:.0f} s on {machine.get('nproc')} CPUs ({machine.get('cpu_model', '?')}), "
+        f"Python {machine.get('python')}. "
         "MB/s are decimal (10^6 bytes/s); ratio = system ÷ baseline (higher is better)."
     )
+    code = machine.get("pcache_source_xxh3") or {}
+    if code:
+        changed = code.get("start") != code.get("end")
+        tail = (f" at start, `{code.get('end')}` at the end: **the code changed during the run**" if changed
+                else " (unchanged during the run).")
+        out += ["", f"pcache source xxh3-128: `{code.get('start')}`{tail}"]
     for result in results:
         out += ["", f"## {result['module']}", "", markdown_table(result["module"], result["rows"])]
-        notes = [f"- **{r['key']}**: {r['notes']}" for r in result["rows"] if r.get("notes")]
+        notes = []
+        for r in result["rows"]:
+            if r.get("error"):
+                continue
+            paired = ", ".join(f"{x:.2f}" for x in r.get("paired_ratios") or [])
+            notes.append(f"- **{r['key']}**: per-repeat ratios {paired}. {r.get('notes', '')}".rstrip())
         if notes:
             out += ["", "Notes:", "", *notes]
     return "\n".join(out) + "\n"
@@ -117,7 +129,8 @@ def plot_throughput(path: Path, module: str, rows: Sequence[Row]) -> None:
         ax.text(0.5, 0.5, "no throughput results", ha="center", va="center", transform=ax.transAxes)
     width = 0.38
     xs = list(range(len(rows)))
-    ours = ax.bar([x - width / 2 for x in xs], [r["value"] for r in rows], width, label=module, color="#1f77b4")
+    ours = ax.bar([x - width / 2 for x in xs], [r["value"] for r in rows], width, label=module,
+                  color="#1f77b4")
     base = ax.bar([x + width / 2 for x in xs], [r["baseline_value"] for r in rows], width,
                   label="baseline (named under each group)", color="#bbbbbb", edgecolor="#666666")
     for bars in (ours, base):
@@ -138,25 +151,36 @@ def plot_throughput(path: Path, module: str, rows: Sequence[Row]) -> None:
 
 
 def plot_ratios(path: Path, module: str, rows: Sequence[Row]) -> None:
-    """Horizontal bars of each measure's ratio, with its target marked; green met, red missed, grey info."""
+    """Bars from parity (1×) to each measure's ratio on a log axis, with its target marked.
+
+    Green: target met; red: missed; grey: informational (no target).
+    """
     rows = [r for r in rows if not r.get("error") and r.get("ratio") is not None]
-    fig, ax = plt.subplots(figsize=(11, max(3.0, 0.75 * len(rows) + 1.5)))
+    fig, ax = plt.subplots(figsize=(12, max(3.0, 0.75 * len(rows) + 1.5)))
     ys = list(range(len(rows)))[::-1]
     colors = ["#999999" if r["met"] is None else ("#2ca02c" if r["met"] else "#d62728") for r in rows]
-    ax.barh(ys, [r["ratio"] for r in rows], color=colors, height=0.6)
-    for y, r in zip(ys, rows, strict=True):
-        ax.annotate(f"{r['ratio']:.2f}×", (r["ratio"], y), xytext=(3, 0), textcoords="offset points",
-                    va="center", fontsize=8)
+    ratios = [max(r["ratio"], 1e-3) for r in rows]
+    ax.barh(ys, [x - 1.0 for x in ratios], left=1.0, color=colors, height=0.6)
+    for y, r, x in zip(ys, rows, ratios, strict=True):
+        # Label right of everything drawn on this row (bar end, parity line, target), so nothing overlaps.
+        anchor = max(x, 1.0, r.get("target") or 0.0)
+        ax.annotate(f"{r['ratio']:.2f}×", (anchor, y), xytext=(6, 0), textcoords="offset points",
+                    va="center", ha="left", fontsize=8, fontweight="bold")
         if r.get("target") is not None:
-            ax.plot([r["target"], r["target"]], [y - 0.42, y + 0.42], color="black", linewidth=2)
+            ax.plot([r["target"], r["target"]], [y - 0.42, y + 0.42], color="black", linewidth=2.5)
             ax.annotate(f"target {r['target']:g}×", (r["target"], y + 0.42), xytext=(0, 1),
                         textcoords="offset points", ha="center", va="bottom", fontsize=6)
     ax.axvline(1.0, color="#555555", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    values = ratios + [r["target"] for r in rows if r.get("target")] + [1.0]
+    lo, hi = min(values) / 1.8, max(values) * 2.5
+    ax.set_xlim(lo, hi)
+    ticks = [t for t in (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 10, 25, 50, 100) if lo <= t <= hi]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}×" for t in ticks])
     ax.set_yticks(ys)
-    ax.set_yticklabels([textwrap.fill(r["measure"], 48) for r in rows], fontsize=7)
-    top = max([r["ratio"] for r in rows] + [r["target"] or 0 for r in rows] + [1.0])
-    ax.set_xlim(0, top * 1.18)
-    ax.set_xlabel("ratio to baseline (higher is better); black bar = target, dotted = parity")
+    ax.set_yticklabels([textwrap.fill(r["measure"], 40) for r in rows], fontsize=7)
+    ax.set_xlabel("ratio to baseline, log scale (higher is better); black bar = target, dotted = parity")
     ax.set_title(f"{module}: ratio to baseline (green met, red missed, grey informational)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

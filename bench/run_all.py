@@ -26,6 +26,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from bench._common import error_row, log, object_size, repeats
 from bench.report import (
     markdown_table,
@@ -61,8 +63,8 @@ def machine_info(workdir: Path) -> dict[str, Any]:
     }
     try:
         with open("/proc/cpuinfo") as fh:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
-                                     None)
+            models = (ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+            info["cpu_model"] = next(models, None)
         with open("/proc/meminfo") as fh:
             kib = next(int(ln.split()[1]) for ln in fh if ln.startswith("MemTotal"))
             info["mem_total_gib"] = round(kib / 2**20, 1)
@@ -81,6 +83,20 @@ def machine_info(workdir: Path) -> dict[str, Any]:
     except (OSError, IndexError, subprocess.SubprocessError):
         info["weed_version"] = None
     return info
+
+
+def source_fingerprint(package: str = "pcache") -> str:
+    """xxh3-128 over the paths and contents of a package's ``.py`` files.
+
+    There may be no commit to name the code that was measured (and others may edit it during a run), so
+    the results record this at the start and the end of the run.
+    """
+    root = Path(__file__).resolve().parent.parent / package
+    hasher = xxhash.xxh3_128()
+    for path in sorted(root.rglob("*.py")):
+        hasher.update(str(path.relative_to(root)).encode() + b"\0")
+        hasher.update(path.read_bytes())
+    return hasher.hexdigest()
 
 
 def run_module(name: str, server: SeaweedServer, workroot: Path) -> tuple[str, list[dict[str, Any]]]:
@@ -122,13 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="default: %(default)s")
-    parser.add_argument("--keep-workdir", action="store_true", help="keep the scratch directory for debugging")
+    parser.add_argument("--keep-workdir", action="store_true",
+                        help="keep the scratch directory for debugging")
     args = parser.parse_args(argv)
-    settings = {"size_mb": object_size() // 2**20, "repeat": repeats(), "only": os.environ.get("BENCH_ONLY", "")}
+    settings = {"size_mb": object_size() // 2**20, "repeat": repeats(),
+                "only": os.environ.get("BENCH_ONLY", "")}
     started = time.time()
     t0 = time.monotonic()
     workroot = Path(tempfile.mkdtemp(prefix="pcache-bench-", dir=os.environ.get("BENCH_TMPDIR") or None))
     machine = machine_info(workroot)
+    code_before = source_fingerprint()
     log(f"settings {settings}; scratch dir {workroot}")
     results: list[dict[str, Any]] = []
     server = SeaweedServer(workroot / "seaweedfs")
@@ -145,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workroot, ignore_errors=True)
     wall_s = time.monotonic() - t0
+    code_after = source_fingerprint()
+    machine["pcache_source_xxh3"] = {"start": code_before, "end": code_after}
+    if code_before != code_after:
+        log("WARNING: pcache's source changed during the run; the results may mix two versions")
 
     out: Path = args.results_dir
     out.mkdir(parents=True, exist_ok=True)
