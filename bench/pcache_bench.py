@@ -353,13 +353,23 @@ def bench_warm(ctx: Context) -> list[dict[str, Any]]:
 # -- b, c: cold reads ---------------------------------------------------------------------------------
 def bench_cold(ctx: Context) -> list[dict[str, Any]]:
     """Cold whole-object reads: pcache vs s3fs (measure b) and vs fsspec blockcache (measure c)."""
-    times: dict[str, list[float]] = {"pcache": [], "s3fs": [], "blockcache": []}
-    cpu: dict[str, list[dict[str, Any]]] = {"pcache": [], "s3fs": [], "blockcache": []}
+    order = ["s3fs", "blockcache", "pcache", "ceiling"]
+    times: dict[str, list[float]] = {name: [] for name in order}
+    cpu: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
     pids: dict[str, int | None] = {"weed": weed_pid(ctx.server), "bench_process": os.getpid()}
     misses: list[int] = []
-    order = ["s3fs", "blockcache", "pcache"]
     for r in range(ctx.repeat):
-        for name in order[r % 3:] + order[:r % 3]:  # rotate, so no system always goes first
+        for name in order[r % 4:] + order[:r % 4]:  # rotate, so no system always goes first
+            if name == "ceiling":
+                # What this server can deliver to a client doing no work at all: 16 parallel range GETs
+                # whose bytes are dropped. No client can beat it, so it bounds the ratio over s3fs.
+                settle()
+                with CpuWindow(pids) as win:
+                    seconds, _ = timed(partial(server_ceiling_read, ctx))
+                cpu[name].append(win.result)
+                times[name].append(seconds)
+                log(f"cold/{r}: server ceiling {seconds:.2f}s ({mbps(ctx.size, seconds):.0f} MB/s)")
+                continue
             settle()
             cache_dir = ctx.workdir / f"cold-{name}-{r}"
             fs: Any
@@ -401,7 +411,28 @@ def bench_cold(ctx: Context) -> list[dict[str, Any]]:
                  baseline_values=[mbps(ctx.size, s) for s in times["blockcache"]],
                  baseline_seconds=times["blockcache"], target=TARGETS["cold_blockcache"], notes=note,
                  extra=extra),
+        make_row(module=NAME, unit="MB/s", nbytes=ctx.size,
+                 values=[mbps(ctx.size, s) for s in times["ceiling"]], seconds=times["ceiling"],
+                 key="cold_server_ceiling", measure="b'. server ceiling: 16 parallel range GETs, bytes dropped",
+                 baseline="s3fs open().read()", baseline_values=[mbps(ctx.size, s) for s in times["s3fs"]],
+                 baseline_seconds=times["s3fs"], target=None,
+                 notes="upper bound for ANY client of this server on this machine (no cache writes, no "
+                       "assembly); if its ratio is below 2, measure b's target is out of reach here",
+                 extra={"cpu": cpu["ceiling"]}),
     ]
+
+
+def server_ceiling_read(ctx: Context) -> int:
+    """Fetch the object as 4 MiB ranges on 16 threads and drop the bytes; return the byte count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pcache.s3range import S3RangeReader
+
+    reader = S3RangeReader(s3fs.S3FileSystem(skip_instance_cache=True, **ctx.opts))
+    step = 4 * 1024 * 1024
+    with ThreadPoolExecutor(16) as pool:
+        return sum(pool.map(lambda off: len(reader.get_range(OBJECT, off, min(ctx.size, off + step))),
+                            range(0, ctx.size, step)))
 
 
 # -- d, e: write-back ---------------------------------------------------------------------------------

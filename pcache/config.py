@@ -41,6 +41,8 @@ class CacheConfig:
         upload_concurrency: Parts uploaded in parallel per file.
         upload_workers: Files uploaded in parallel by the background uploader.
         uploader_idle_exit: Seconds the background uploader waits for new work before exiting.
+        uploader_nice: CPU niceness increment of the background uploader process, so that on a busy
+            node the training process keeps the CPU and uploads use what is left (0 to disable).
     """
 
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -59,6 +61,7 @@ class CacheConfig:
     upload_concurrency: int = 8
     upload_workers: int = 2
     uploader_idle_exit: float = 5.0
+    uploader_nice: int = 10
 
     def __post_init__(self) -> None:
         if not self.cache_dir:
@@ -78,6 +81,8 @@ class CacheConfig:
             raise ConfigError("readahead_blocks", "must be >= 0")
         if self.upload_part_size < 5 * MiB:
             raise ConfigError("upload_part_size", "must be >= 5MiB (the S3 minimum part size)")
+        if not 0 <= self.uploader_nice <= 19:
+            raise ConfigError("uploader_nice", f"must be between 0 and 19, got {self.uploader_nice}")
         if self.metadata_ttl < 0:
             raise ConfigError("metadata_ttl", "must be >= 0")
 

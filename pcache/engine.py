@@ -7,9 +7,10 @@ that names the same directory shares its memory tier, fetch threads and in-fligh
 
 from __future__ import annotations
 
+import io
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -60,6 +61,9 @@ class BlockCache:
         self.flight = SingleFlight()
         self.pool = ThreadPoolExecutor(config.fetch_workers, thread_name_prefix="pcache-fetch")
         self._inflight_budget = threading.BoundedSemaphore(max(1, config.max_inflight_bytes // self.block_size))
+        # Blocks handed to readers but not yet on disk, bounded like the bytes being fetched.
+        self.publisher = ThreadPoolExecutor(2, thread_name_prefix="pcache-publish")
+        self._write_budget = threading.BoundedSemaphore(max(1, config.max_inflight_bytes // self.block_size))
         self.counters = {"hits_memory": 0, "hits_disk": 0, "misses": 0, "origin_bytes": 0}
         self._tls = threading.local()
 
@@ -83,19 +87,34 @@ class BlockCache:
 
     def _load(self, obj: ObjectRef, index: int, key: bytes, fetch: Fetch) -> bytes:
         data = self.disk.read(key)
-        if data is None:
-            # Another process may be fetching this block: wait for its stripe lock, then look again.
-            with self.locks.hold(key):
-                data = self.disk.read(key)
-                if data is None:
-                    data = self._fetch_and_publish(obj, index, key, fetch)
-                    self.memory.put(key, data)
-                    return data
-        self._count("hits_disk")
-        self.memory.put(key, data)
-        return data
+        if data is not None:
+            self._count("hits_disk")
+            self.memory.put(key, data)
+            return data
+        # Another process may be fetching this block: wait for its stripe lock, then look again.
+        lock = self.locks.acquire(key)
+        try:
+            data = self.disk.read(key)
+            if data is not None:
+                self._count("hits_disk")
+                self.memory.put(key, data)
+                return data
+            data = self._fetch(obj, index, fetch)
+            self.memory.put(key, data)
+            if self._write_budget.acquire(blocking=False):
+                # Write-behind: the reader gets its bytes now; the block reaches disk on the publish
+                # pool, which also releases the stripe lock, so other processes wait for the block
+                # rather than fetch it again.
+                self.publisher.submit(self._publish_and_release, obj, key, data, lock)
+                lock = -1
+            else:  # write-behind budget used up: publish inline (backpressure)
+                self._publish(obj, key, data)
+            return data
+        finally:
+            if lock >= 0:
+                self.locks.release(lock)
 
-    def _fetch_and_publish(self, obj: ObjectRef, index: int, key: bytes, fetch: Fetch) -> bytes:
+    def _fetch(self, obj: ObjectRef, index: int, fetch: Fetch) -> bytes:
         start, end = self.block_span(obj, index)
         data = fetch(start, end)
         if len(data) != end - start:
@@ -103,12 +122,31 @@ class BlockCache:
                           f"got {len(data)} bytes; the object may have changed")
         self._count("misses")
         self._count("origin_bytes", len(data))
+        return data
+
+    def _publish(self, obj: ObjectRef, key: bytes, data: bytes) -> None:
         try:
             self.disk.publish(key, data)
         except CacheFullError as exc:
             # The caller still gets its bytes; the cache just does not keep this block.
             log.warning("not caching block of %s: %s", obj.url, exc, extra={"url": obj.url})
-        return data
+        except Exception:  # noqa: BLE001 - a cache write must never fail a read
+            log.exception("could not cache a block of %s", obj.url, extra={"url": obj.url})
+
+    def _publish_and_release(self, obj: ObjectRef, key: bytes, data: bytes, lock: int) -> None:
+        try:
+            self._publish(obj, key, data)
+        finally:
+            self.locks.release(lock)
+            self._write_budget.release()
+
+    def drain_writes(self) -> None:
+        """Wait until every write-behind block is on disk."""
+        slots = max(1, self.config.max_inflight_bytes // self.block_size)
+        for _ in range(slots):
+            self._write_budget.acquire()
+        for _ in range(slots):
+            self._write_budget.release()
 
     def contains(self, obj: ObjectRef, index: int) -> bool:
         """Return True if the block is in memory or on disk (no checksum verification)."""
@@ -131,13 +169,49 @@ class BlockCache:
             local = self._local_range(obj, first, last, start, end)
             if local is not None:
                 return local
-        parts = self._blocks(obj, first, last, fetch)
-        lo, hi = start - first * bs, end - last * bs
-        if lo or hi != len(parts[-1]):
-            views = [memoryview(p) for p in parts]
-            views[0], views[-1] = views[0][lo:], views[-1][:hi]
-            return b"".join(views)
-        return b"".join(parts)
+        # Copy each block into one result buffer as it arrives, instead of joining all of them at the
+        # end: the copies overlap the fetches still in flight, and each block is freed right away.
+        out = io.BytesIO()
+        out.seek(end - start - 1)
+        out.write(b"\0")
+        view = out.getbuffer()
+        try:
+            self._copy_blocks(obj, first, last, start, end, view, fetch)
+        finally:
+            view.release()
+        return out.getvalue()  # hands over BytesIO's own bytes object: no copy once the view is released
+
+    def readinto(self, obj: ObjectRef, start: int, buf: memoryview, fetch: Fetch) -> int:
+        """Fill ``buf`` with bytes from ``start``; return the count (short only at end of object)."""
+        end = min(obj.size, start + len(buf))
+        if start >= end:
+            return 0
+        bs = self.block_size
+        first, last = start // bs, (end - 1) // bs
+        if self.memory.capacity_bytes == 0 and start % bs == 0 and (end % bs == 0 or end == obj.size):
+            # Whole blocks: verify them in the caller's own buffer, with no copy at all.
+            pos = 0
+            for i in range(first, last + 1):
+                got = self.disk.read_into(block_key(obj, i, bs), buf[pos:pos + bs])
+                if got is None:
+                    break
+                pos += got
+            else:
+                self._count("hits_disk", last - first + 1)
+                return pos
+        self._copy_blocks(obj, first, last, start, end, buf, fetch)
+        return end - start
+
+    def _copy_blocks(self, obj: ObjectRef, first: int, last: int, start: int, end: int, out: memoryview,
+                     fetch: Fetch) -> None:
+        """Copy bytes ``[start, end)`` into ``out`` block by block, in order, as blocks become available."""
+        bs = self.block_size
+        pos = 0
+        for i, block in self._blocks(obj, first, last, fetch):
+            lo = max(start, i * bs) - i * bs
+            hi = min(end, (i + 1) * bs) - i * bs
+            out[pos:pos + hi - lo] = memoryview(block)[lo:hi]
+            pos += hi - lo
 
     def _scratch(self, count: int) -> list[bytearray]:
         """Per-thread reusable block buffers: re-used memory is never page-faulted in again."""
@@ -167,64 +241,27 @@ class BlockCache:
         self._count("hits_disk", len(views))
         return b"".join(views)
 
-    def readinto(self, obj: ObjectRef, start: int, buf: memoryview, fetch: Fetch) -> int:
-        """Fill ``buf`` with bytes from ``start``; return the count (short only at end of object)."""
-        end = min(obj.size, start + len(buf))
-        if start >= end:
-            return 0
+    def _blocks(self, obj: ObjectRef, first: int, last: int, fetch: Fetch) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(index, block)`` for ``first..last`` in order.
+
+        Memory hits and local disk reads happen inline (faster than a thread handoff); when some block
+        must come from the origin, the missing ones go through the fetch pool with a bounded window.
+        """
         bs = self.block_size
-        first, last = start // bs, (end - 1) // bs
-        if self.memory.capacity_bytes == 0 and start % bs == 0 and (end % bs == 0 or end == obj.size):
-            # Whole blocks: verify them in the caller's own buffer, with no copy at all.
-            pos = 0
+        keys = [block_key(obj, i, bs) for i in range(first, last + 1)]
+        remote = any(k not in self.memory and not os.path.exists(self.disk.block_path(k)) for k in keys)
+        if not remote or first == last:
             for i in range(first, last + 1):
-                got = self.disk.read_into(block_key(obj, i, bs), buf[pos:pos + bs])
-                if got is None:
-                    break
-                pos += got
-            else:
-                self._count("hits_disk", last - first + 1)
-                return pos
-        pos = 0
-        for i, block in zip(range(first, last + 1), self._blocks(obj, first, last, fetch), strict=True):
-            lo = max(start, i * bs) - i * bs
-            hi = min(end, (i + 1) * bs) - i * bs
-            buf[pos:pos + hi - lo] = memoryview(block)[lo:hi]
-            pos += hi - lo
-        return pos
-
-    def _blocks(self, obj: ObjectRef, first: int, last: int, fetch: Fetch) -> list[bytes]:
-        """Blocks ``first..last`` in order: memory hits inline, the rest through the fetch pool."""
-        blocks: list[bytes | None] = []
+                yield i, self.get_block(obj, i, fetch)
+            return
+        window = max(1, min(self.config.fetch_workers, self.config.max_inflight_bytes // bs))
+        pending: dict[int, Future[bytes]] = {}
+        nxt = first
         for i in range(first, last + 1):
-            data = self.memory.get(block_key(obj, i, self.block_size))
-            blocks.append(data)
-            if data is not None:
-                self._count("hits_memory")
-        missing = [first + n for n, b in enumerate(blocks) if b is None]
-        all_local = all(os.path.exists(self.disk.block_path(block_key(obj, i, self.block_size)))
-                        for i in missing)
-        if len(missing) == 1 or all_local:
-            # Local disk reads are faster inline than handed to the pool; the pool is for origin fetches.
-            for i in missing:
-                blocks[i - first] = self.get_block(obj, i, fetch)
-        elif missing:
-            for i, data in zip(missing, self._gather(obj, missing, fetch), strict=True):
-                blocks[i - first] = data
-        return blocks  # type: ignore[return-value]  # every slot is filled above
-
-    def _gather(self, obj: ObjectRef, indices: list[int], fetch: Fetch) -> list[bytes]:
-        """Load ``indices`` in order, with at most ``fetch_workers`` blocks and ``max_inflight_bytes`` in flight."""
-        window = max(1, min(self.config.fetch_workers, self.config.max_inflight_bytes // self.block_size))
-        futures: dict[int, Future[bytes]] = {}
-        out: list[bytes] = []
-        for n in range(min(window, len(indices))):
-            futures[n] = self.pool.submit(self.get_block, obj, indices[n], fetch)
-        for n in range(len(indices)):
-            if n + window < len(indices):
-                futures[n + window] = self.pool.submit(self.get_block, obj, indices[n + window], fetch)
-            out.append(futures.pop(n).result())
-        return out
+            while nxt <= last and len(pending) < window:
+                pending[nxt] = self.pool.submit(self.get_block, obj, nxt, fetch)
+                nxt += 1
+            yield i, pending.pop(i).result()
 
     def prefetch(self, obj: ObjectRef, indices: range, fetch: Fetch) -> int:
         """Start background loads of blocks not already cached or in flight; return how many started.
@@ -256,6 +293,7 @@ class BlockCache:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.publisher.shutdown(wait=True)
         self.disk.close()
 
 

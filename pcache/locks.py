@@ -28,16 +28,30 @@ class StripeLocks:
         self.n_stripes = n_stripes
         os.makedirs(lock_dir, exist_ok=True)
 
-    @contextmanager
-    def hold(self, key: bytes) -> Iterator[None]:
-        """Hold the stripe lock for ``key`` (blocks until it is free; releases on exit)."""
+    def acquire(self, key: bytes) -> int:
+        """Take the stripe lock for ``key`` (blocking); return the descriptor to pass to :meth:`release`."""
         stripe = int.from_bytes(key[:4], "little") % self.n_stripes
         fd = os.open(os.path.join(self.lock_dir, f"{stripe:04x}"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def release(fd: int) -> None:
+        """Release a lock taken with :meth:`acquire` (closing the descriptor drops the flock)."""
+        os.close(fd)
+
+    @contextmanager
+    def hold(self, key: bytes) -> Iterator[None]:
+        """Hold the stripe lock for ``key`` for the duration of a ``with`` block."""
+        fd = self.acquire(key)
+        try:
             yield
         finally:
-            os.close(fd)  # closing the descriptor releases the flock
+            self.release(fd)
 
 
 class SingleFlight:

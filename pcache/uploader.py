@@ -154,6 +154,18 @@ class Uploader:
             os.close(fd)
         return resp.get("ETag")
 
+    def _writer_active(self, within_s: float) -> bool:
+        """True while some writer's staged ``.tmp`` file changed in the last ``within_s`` seconds."""
+        now = time.time()
+        for name in os.listdir(self.journal.dir):
+            if name.endswith(".tmp"):
+                try:
+                    if now - os.stat(os.path.join(self.journal.dir, name)).st_mtime < within_s:
+                        return True
+                except FileNotFoundError:
+                    continue
+        return False
+
     def drain(self, prefix: str | None = None, idle_exit: float = 0.0, max_rounds: int = 3,
               timeout: float | None = None) -> list[str]:
         """Upload pending entries until none is left (waiting ``idle_exit`` s for new ones).
@@ -170,6 +182,8 @@ class Uploader:
             while deadline is None or time.monotonic() < deadline:
                 todo = [e for e in self.journal.pending(prefix) if failures.get(e["id"], 0) < max_rounds]
                 if not todo:
+                    if self._writer_active(idle_exit):
+                        idle_since = time.monotonic()  # a file is still being written: work is coming
                     if time.monotonic() - idle_since >= idle_exit:
                         break
                     time.sleep(0.05)
@@ -197,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     payload = json.load(sys.stdin) if args.stdin_json else {}
     config = CacheConfig(**payload.get("config", {}))
+    if config.uploader_nice:
+        os.nice(config.uploader_nice)  # background work yields the CPU to the trainer
     uploader = Uploader(config, payload.get("secrets", {}))
     failed = uploader.drain(idle_exit=config.uploader_idle_exit)
     return 1 if failed else 0

@@ -51,6 +51,10 @@ class WriteBackFile(io.RawIOBase):
         self._buf = bytearray()
         self._hasher = content_hasher()
         self._size = 0
+        # Start the uploader now, so its start-up (a Python process importing s3fs) overlaps the write.
+        public, secret = split_secrets(options)
+        manager.remember_secret(protocol, public, secret)
+        manager.kick()
 
     def writable(self) -> bool:
         return True
@@ -110,14 +114,13 @@ class WriteBackFile(io.RawIOBase):
             fsync_dir(self.manager.journal.dir)
         except OSError as exc:
             self._fail(exc)
-        public, secret = split_secrets(self.options)
+        public, _ = split_secrets(self.options)
         self.manager.journal.add({
             "id": self.upload_id, "url": self.url, "protocol": self.protocol, "path": self.path,
             "options": public, "size": self._size, "xxh3_128": self._hasher.hexdigest(),
             "created": time.time(), "attempts": 0,
         })
         super().close()
-        self.manager.remember_secret(self.protocol, public, secret)
         self.manager.kick()
         if self.on_close is not None:
             self.on_close()

@@ -47,6 +47,7 @@ def test_flipped_byte_on_disk_is_detected_and_refetched(tmp_path, source) -> Non
     fs = make_fs(tmp_path / "c", memory_bytes=0)
     data = source.read_bytes()
     assert fs.cat_file(str(source)) == data
+    fs.engine.drain_writes()
     ref = fs.ref(str(source))
     path = fs.engine.disk.block_path(block_key(ref, 3, 64 * KiB))
     with open(path, "r+b") as fh:  # flip one payload byte
@@ -64,6 +65,7 @@ def test_truncated_block_is_never_returned(tmp_path, source) -> None:
     fs = make_fs(tmp_path / "c", memory_bytes=0)
     data = source.read_bytes()
     fs.cat_file(str(source))
+    fs.engine.drain_writes()
     path = fs.engine.disk.block_path(block_key(fs.ref(str(source)), 0, 64 * KiB))
     os.truncate(path, HEADER.size + 10)
     assert fs.cat_file(str(source), 0, 1000) == data[:1000]
@@ -74,6 +76,7 @@ def test_zstd_blocks_round_trip(tmp_path) -> None:
     src.write_bytes(b"tokens " * 200_000)
     fs = make_fs(tmp_path / "c", compression="zstd", memory_bytes=0)
     assert fs.cat_file(str(src)) == src.read_bytes()
+    fs.engine.drain_writes()
     assert fs.engine.disk.stats()["total"] < src.stat().st_size / 10
     assert fs.cat_file(str(src), 5, 300_000) == src.read_bytes()[5:300_000]
 
@@ -90,6 +93,7 @@ def test_budget_holds_under_twice_the_cache_size(tmp_path) -> None:
     for round_ in range(3):
         for p in files:
             assert fs.cat_file(str(p)) == p.read_bytes()
+            fs.engine.drain_writes()
             used = fs.engine.disk.stats()["total"]
             on_disk = sum(os.path.getsize(path) for _, path in fs.engine.disk.iter_block_files())
             assert used <= budget + block_on_disk, (round_, used)
@@ -103,10 +107,12 @@ def test_s3fifo_keeps_reread_blocks_through_a_scan(tmp_path) -> None:
     fs = make_fs(tmp_path / "c", disk_bytes=640 * KiB, memory_bytes=0)
     for _ in range(3):  # hot blocks earn frequency
         fs.cat_file(str(hot))
+        fs.engine.drain_writes()
     for i in range(6):  # a one-pass scan three times the cache size
         p = tmp_path / f"scan{i}.bin"
         p.write_bytes(os.urandom(320 * KiB))
         fs.cat_file(str(p))
+        fs.engine.drain_writes()
     before = fs.engine.counters["misses"]
     fs.cat_file(str(hot))
     assert fs.engine.counters["misses"] == before, "hot blocks were flushed by a scan"
@@ -156,7 +162,9 @@ def test_full_disk_reads_still_work_and_cache_stays_consistent(tmp_path, source,
     fs = make_fs(tiny_disk / "c", memory_bytes=0)  # default 16 GiB budget: the file system fills first
     data = source.read_bytes()
     assert fs.cat_file(str(source)) == data  # blocks that do not fit are served, not cached
+    fs.engine.drain_writes()
     assert fs.cat_file(str(source)) == data
+    fs.engine.drain_writes()
     assert not os.listdir(tiny_disk / "c" / "tmp"), "partial temp blocks left behind"
     assert fs.engine.disk.verify() == []
     fs.engine.disk.flush_hits()

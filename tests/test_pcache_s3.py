@@ -85,6 +85,7 @@ def test_cached_data_survives_origin_outage(tmp_path, s3_server, s3_options, buc
     fs = make_fs(tmp_path, s3_options, memory_bytes=0, retry_attempts=2, retry_base_delay=0.01,
                  metadata_ttl=3600)
     assert fs.cat_file(url) == expected
+    fs.engine.drain_writes()
     fs.info(f"{bucket}/data/cold.bin")
     s3_server.stop()
     try:

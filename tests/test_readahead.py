@@ -83,6 +83,7 @@ def test_disk_tier_read_and_readinto_match(tmp_path_factory, start: int, size: i
     fs = fsspec.filesystem("pcache", target_protocol="file", cache_dir=str(base / f"c{memory}"),
                            block_size=BLOCK, memory_bytes=memory, skip_instance_cache=True)
     fs.cat_file(str(src))  # warm the disk tier
+    fs.engine.drain_writes()
     with fs.open(str(src)) as f:
         f.seek(start)
         assert f.read(size) == data[start:start + size]
