@@ -165,7 +165,11 @@ class BlockCache:
             block = self.get_block(obj, first, fetch)
             lo = start - first * bs
             return block if lo == 0 and end - start == len(block) else block[lo:end - first * bs]
-        if self.memory.capacity_bytes == 0:
+        in_memory = all(block_key(obj, i, bs) in self.memory for i in range(first, last + 1))
+        if not in_memory:
+            # A multi-block read from disk is scan-like: serve it from scratch buffers and do not
+            # promote it into the memory tier, where it would evict hot blocks (single-block reads and
+            # origin fetches still fill the memory tier).
             local = self._local_range(obj, first, last, start, end)
             if local is not None:
                 return local
@@ -223,8 +227,8 @@ class BlockCache:
     def _local_range(self, obj: ObjectRef, first: int, last: int, start: int, end: int) -> bytes | None:
         """Assemble a range whose blocks are all on local disk, verifying each in a scratch buffer.
 
-        Used when no memory tier would keep the blocks: the only allocation is the result, as with a
-        plain ``pread``. Returns None (caller takes the general path) if any block is missing or bad.
+        The only allocation is the result, as with a plain ``pread``. Returns None (the caller takes the
+        general path) if any block is missing from disk or fails its checksum.
         """
         if last - first + 1 > 64:
             return None
