@@ -14,7 +14,7 @@ from __future__ import annotations
 from pcache.config import CacheConfig
 from pcache.engine import ObjectRef
 from pcache.errors import CacheFullError, ConfigError, OriginUnavailableError, UploadError
-from pcache.fs import PCacheFile, PCacheFileSystem, all_filesystems, all_writebacks
+from pcache.fs import PCacheFile, PCacheFileSystem, all_filesystems, all_writebacks, get_writeback
 
 __all__ = [
     "CacheConfig",
@@ -35,16 +35,20 @@ def _origin_url(prefix: str) -> str:
     return prefix.split("::")[-1].replace("pcache://", "", 1).rstrip("/")
 
 
-def flush(prefix: str | None = None, timeout: float | None = None) -> None:
+def flush(prefix: str | None = None, timeout: float | None = None, cache_dir: str | None = None) -> None:
     """Block until every write-back file under ``prefix`` (all when None) is durable at the origin.
 
-    Covers every ``cache_dir`` used in this process. ``prefix`` is an origin URL such as
-    ``s3://bucket/ckpt/step100`` (a ``pcache::`` prefix is accepted too).
+    Covers every ``cache_dir`` used in this process, plus ``cache_dir`` if given (so a restarted
+    process can finish what a killed one left in the journal; credentials then come from the
+    environment). ``prefix`` is an origin URL such as ``s3://bucket/ckpt/step100`` (a ``pcache::``
+    prefix is accepted too).
 
     Raises:
         TimeoutError: if ``timeout`` seconds pass first.
         UploadError: if an upload failed for good; the file stays staged and journaled.
     """
+    if cache_dir is not None:
+        get_writeback(CacheConfig.load(cache_dir=cache_dir))
     for wb in all_writebacks():
         wb.wait(_origin_url(prefix) if prefix else None, timeout)
 
