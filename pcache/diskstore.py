@@ -26,6 +26,7 @@ import lmdb
 
 from pcache._util.checksum import block_checksum
 from pcache._util.files import unlink_quiet, write_all
+from pcache._util.lmdb_env import open_env
 from pcache._util.log import get_logger
 from pcache.errors import CacheFullError
 from pcache.eviction import S3Fifo
@@ -35,7 +36,10 @@ log = get_logger(__name__)
 HEADER = struct.Struct("<4sB3xQQQ")
 MAGIC = b"PCB1"
 FLAG_ZSTD = 1
+# Hits reach the shared index with the process's next write, or after this many keys or seconds, so
+# a read-only process's hits still count for eviction.
 _HIT_FLUSH_EVERY = 4096
+_HIT_FLUSH_SECONDS = 2.0
 
 
 class _Opened(NamedTuple):
@@ -87,14 +91,13 @@ class DiskStore:
             os.makedirs(d, exist_ok=True)
         # The index is a cache of what is on disk, rebuildable by gc(), so it skips fsync (kill -9 safe;
         # a power loss may undo the last transactions, which only leaves unaccounted files for gc).
-        self.env = lmdb.open(
-            os.path.join(cache_dir, "index"), map_size=1 << 30, max_dbs=8, sync=False,
-            metasync=False, readahead=False, max_readers=1024,
-        )
+        self.env = open_env(os.path.join(cache_dir, "index"), map_size=1 << 30, max_dbs=8, sync=False,
+                            metasync=False, readahead=False, max_readers=1024)
         self.fifo = S3Fifo(self.env)
         self._hits: dict[bytes, int] = {}
         self._stats: dict[str, int] = {}
         self._hits_lock = threading.Lock()
+        self._last_flush = time.monotonic()
 
     # -- paths and encoding -----------------------------------------------------------------------
     def block_path(self, key: bytes) -> str:
@@ -183,9 +186,10 @@ class DiskStore:
         self.drop(key)
 
     def _note_hit(self, key: bytes) -> None:
+        now = time.monotonic()
         with self._hits_lock:
             self._hits[key] = self._hits.get(key, 0) + 1
-            flush = len(self._hits) >= _HIT_FLUSH_EVERY
+            flush = len(self._hits) >= _HIT_FLUSH_EVERY or now - self._last_flush >= _HIT_FLUSH_SECONDS
         if flush:
             self.flush_hits()
 
@@ -204,6 +208,7 @@ class DiskStore:
 
     def flush_hits(self) -> None:
         """Apply batched hit and stat counts to the shared index (done on writes, so reads never write)."""
+        self._last_flush = time.monotonic()
         if self._hits or self._stats:
             try:
                 with self.env.begin(write=True) as txn:
@@ -332,5 +337,5 @@ class DiskStore:
         return {"removed_tmp": removed_tmp, "forgotten": forgotten, "adopted": adopted, "evicted": evicted}
 
     def close(self) -> None:
+        """Record batched hits; the shared LMDB handle stays open for the process's other users."""
         self.flush_hits()
-        self.env.close()

@@ -7,6 +7,8 @@ that names the same directory shares its memory tier, fetch threads and in-fligh
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import io
 import os
 import threading
@@ -66,9 +68,12 @@ class BlockCache:
         self._write_budget = threading.BoundedSemaphore(max(1, config.max_inflight_bytes // self.block_size))
         self.counters = {"hits_memory": 0, "hits_disk": 0, "misses": 0, "origin_bytes": 0}
         self._tls = threading.local()
+        self._counters_lock = threading.Lock()
+        self._drain_lock = threading.Lock()
 
     def _count(self, name: str, delta: int = 1) -> None:
-        self.counters[name] += delta
+        with self._counters_lock:
+            self.counters[name] += delta
         self.disk.note_stat(name, delta)
 
     # -- single blocks ---------------------------------------------------------------------------
@@ -141,12 +146,17 @@ class BlockCache:
             self._write_budget.release()
 
     def drain_writes(self) -> None:
-        """Wait until every write-behind block is on disk."""
+        """Wait until every write-behind block is on disk (safe to call from several threads)."""
         slots = max(1, self.config.max_inflight_bytes // self.block_size)
-        for _ in range(slots):
-            self._write_budget.acquire()
-        for _ in range(slots):
-            self._write_budget.release()
+        with self._drain_lock:  # two drains each holding part of the slots would wait forever
+            for _ in range(slots):
+                self._write_budget.acquire()
+            for _ in range(slots):
+                self._write_budget.release()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: release what the parent's threads held; the child builds a new engine."""
+        self.locks.forget_after_fork()  # (LMDB handles are dropped by pcache._util.lmdb_env)
 
     def contains(self, obj: ObjectRef, index: int) -> bool:
         """Return True if the block is in memory or on disk (no checksum verification)."""
@@ -301,15 +311,40 @@ class BlockCache:
         self.disk.close()
 
 
-_ENGINES: dict[tuple[str, int], BlockCache] = {}
+_ENGINES: dict[str, BlockCache] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
 def get_engine(config: CacheConfig, reserved: Callable[[], int] | None = None) -> BlockCache:
-    """Return this process's engine for ``config.cache_dir`` (created on first use, and after fork)."""
-    key = (config.cache_dir, os.getpid())
+    """Return this process's engine for ``config.cache_dir`` (created on first use, and after fork).
+
+    The first config seen for a directory in a process wins; a later one that differs only gets a
+    warning, since one directory has one memory tier and one fetch pool per process.
+    """
     with _ENGINES_LOCK:
-        engine = _ENGINES.get(key)
+        engine = _ENGINES.get(config.cache_dir)
         if engine is None:
-            engine = _ENGINES[key] = BlockCache(config, reserved=reserved)
+            engine = _ENGINES[config.cache_dir] = BlockCache(config, reserved=reserved)
+        elif engine.config != config:
+            log.warning("cache_dir %s is already open in this process with other settings; using those",
+                        config.cache_dir)
         return engine
+
+
+def _forget_engines_after_fork() -> None:
+    # Threads do not survive fork; locks, LMDB handles and sockets must not be shared with the parent.
+    global _ENGINES_LOCK
+    _ENGINES_LOCK = threading.Lock()  # another thread may have held it at the fork
+    for engine in _ENGINES.values():
+        engine.forget_after_fork()
+    _ENGINES.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_after_fork)
+
+
+@atexit.register
+def _flush_hits_at_exit() -> None:
+    for engine in list(_ENGINES.values()):
+        with contextlib.suppress(Exception):  # best effort at interpreter exit
+            engine.disk.flush_hits()

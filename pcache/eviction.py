@@ -129,15 +129,15 @@ class S3Fifo:
         return victims
 
     def _head(self, txn: Any, queue: int) -> tuple[bytes, Entry] | None:
-        with txn.cursor(db=self.queues[queue]) as cur:
-            if not cur.first():
-                return None
-            key = cur.value()
-        entry = self.get(txn, key)
-        if entry is None:  # dangling queue slot: repair and move on
-            txn.delete(cur.key(), db=self.queues[queue])
-            return self._head(txn, queue)
-        return key, entry
+        while True:
+            with txn.cursor(db=self.queues[queue]) as cur:
+                if not cur.first():
+                    return None
+                slot, key = cur.key(), cur.value()
+            entry = self.get(txn, key)
+            if entry is not None and _seq_key(entry.seq) == slot:
+                return key, entry
+            txn.delete(slot, db=self.queues[queue])  # dangling or stale slot: repair and look again
 
     def _evict_one(self, txn: Any, budget: int) -> bytes | None:
         while True:

@@ -23,7 +23,7 @@ from pcache.engine import BlockCache, ObjectRef, get_engine
 from pcache.origin import Origin
 from pcache.writeback import WriteBack, WriteBackFile
 
-_WRITEBACKS: dict[tuple[str, int], WriteBack] = {}
+_WRITEBACKS: dict[str, WriteBack] = {}
 _REGISTRY_LOCK = threading.Lock()
 # Keyed by id(): fsspec computes an instance's hash only after __init__ returns.
 _INSTANCES: weakref.WeakValueDictionary[int, PCacheFileSystem] = weakref.WeakValueDictionary()
@@ -31,18 +31,28 @@ _INSTANCES: weakref.WeakValueDictionary[int, PCacheFileSystem] = weakref.WeakVal
 
 def get_writeback(config: CacheConfig) -> WriteBack:
     """Return this process's write-back manager for ``config.cache_dir``."""
-    key = (config.cache_dir, os.getpid())
     with _REGISTRY_LOCK:
-        wb = _WRITEBACKS.get(key)
+        wb = _WRITEBACKS.get(config.cache_dir)
         if wb is None:
-            wb = _WRITEBACKS[key] = WriteBack(config)
+            wb = _WRITEBACKS[config.cache_dir] = WriteBack(config)
         return wb
 
 
 def all_writebacks() -> list[WriteBack]:
     """Write-back managers created in this process."""
     with _REGISTRY_LOCK:
-        return [wb for (_, pid), wb in _WRITEBACKS.items() if pid == os.getpid()]
+        return list(_WRITEBACKS.values())
+
+
+def _forget_writebacks_after_fork() -> None:
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()
+    for wb in _WRITEBACKS.values():
+        wb.forget_after_fork()
+    _WRITEBACKS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_writebacks_after_fork)
 
 
 def all_filesystems() -> list[PCacheFileSystem]:
@@ -106,8 +116,6 @@ class PCacheFileSystem(ChainedFileSystem):
         proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self.target_protocol = "s3" if proto in ("s3", "s3a") else proto
         self.config = CacheConfig.load(config_file, **cache_options)
-        self.engine: BlockCache = get_engine(self.config, reserved=lambda: self.writeback.journal.pending_bytes())
-        self.writeback: WriteBack = get_writeback(self.config)
         policy = RetryPolicy(attempts=self.config.retry_attempts, base_delay=self.config.retry_base_delay)
         endpoint = _endpoint_of(self.target_options) or (os.environ.get("AWS_ENDPOINT_URL", "")
                                                          if self.target_protocol == "s3" else "")
@@ -115,6 +123,17 @@ class PCacheFileSystem(ChainedFileSystem):
                              self.config.metadata_ttl)
         self.fs = fs
         _INSTANCES[id(self)] = self
+
+    @property
+    def engine(self) -> BlockCache:
+        """This process's block cache for the directory (resolved per process: fork-safe)."""
+        config = self.config
+        return get_engine(config, reserved=lambda: get_writeback(config).journal.pending_bytes())
+
+    @property
+    def writeback(self) -> WriteBack:
+        """This process's write-back manager for the directory (resolved per process: fork-safe)."""
+        return get_writeback(self.config)
 
     @classmethod
     def _strip_protocol(cls, path: Any) -> Any:
@@ -157,7 +176,9 @@ class PCacheFileSystem(ChainedFileSystem):
               cache_options: Any = None, **kwargs: Any) -> Any:
         target = self._target_path(path)
         url = self.origin.url(target)
-        if "r" in mode:
+        if mode not in ("rb", "wb"):
+            raise ValueError(f"pcache supports modes 'rb' and 'wb', not {mode!r} (path {url})")
+        if mode == "rb":
             staged = self.writeback.staged_path(url)
             if staged is not None:
                 try:
@@ -165,10 +186,8 @@ class PCacheFileSystem(ChainedFileSystem):
                 except FileNotFoundError:
                     pass
             return PCacheFile(self, target, self.origin.ref(target))
-        if "w" in mode:
-            return WriteBackFile(self.writeback, url, self.target_protocol, target, self.target_options,
-                                 on_close=lambda: self.origin.invalidate(target))
-        raise ValueError(f"pcache supports modes 'rb' and 'wb', not {mode!r} (path {url})")
+        return WriteBackFile(self.writeback, url, self.target_protocol, target, self.target_options,
+                             on_close=lambda: self.origin.invalidate(target))
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         with self._open(path, "rb") as f:
@@ -185,7 +204,8 @@ class PCacheFileSystem(ChainedFileSystem):
 
     def commit(self, prefix: str, timeout: float | None = None) -> str:
         """Flush ``prefix``, then write its ``_COMMITTED`` marker; return the marker's URL."""
-        return self.writeback.commit(self.url(prefix), self.fs, self._target_path(prefix), timeout)
+        return self.writeback.commit(self.url(prefix), self.fs, self._target_path(prefix), timeout,
+                                     others=all_writebacks())
 
 
 class PCacheFile(io.RawIOBase):
@@ -195,7 +215,6 @@ class PCacheFile(io.RawIOBase):
         super().__init__()
         self.fs, self.path, self.ref = fs, path, ref
         self.size = ref.size
-        self._engine = fs.engine
         self._fetch = fs.origin.fetcher(path, ref.version)
         self._pos = 0
         self._expected = -1
@@ -224,10 +243,10 @@ class PCacheFile(io.RawIOBase):
         limit = self.fs.config.readahead_blocks
         if self._streak == 0 or limit == 0 or end >= self.size:
             return
-        bs = self._engine.block_size
+        bs = self.fs.engine.block_size
         window = min(limit, 2 ** min(self._streak, 16))
         nxt = (end - 1) // bs + 1
-        self._engine.prefetch(self.ref, range(nxt, nxt + window), self._fetch)
+        self.fs.engine.prefetch(self.ref, range(nxt, nxt + window), self._fetch)
 
     def read(self, size: int | None = -1) -> bytes:
         if self.closed:
@@ -237,7 +256,7 @@ class PCacheFile(io.RawIOBase):
         if start >= end:
             return b""
         self._readahead(start, end)
-        data = self._engine.get_range(self.ref, start, end, self._fetch)
+        data = self.fs.engine.get_range(self.ref, start, end, self._fetch)
         self._pos = end
         return data
 
@@ -248,6 +267,6 @@ class PCacheFile(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         start = self._pos
         self._readahead(start, min(self.size, start + len(view)))
-        count = self._engine.readinto(self.ref, start, view, self._fetch)
+        count = self.fs.engine.readinto(self.ref, start, view, self._fetch)
         self._pos += count
         return count

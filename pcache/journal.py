@@ -17,10 +17,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import lmdb
+from pcache._util.lmdb_env import open_env
 
-_SECRET_NAMES = {"key", "secret", "token", "password", "passwd", "session_token", "anon_key"}
-_SECRET_PARTS = ("secret", "token", "password", "credential", "access_key", "private")
+# Over-matching is the safe side: an option wrongly treated as secret is only kept out of the journal
+# (the uploader then takes it from the environment), while a missed one would land on disk.
+_SECRET_NAMES = {"sas", "passwd"}
+_SECRET_PARTS = ("key", "secret", "token", "password", "credential", "private", "authorization",
+                 "connection_string", "signature", "cookie")
 
 
 def is_secret_option(name: str) -> bool:
@@ -76,18 +79,14 @@ class Journal:
     def __init__(self, cache_dir: str) -> None:
         self.dir = os.path.join(cache_dir, "writeback")
         os.makedirs(self.dir, exist_ok=True)
-        self.env = lmdb.open(os.path.join(cache_dir, "journal"), map_size=1 << 30, max_dbs=4, sync=True,
-                             metasync=True, max_readers=1024)
+        self.env = open_env(os.path.join(cache_dir, "journal"), map_size=1 << 30, max_dbs=4, sync=True,
+                            metasync=True, max_readers=1024)
         self.pending_db = self.env.open_db(b"pending")
         self.done_db = self.env.open_db(b"done")
 
     def data_path(self, upload_id: str) -> str:
         """Where the staged bytes of ``upload_id`` live."""
         return os.path.join(self.dir, f"{upload_id}.data")
-
-    def lock_path(self, upload_id: str) -> str:
-        """The flock file an uploader holds while it works on ``upload_id``."""
-        return os.path.join(self.dir, f"{upload_id}.lock")
 
     def add(self, entry: dict[str, Any]) -> None:
         """Record a staged file (durably; the data file must already be fsynced and renamed)."""
@@ -111,7 +110,7 @@ class Journal:
                 return
             entry = json.loads(raw)
             done = {"size": entry["size"], "xxh3_128": entry["xxh3_128"], "etag": etag,
-                    "completed": time.time()}
+                    "created": entry["created"], "completed": time.time()}
             txn.put(entry["url"].encode(), json.dumps(done).encode(), db=self.done_db)
             txn.delete(upload_id.encode(), db=self.pending_db)
 
@@ -122,9 +121,24 @@ class Journal:
         return sorted((e for e in entries if under_prefix(e["url"], prefix)), key=lambda e: e["created"])
 
     def pending_for_url(self, url: str) -> dict[str, Any] | None:
-        """Return the newest pending entry for exactly ``url``, if any."""
+        """Return the newest pending entry for exactly ``url``, unless a newer write is already uploaded."""
         matches = [e for e in self.pending(url) if e["url"] == url]
-        return matches[-1] if matches else None
+        if not matches:
+            return None
+        with self.env.begin() as txn:
+            raw = txn.get(url.encode(), db=self.done_db)
+        done_created = json.loads(raw).get("created", 0.0) if raw is not None else -1.0
+        return matches[-1] if matches[-1]["created"] > done_created else None
+
+    def is_superseded(self, entry: dict[str, Any]) -> bool:
+        """True when a newer write of the same URL is pending or already uploaded."""
+        newest = self.pending_for_url(entry["url"])
+        return newest is None or newest["id"] != entry["id"]
+
+    def supersede(self, entry_id: str) -> None:
+        """Drop a pending entry that a newer write of its URL replaces (it is never uploaded)."""
+        with self.env.begin(write=True) as txn:
+            txn.delete(entry_id.encode(), db=self.pending_db)
 
     def pending_bytes(self) -> int:
         """Bytes staged and not yet durable at the origin (never evicted)."""
@@ -138,24 +152,32 @@ class Journal:
             if under_prefix(url, prefix):
                 yield url, rec
 
-    def remove_orphans(self, tmp_age_s: float = 3600.0) -> int:
-        """Delete staged files no pending entry refers to, and stale ``.tmp`` files of killed writers.
+    def get(self, entry_id: str) -> dict[str, Any] | None:
+        """Return the pending entry ``entry_id``, or None once it is done or superseded."""
+        with self.env.begin() as txn:
+            raw = txn.get(entry_id.encode(), db=self.pending_db)
+        return json.loads(raw) if raw is not None else None
 
-        A ``.tmp`` file belongs to a writer whose ``close()`` never returned, so no caller was told it
-        was saved; it is removed once older than ``tmp_age_s`` (a live writer touches it as it writes).
+    def remove_orphans(self, age_s: float = 3600.0) -> int:
+        """Delete staged files that no pending entry refers to, once older than ``age_s`` seconds.
+
+        The age guard matters: a writer renames its ``.data`` file into place *before* its journal
+        entry commits, and a ``.tmp`` file belongs to a writer whose ``close()`` has not returned (small
+        files sit in the writer's buffer until then, so their mtime says little). Each candidate is
+        re-checked against the journal just before it is unlinked.
         """
-        live = {e["id"] for e in self.pending()}
         removed = 0
         now = time.time()
         for name in os.listdir(self.dir):
-            path = os.path.join(self.dir, name)
             stem, _, ext = name.partition(".")
+            if ext not in ("data", "tmp"):
+                continue
+            path = os.path.join(self.dir, name)
             try:
-                stale = (ext == "data" and stem not in live) or (
-                    ext == "tmp" and now - os.stat(path).st_mtime > tmp_age_s)
-                if stale:
-                    os.unlink(path)
-                    removed += 1
+                if now - os.stat(path).st_mtime <= age_s or self.get(stem) is not None:
+                    continue
+                os.unlink(path)
+                removed += 1
             except FileNotFoundError:
                 continue
         return removed

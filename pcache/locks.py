@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -27,22 +27,54 @@ class StripeLocks:
         self.lock_dir = lock_dir
         self.n_stripes = n_stripes
         os.makedirs(lock_dir, exist_ok=True)
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
+
+    def _open(self, key: bytes) -> int:
+        stripe = int.from_bytes(key[:4], "little") % self.n_stripes
+        return os.open(os.path.join(self.lock_dir, f"{stripe:04x}"), os.O_RDWR | os.O_CREAT, 0o600)
 
     def acquire(self, key: bytes) -> int:
         """Take the stripe lock for ``key`` (blocking); return the descriptor to pass to :meth:`release`."""
-        stripe = int.from_bytes(key[:4], "little") % self.n_stripes
-        fd = os.open(os.path.join(self.lock_dir, f"{stripe:04x}"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._open(key)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
             os.close(fd)
             raise
+        with self._held_lock:
+            self._held.add(fd)
         return fd
 
-    @staticmethod
-    def release(fd: int) -> None:
+    def try_acquire(self, key: bytes) -> int | None:
+        """Take the stripe lock for ``key`` if it is free; return its descriptor, or None if held."""
+        fd = self._open(key)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        with self._held_lock:
+            self._held.add(fd)
+        return fd
+
+    def release(self, fd: int) -> None:
         """Release a lock taken with :meth:`acquire` (closing the descriptor drops the flock)."""
+        with self._held_lock:
+            self._held.discard(fd)
         os.close(fd)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: close the inherited descriptors of locks the parent held.
+
+        An inherited descriptor shares the parent's open file description, so while the child keeps it
+        open the flock stays held even after the parent releases it.
+        """
+        with self._held_lock:
+            held, self._held = self._held, set()
+        for fd in held:
+            with suppress(OSError):
+                os.close(fd)
 
     @contextmanager
     def hold(self, key: bytes) -> Iterator[None]:

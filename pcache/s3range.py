@@ -13,6 +13,7 @@ mixed into an older version: the origin answers 412 and the reader gets :class:`
 from __future__ import annotations
 
 import http.client
+import os
 import ssl
 import threading
 import time
@@ -55,7 +56,11 @@ class S3RangeReader:
         return url
 
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
-        conns: dict[tuple[str, str], http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
+        if self._local.__dict__.get("pid") != os.getpid():
+            # A forked child must not share the parent's keep-alive sockets: drop them (without closing,
+            # which would only close the child's copy anyway) and connect afresh.
+            self._local.__dict__.update(pid=os.getpid(), conns={})
+        conns: dict[tuple[str, str], http.client.HTTPConnection] = self._local.__dict__["conns"]
         conn = conns.get((scheme, netloc))
         if conn is None:
             if scheme == "https":
@@ -92,9 +97,8 @@ class S3RangeReader:
                 self._drop(parts.scheme, parts.netloc)
                 raise ConnectionError(f"GET {url} bytes {start}-{end - 1}: {exc!r}") from exc
             if resp.status in (200, 206):
-                if resp.status == 200 and start > 0:
-                    body = body[start:end]
-                return body
+                # A server may ignore Range and send the whole object (200): cut out what was asked.
+                return body[start:end] if resp.status == 200 else body
             if resp.status == 403 and attempt == 0:
                 continue  # the signature may have expired: presign again once
             if resp.status == 404:

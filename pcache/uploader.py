@@ -10,7 +10,6 @@ so several uploaders (a respawned one, a ``pcache flush``) never send the same f
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import xxhash
 from fsspec.asyn import sync
 
 from pcache._util.files import unlink_quiet
@@ -27,6 +27,7 @@ from pcache._util.retry import RetryPolicy, retry_call
 from pcache.config import CacheConfig
 from pcache.fs import build_target_fs
 from pcache.journal import Journal, merge_options, options_fingerprint
+from pcache.locks import StripeLocks
 
 log = get_logger("pcache.uploader")
 
@@ -48,6 +49,7 @@ class Uploader:
         self.journal = Journal(config.cache_dir)
         self.secrets = secrets or {}
         self.policy = RetryPolicy(attempts=config.retry_attempts, base_delay=config.retry_base_delay)
+        self.url_locks = StripeLocks(os.path.join(self.journal.dir, "locks"), n_stripes=256)
         self._fs: dict[str, Any] = {}
 
     def _filesystem(self, entry: dict[str, Any]) -> Any:
@@ -60,33 +62,41 @@ class Uploader:
         return self._fs[fp]
 
     def upload_one(self, entry: dict[str, Any]) -> bool | None:
-        """Upload one entry unless another uploader holds it.
+        """Upload one entry unless another uploader is working on its URL.
+
+        Uploads of one URL are serialised (a stripe lock on the URL, across processes) and only the
+        newest write of a URL is ever sent: an older entry is superseded, so a slow or retried old
+        write can never overwrite a newer one at the origin.
 
         Returns:
-            True when it is durable at the origin, False when the upload failed, None when busy elsewhere.
+            True when it is durable at the origin (or superseded), False when the upload failed, None
+            when another uploader holds its URL.
         """
-        lock_fd = os.open(self.journal.lock_path(entry["id"]), os.O_RDWR | os.O_CREAT, 0o600)
+        lock = self.url_locks.try_acquire(xxhash.xxh3_64_digest(entry["url"].encode()))
+        if lock is None:
+            return None
         try:
+            current = self.journal.get(entry["id"])
+            if current is None:
+                return True  # finished or superseded by another uploader meanwhile
+            if self.journal.is_superseded(current):
+                self.journal.supersede(current["id"])
+                unlink_quiet(self.journal.data_path(current["id"]))
+                log.info("skipped %s: superseded by a newer write", current["url"], extra={"url": current["url"]})
+                return True
             try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return None
-            if self.journal.pending_for_url(entry["url"]) is None:
-                return True  # another uploader finished it meanwhile
-            try:
-                etag = self._send(entry)
+                etag = self._send(current)
             except Exception as exc:  # noqa: BLE001 - recorded, and the entry stays pending
-                self.journal.update(entry["id"], last_error=f"{type(exc).__name__}: {exc}"[:500],
-                                    attempts=entry.get("attempts", 0) + 1)
-                log.error("upload of %s failed: %s", entry["url"], exc, extra={"url": entry["url"]})
+                self.journal.update(current["id"], last_error=f"{type(exc).__name__}: {exc}"[:500],
+                                    attempts=current.get("attempts", 0) + 1)
+                log.error("upload of %s failed: %s", current["url"], exc, extra={"url": current["url"]})
                 return False
-            self.journal.complete(entry["id"], etag)
-            unlink_quiet(self.journal.data_path(entry["id"]))
-            log.info("uploaded %s (%d bytes)", entry["url"], entry["size"], extra={"url": entry["url"]})
+            self.journal.complete(current["id"], etag)
+            unlink_quiet(self.journal.data_path(current["id"]))
+            log.info("uploaded %s (%d bytes)", current["url"], current["size"], extra={"url": current["url"]})
             return True
         finally:
-            os.close(lock_fd)
-            unlink_quiet(self.journal.lock_path(entry["id"]))
+            self.url_locks.release(lock)
 
     def _send(self, entry: dict[str, Any]) -> str | None:
         fs = self._filesystem(entry)

@@ -42,6 +42,7 @@ class WriteBackFile(io.RawIOBase):
     def __init__(self, manager: WriteBack, url: str, protocol: str, path: str, options: dict[str, Any],
                  on_close: Any = None) -> None:
         super().__init__()
+        self._fd, self._size = -1, 0  # set first: __del__ must work even if os.open below fails
         self.manager, self.url, self.protocol, self.path = manager, url, protocol, path
         self.options = options
         self.on_close = on_close
@@ -94,6 +95,13 @@ class WriteBackFile(io.RawIOBase):
         unlink_quiet(self._tmp)
         super().close()
 
+    def __del__(self) -> None:
+        # io.IOBase.__del__ would close() -- i.e. commit and upload -- a file its writer abandoned
+        # (a save that crashed without a with-block). Never publish a partial checkpoint.
+        if not self.closed:
+            log.warning("write-back file %s was never closed; discarding %d staged bytes", self.url, self._size)
+            self.discard()
+
     def __exit__(self, exc_type: Any, *rest: Any) -> None:
         if exc_type is not None:
             self.discard()
@@ -136,6 +144,10 @@ class WriteBack:
         self._proc: subprocess.Popen[bytes] | None = None
         self._proc_secrets: set[str] = set()
         self._lock = threading.Lock()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: forget the parent's uploader process (the child spawns its own if needed)."""
+        self._proc = None
 
     def remember_secret(self, protocol: str, public: dict[str, Any], secret: dict[str, Any]) -> None:
         """Keep credentials in memory only, for the uploader process this one spawns."""
@@ -192,20 +204,30 @@ class WriteBack:
                                    f"after {timeout}s, e.g. {pending[0]['url']}")
             time.sleep(0.05)
 
-    def commit(self, prefix: str, fs: Any, path_prefix: str, timeout: float | None = None) -> str:
+    def commit(self, prefix: str, fs: Any, path_prefix: str, timeout: float | None = None,
+               others: list[WriteBack] | None = None) -> str:
         """Write ``<prefix>/_COMMITTED`` once every file under ``prefix`` is durable; return its URL.
+
+        Waits on this manager and on ``others`` (every cache directory of the process), so a file staged
+        in any of them keeps the marker back. Files staged on *other nodes* are not visible here: a
+        multi-node checkpoint needs a barrier (every rank flushed) before one rank commits.
 
         The marker is a JSON manifest of the prefix at the origin (path, size, ETag, and the xxh3-128
         of every file uploaded through this cache).
         """
-        self.wait(prefix, timeout)
-        if self.journal.pending(prefix):  # re-check: never write a marker over pending data
-            raise UploadError(prefix, "files still pending after flush")
+        managers = [self, *(m for m in (others or []) if m is not self)]
+        for manager in managers:
+            manager.wait(prefix, timeout)
+        for manager in managers:  # re-check: never write a marker over pending data
+            if manager.journal.pending(prefix):
+                raise UploadError(prefix, f"files still pending under it in {manager.config.cache_dir}")
+        hashes: dict[str, dict[str, Any]] = {}
+        for manager in managers:
+            hashes.update(manager.journal.done(prefix))
         policy = RetryPolicy(attempts=self.config.retry_attempts, base_delay=self.config.retry_base_delay)
         base = path_prefix.rstrip("/")
         fs.invalidate_cache(base)
         listing = retry_call(lambda: fs.find(base, detail=True), url=prefix, policy=policy)
-        hashes = dict(self.journal.done(prefix))
         files = []
         for name, info in sorted(listing.items()):
             rel = name[len(base):].lstrip("/")

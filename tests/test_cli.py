@@ -64,9 +64,14 @@ def test_warm_stat_verify_gc(tmp_path, s3_server, s3_options, bucket) -> None:
     os.utime(stale, (0, 0))
     orphan = tmp_path / "c" / "writeback" / "deadbeef.data"
     orphan.write_bytes(b"y")
+    os.utime(orphan, (0, 0))
+    # A writer renames its .data file into place just before its journal entry commits: a fresh
+    # staged file without an entry may be exactly that, and must survive gc.
+    in_flight = tmp_path / "c" / "writeback" / "c0ffee.data"
+    in_flight.write_bytes(b"z")
     gc = json.loads(run_cli("gc", "--cache-dir", cache, "--json", env=env).stdout)
     assert gc["removed_tmp"] == 1 and gc["orphan_staged"] == 1
-    assert not stale.exists() and not orphan.exists()
+    assert not stale.exists() and not orphan.exists() and in_flight.exists()
     # Warm again: only the dropped block comes from the origin.
     run_cli("warm", "--cache-dir", cache, f"s3://{bucket}/ds/", env=env)
     assert json.loads(run_cli("stat", "--cache-dir", cache, "--json", env=env).stdout)["misses"] == 10

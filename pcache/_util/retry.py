@@ -6,6 +6,7 @@ in one place.
 
 from __future__ import annotations
 
+import errno
 import random
 import time
 from collections.abc import Callable
@@ -49,8 +50,14 @@ class RetryPolicy:
 
 
 def is_permanent(exc: BaseException) -> bool:
-    """Return True for errors that retrying cannot fix (missing object, bad request, no access)."""
-    return isinstance(exc, _PERMANENT) and not isinstance(exc, (TimeoutError, ConnectionError))
+    """Return True for errors that retrying cannot fix (missing object, bad request, no access).
+
+    s3fs reports S3's InvalidArgument, InvalidRange, MalformedXML and EntityTooSmall as
+    ``OSError(EINVAL)``: a bad request, not an outage.
+    """
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return False
+    return isinstance(exc, _PERMANENT) or (isinstance(exc, OSError) and exc.errno == errno.EINVAL)
 
 
 def retry_call(
