@@ -29,6 +29,9 @@ log = get_logger(__name__)
 
 Fetch = Callable[[int, int], bytes]
 
+# Reads of up to this many blocks from disk use per-thread scratch buffers (32 MiB at 4 MiB blocks).
+_MAX_SCRATCH_BLOCKS = 8
+
 
 @dataclass(frozen=True)
 class ObjectRef:
@@ -240,8 +243,8 @@ class BlockCache:
         The only allocation is the result, as with a plain ``pread``. Returns None (the caller takes the
         general path) if any block is missing from disk or fails its checksum.
         """
-        if last - first + 1 > 64:
-            return None
+        if last - first + 1 > _MAX_SCRATCH_BLOCKS:
+            return None  # bounded per-thread scratch memory; larger reads stream through _copy_blocks
         bs = self.block_size
         views = []
         for n, buf in enumerate(self._scratch(last - first + 1)[: last - first + 1]):
@@ -325,7 +328,7 @@ def get_engine(config: CacheConfig, reserved: Callable[[], int] | None = None) -
         engine = _ENGINES.get(config.cache_dir)
         if engine is None:
             engine = _ENGINES[config.cache_dir] = BlockCache(config, reserved=reserved)
-        elif engine.config != config:
+        elif engine.config is not config and engine.config != config:
             log.warning("cache_dir %s is already open in this process with other settings; using those",
                         config.cache_dir)
         return engine

@@ -161,7 +161,8 @@ class WriteBack:
             if alive and set(self._secrets) <= self._proc_secrets:
                 return
             log_path = os.path.join(self.config.cache_dir, "uploader.log")
-            with open(log_path, "ab") as log_fh:
+            # Owner-only: at DEBUG level botocore logs request headers.
+            with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log_fh:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "pcache.uploader", "--stdin-json"], stdin=subprocess.PIPE,
                     stdout=log_fh, stderr=log_fh, close_fds=True,
