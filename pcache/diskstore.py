@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import lmdb
@@ -50,15 +49,6 @@ class _Opened(NamedTuple):
     raw_len: int
     stored_len: int
     checksum: int
-
-
-@dataclass(frozen=True)
-class DiskUsage:
-    """A snapshot of the disk tier."""
-
-    blocks: int
-    bytes: int
-    budget: int
 
 
 class DiskStore:
@@ -283,9 +273,6 @@ class DiskStore:
             out["blocks"] = txn.stat(self.fifo.blocks)["entries"]
         return out
 
-    def usage(self) -> DiskUsage:
-        s = self.stats()
-        return DiskUsage(blocks=s["blocks"], bytes=s["total"], budget=self.budget_bytes)
 
     def iter_block_files(self) -> Iterator[tuple[bytes, str]]:
         """Yield (key, path) for every block file on disk."""

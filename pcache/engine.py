@@ -113,10 +113,13 @@ class BlockCache:
                 # Write-behind: the reader gets its bytes now; the block reaches disk on the publish
                 # pool, which also releases the stripe lock, so other processes wait for the block
                 # rather than fetch it again.
-                self.publisher.submit(self._publish_and_release, obj, key, data, lock)
-                lock = -1
-            else:  # write-behind budget used up: publish inline (backpressure)
-                self._publish(obj, key, data)
+                try:
+                    self.publisher.submit(self._publish_and_release, obj, key, data, lock)
+                    lock = -1
+                    return data
+                except RuntimeError:  # pool shut down (interpreter exit): publish inline below
+                    self._write_budget.release()
+            self._publish(obj, key, data)  # budget used up (backpressure) or no pool: publish inline
             return data
         finally:
             if lock >= 0:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -76,14 +76,6 @@ class StripeLocks:
             with suppress(OSError):
                 os.close(fd)
 
-    @contextmanager
-    def hold(self, key: bytes) -> Iterator[None]:
-        """Hold the stripe lock for ``key`` for the duration of a ``with`` block."""
-        fd = self.acquire(key)
-        try:
-            yield
-        finally:
-            self.release(fd)
 
 
 class SingleFlight:

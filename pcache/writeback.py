@@ -25,7 +25,7 @@ from pcache._util.log import get_logger
 from pcache._util.retry import RetryPolicy, retry_call
 from pcache.config import CacheConfig
 from pcache.errors import CacheFullError, UploadError
-from pcache.journal import Journal, options_fingerprint, split_secrets, under_prefix
+from pcache.journal import Journal, options_fingerprint, split_secrets
 
 log = get_logger(__name__)
 
@@ -248,5 +248,3 @@ class WriteBack:
         entry = self.journal.pending_for_url(url)
         return self.journal.data_path(entry["id"]) if entry else None
 
-    def is_pending(self, prefix: str) -> bool:
-        return any(under_prefix(e["url"], prefix) for e in self.journal.pending(prefix))
