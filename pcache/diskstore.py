@@ -81,13 +81,29 @@ class DiskStore:
             os.makedirs(d, exist_ok=True)
         # The index is a cache of what is on disk, rebuildable by gc(), so it skips fsync (kill -9 safe;
         # a power loss may undo the last transactions, which only leaves unaccounted files for gc).
-        self.env = open_env(os.path.join(cache_dir, "index"), map_size=1 << 30, max_dbs=8, sync=False,
-                            metasync=False, readahead=False, max_readers=1024)
-        self.fifo = S3Fifo(self.env)
+        index = os.path.join(cache_dir, "index")
+        options = {"map_size": 1 << 30, "max_dbs": 8, "sync": False, "metasync": False, "readahead": False,
+                   "max_readers": 1024}
+        try:
+            self.env = open_env(index, **options)
+            self.fifo = S3Fifo(self.env)
+            rebuilt = False
+        except lmdb.Error as exc:
+            # The index is only a cache of what is on disk (and skips fsync), so a damaged one is moved
+            # aside and rebuilt from the self-describing block files rather than failing every read.
+            aside = f"{index}.corrupt-{int(time.time())}"
+            log.error("cache index %s is unreadable (%s); moved to %s and rebuilding from block files",
+                      index, exc, aside, extra={"path": index})
+            os.replace(index, aside)
+            self.env = open_env(index, **options)
+            self.fifo = S3Fifo(self.env)
+            rebuilt = True
         self._hits: dict[bytes, int] = {}
         self._stats: dict[str, int] = {}
         self._hits_lock = threading.Lock()
         self._last_flush = time.monotonic()
+        if rebuilt:
+            self.gc()
 
     # -- paths and encoding -----------------------------------------------------------------------
     def block_path(self, key: bytes) -> str:

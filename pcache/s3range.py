@@ -39,8 +39,12 @@ class S3RangeReader:
         self._urls: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        verify = (getattr(fs, "client_kwargs", None) or {}).get("verify", True)
-        self._ssl = ssl.create_default_context() if verify is not False else ssl._create_unverified_context()
+        # Same TLS trust as botocore: client_kwargs["verify"] (False, or a CA bundle path), else AWS_CA_BUNDLE.
+        verify = (getattr(fs, "client_kwargs", None) or {}).get("verify", os.environ.get("AWS_CA_BUNDLE", True))
+        if verify is False:
+            self._ssl = ssl._create_unverified_context()
+        else:
+            self._ssl = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
 
     def _presigned(self, path: str, refresh: bool = False) -> str:
         now = time.monotonic()

@@ -183,3 +183,16 @@ def test_full_disk_write_back_raises_typed_error(tmp_path, tiny_disk) -> None:
     assert fs.writeback.journal.pending() == []
     assert not [n for n in os.listdir(tiny_disk / "c" / "writeback") if n.endswith((".tmp", ".data"))]
     assert not target.exists()
+
+
+def test_corrupt_index_is_rebuilt_from_block_files(tmp_path, source) -> None:
+    code = (f"import fsspec; fs = fsspec.filesystem('pcache', target_protocol='file', cache_dir={str(tmp_path / 'c')!r},"
+            f" block_size={64 * KiB}); fs.cat_file({str(source)!r})")
+    subprocess.run([os.sys.executable, "-c", code], check=True, timeout=60)  # warm, in another process
+    with open(tmp_path / "c" / "index" / "data.mdb", "r+b") as fh:  # trash the index
+        fh.write(os.urandom(8192))
+    fs = make_fs(tmp_path / "c")
+    assert fs.cat_file(str(source)) == source.read_bytes()
+    assert fs.engine.counters["misses"] == 0, "the warm blocks were lost with the index"
+    assert fs.engine.disk.stats()["blocks"] == 16
+    assert any(p.name.startswith("index.corrupt-") for p in (tmp_path / "c").iterdir())

@@ -223,12 +223,25 @@ def test_no_secret_reaches_disk(tmp_path, s3_server, s3_options, bucket) -> None
             assert s3_server.secret_key.encode() not in blob, f"secret written to {name}"
 
 
-def test_wrong_credentials_fail_fast_without_retries(tmp_path, s3_server, bucket, blob) -> None:
+def test_wrong_credentials_fail_fast_without_retries(tmp_path, s3_server, bucket, blob, chaos_proxy) -> None:
     url, _ = blob
-    bad = s3_server.storage_options()
+    proxy = chaos_proxy(fail_ratio=0.0)
+    bad = s3_server.storage_options(endpoint_url=proxy.endpoint_url)
     bad["secret"] = "not-the-secret"
-    fs = make_fs(tmp_path, bad, retry_attempts=3)
-    started = time.monotonic()
+    fs = make_fs(tmp_path, bad, retry_attempts=4, retry_base_delay=0.01)
     with pytest.raises(PermissionError):
         fs.cat_file(url)
-    assert time.monotonic() - started < 30
+    # One request, answered 403, and no retry: a bad credential is permanent.
+    assert proxy.count() == 1, [(r.method, r.path, r.status) for r in proxy.records()]
+
+
+def test_range_reader_403_is_permission_error(tmp_path, s3_server, s3_options, blob, chaos_proxy) -> None:
+    """The presigned ranged-GET path (not just info()) reports a refused signature as PermissionError."""
+    url, _ = blob
+    fs = make_fs(tmp_path, s3_options, retry_attempts=4, retry_base_delay=0.01)
+    with fs.open(url) as f:  # info() with good credentials
+        f.fs.origin._s3.fs = s3fs.S3FileSystem(skip_instance_cache=True,  # then presign with a bad secret
+                                               **{**s3_options, "secret": "not-the-secret"})
+        f.fs.origin._s3._urls.clear()
+        with pytest.raises(PermissionError, match="access denied"):
+            f.read(100)
