@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="only files under this origin URL")
     p = sub.add_parser("verify", help="re-check every block's checksum and drop corrupt blocks")
     _add_common(p)
+    p = sub.add_parser("serve", help="run a cache node that serves blocks to peers (binds 127.0.0.1 by default)")
+    _add_common(p)
+    p.add_argument("--listen", default="127.0.0.1:9470", help="HOST:PORT to bind (default 127.0.0.1:9470)")
+    p.add_argument("--token-file", default=os.environ.get("PCACHE_TOKEN_FILE"),
+                   help="file with the secret shared by all nodes, mode 600 (env PCACHE_TOKEN_FILE)")
+    p.add_argument("--origin-protocol", default="s3", help="fsspec protocol of the origin (default s3)")
     p = sub.add_parser("gc", help="reconcile index and files, remove stale temp files, enforce the budget")
     _add_common(p)
     p.add_argument("--keep-done-days", type=float, default=7.0, help="forget upload records older than this")
@@ -128,7 +135,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
             task = bar.add_task(f"warm {url}", total=sum(i["size"] for i in files.values()))
             for name, item in files.items():
                 ref = fs.ref(name)
-                fetch = fs.origin.fetcher(name, ref.version)
+                fetch = fs.fetcher_for(name, ref)
                 step = config.block_size * config.fetch_workers
                 for off in range(0, ref.size, step):
                     chunk = fs.engine.get_range(ref, off, min(ref.size, off + step), fetch)
@@ -188,7 +195,32 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"stat": cmd_stat, "warm": cmd_warm, "flush": cmd_flush, "verify": cmd_verify, "gc": cmd_gc}
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+
+    import fsspec
+
+    from pcache.cluster.auth import load_token
+    from pcache.cluster.server import NodeServer
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("listen", f"expected HOST:PORT, got {args.listen!r}", "arguments")
+    if not args.token_file:
+        raise ConfigError("token_file", "pcache serve needs --token-file (or PCACHE_TOKEN_FILE)", "arguments")
+    token = load_token(args.token_file)
+    config = dataclasses.replace(_config(args), peers=(), token_file="")  # a node reads only its origin
+    fs = fsspec.filesystem("pcache", target_protocol=args.origin_protocol,
+                           target_options=storage_options(args.origin_protocol, args.endpoint_url),
+                           skip_instance_cache=True, **vars(config))
+    node = NodeServer(fs, token, host.strip("[]"), int(port))
+    asyncio.run(node.serve(ready=lambda n: print(f"READY http://{n.host}:{n.port}", flush=True)))
+    return 0
+
+
+COMMANDS = {"stat": cmd_stat, "warm": cmd_warm, "flush": cmd_flush, "verify": cmd_verify, "gc": cmd_gc,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(json_format=(args.log_format == "json") if args.log_format else None)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, PermissionError, TimeoutError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, PermissionError, TimeoutError) as exc:
         print(f"pcache {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

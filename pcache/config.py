@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from pcache._util.config import load_config
 from pcache.errors import ConfigError
@@ -43,6 +44,9 @@ class CacheConfig:
         uploader_idle_exit: Seconds the background uploader waits for new work before exiting.
         uploader_nice: CPU niceness increment of the background uploader process, so that on a busy
             node the training process keeps the CPU and uploads use what is left (0 to disable).
+        peers: URLs of ``pcache serve`` nodes (``http://host:port``), comma-separated in env/flags.
+        token_file: File holding the secret shared with the peers (needed when ``peers`` is set).
+        peer_timeout: Seconds before a peer request gives up and the reader falls back.
     """
 
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -62,11 +66,15 @@ class CacheConfig:
     upload_workers: int = 2
     uploader_idle_exit: float = 5.0
     uploader_nice: int = 10
+    peers: tuple[str, ...] = ()
+    token_file: str = ""
+    peer_timeout: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.cache_dir:
             raise ConfigError("cache_dir", "must not be empty")
         object.__setattr__(self, "cache_dir", os.path.abspath(os.path.expanduser(self.cache_dir)))
+        object.__setattr__(self, "peers", tuple(self.peers))
         if self.block_size < 4096 or self.block_size > 1024 * MiB:
             raise ConfigError("block_size", f"must be between 4KiB and 1GiB, got {self.block_size}")
         for name in ("memory_bytes", "disk_bytes", "max_inflight_bytes"):
@@ -83,6 +91,12 @@ class CacheConfig:
             raise ConfigError("upload_part_size", "must be >= 5MiB (the S3 minimum part size)")
         if not 0 <= self.uploader_nice <= 19:
             raise ConfigError("uploader_nice", f"must be between 0 and 19, got {self.uploader_nice}")
+        for peer in self.peers:
+            parts = urlsplit(peer)
+            if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
+                raise ConfigError("peers", f"malformed peer URL {peer!r}; expected http://host:port")
+        if self.peers and not self.token_file:
+            raise ConfigError("token_file", "peers are set but no token file is given")
         if self.metadata_ttl < 0:
             raise ConfigError("metadata_ttl", "must be >= 0")
 

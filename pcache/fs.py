@@ -12,12 +12,15 @@ import io
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
 from fsspec.implementations.chained import ChainedFileSystem
 
 from pcache._util.retry import RetryPolicy
+from pcache.cluster.auth import load_token
+from pcache.cluster.client import PeerTier
 from pcache.config import CacheConfig
 from pcache.engine import BlockCache, ObjectRef, get_engine
 from pcache.origin import Origin
@@ -122,6 +125,9 @@ class PCacheFileSystem(ChainedFileSystem):
         self.origin = Origin(fs, self.target_protocol, f"{endpoint}|" if endpoint else "", policy,
                              self.config.metadata_ttl)
         self.fs = fs
+        # Checked at construction, so a bad token file fails fast and names the file.
+        self._token = load_token(self.config.token_file) if self.config.peers else b""
+        self._peer_tier: tuple[int, PeerTier | None] = (0, None)
         _INSTANCES[id(self)] = self
 
     @property
@@ -129,6 +135,32 @@ class PCacheFileSystem(ChainedFileSystem):
         """This process's block cache for the directory (resolved per process: fork-safe)."""
         config = self.config
         return get_engine(config, reserved=lambda: get_writeback(config).journal.pending_bytes())
+
+    @property
+    def peers(self) -> PeerTier | None:
+        """This process's peer tier, when ``peers`` are configured (resolved per process: fork-safe)."""
+        if not self.config.peers:
+            return None
+        with _REGISTRY_LOCK:  # fetch threads race to create it; there must be exactly one per process
+            pid, tier = self._peer_tier
+            if tier is None or pid != os.getpid():
+                tier = PeerTier(self.config.peers, self._token, timeout_s=self.config.peer_timeout)
+                self._peer_tier = (os.getpid(), tier)
+            return tier
+
+    def fetcher_for(self, target: str, ref: ObjectRef) -> Callable[[int, int], bytes]:
+        """Block fetcher for ``target`` at ``ref``'s version: owner peer, next owner, then the origin."""
+        origin_fetch = self.origin.fetcher(target, ref.version)
+        if not self.config.peers:
+            return origin_fetch
+        block_size = self.config.block_size
+
+        def fetch(start: int, end: int) -> bytes:
+            tier = self.peers
+            data = tier.get_block(target, ref.version, ref.size, start // block_size, block_size) if tier else None
+            return data if data is not None and len(data) == end - start else origin_fetch(start, end)
+
+        return fetch
 
     @property
     def writeback(self) -> WriteBack:
@@ -215,7 +247,7 @@ class PCacheFile(io.RawIOBase):
         super().__init__()
         self.fs, self.path, self.ref = fs, path, ref
         self.size = ref.size
-        self._fetch = fs.origin.fetcher(path, ref.version)
+        self._fetch = fs.fetcher_for(path, ref)
         self._pos = 0
         self._expected = -1
         self._streak = 0

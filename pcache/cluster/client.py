@@ -1,0 +1,139 @@
+"""The peer tier of the read path: ask the block's owner node, then the next owner, then give up.
+
+Liveness and slowness are told apart. Every peer's ``/healthz`` is probed every ``health_interval_s``
+with a ``timeout_s`` (1 s) deadline, and connecting has the same deadline: a dead or hung peer is
+skipped within about a second. A live owner may take longer to answer, since its first request for a
+block includes its own origin fetch, so reading a response may take up to ``read_timeout_s``. A
+killed peer's connections are reset at once and fail immediately. A block whose checksum does not match is treated as a miss
+and counted. Returning None sends the reader to the origin.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import threading
+import time
+from urllib.parse import urlsplit
+
+import xxhash
+
+from pcache._util.checksum import block_checksum
+from pcache._util.log import get_logger
+from pcache.cluster.auth import sign_request
+from pcache.cluster.placement import Placement
+from pcache.cluster.protocol import CHECKSUM_HEADER, block_query
+
+log = get_logger(__name__)
+
+
+def placement_key(path: str, version: str, block_size: int, index: int) -> bytes:
+    """The key every client and node places a block by (independent of how each reaches the origin)."""
+    return xxhash.xxh3_128_digest(f"{path}\0{version}\0{block_size}\0{index}".encode())
+
+
+class PeerTier:
+    """Client side of the cluster for one process.
+
+    Args:
+        peers: Node URLs (``http://host:port``).
+        token: Shared secret.
+        timeout_s: Per-request socket timeout.
+        tries: How many owners to ask before falling back to the origin.
+        health_interval_s: Seconds between health checks of each peer.
+    """
+
+    def __init__(self, peers: tuple[str, ...], token: bytes, timeout_s: float = 1.0, tries: int = 2,
+                 health_interval_s: float = 0.5, read_timeout_s: float = 30.0) -> None:
+        self.peers, self.token, self.timeout_s, self.tries = peers, token, timeout_s, tries
+        self.read_timeout_s = read_timeout_s
+        self.health_interval_s = health_interval_s
+        self._dead: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.counters = {"peer_hits": 0, "peer_errors": 0, "peer_checksum_errors": 0}
+        self._checker = threading.Thread(target=self._health_loop, name="pcache-peer-health", daemon=True)
+        self._checker.start()
+
+    def alive(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(p for p in self.peers if p not in self._dead)
+
+    def _mark_dead(self, peer: str, why: str) -> None:
+        with self._lock:
+            fresh = peer not in self._dead
+            self._dead[peer] = time.monotonic()
+            self.counters["peer_errors"] += 1
+        if fresh:
+            log.warning("peer %s skipped: %s", peer, why, extra={"peer": peer})
+
+    def _conn(self, peer: str) -> http.client.HTTPConnection:
+        if self._local.__dict__.get("pid") != os.getpid():
+            self._local.__dict__.update(pid=os.getpid(), conns={})
+        conns: dict[str, http.client.HTTPConnection] = self._local.__dict__["conns"]
+        if peer not in conns:
+            parts = urlsplit(peer)
+            conns[peer] = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=self.timeout_s)
+        return conns[peer]
+
+    def _drop(self, peer: str) -> None:
+        conn = self._local.__dict__.get("conns", {}).pop(peer, None)
+        if conn is not None:
+            conn.close()
+
+    def get_block(self, path: str, version: str, size: int, index: int, block_size: int) -> bytes | None:
+        """Return the block from its owner (or the next owner), or None to use the origin."""
+        placement = Placement(self.alive())
+        if not placement.nodes:
+            return None
+        query = block_query(path, version, size, index)
+        for peer in placement.ranked(placement_key(path, version, block_size, index))[: self.tries]:
+            conn = self._conn(peer)
+            try:
+                if conn.sock is None:
+                    conn.connect()  # within timeout_s
+                    conn.sock.settimeout(self.read_timeout_s)  # type: ignore[attr-defined]
+                conn.request("GET", query, headers=sign_request(self.token, "GET", query))
+                resp = conn.getresponse()
+                body = resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop(peer)
+                self._mark_dead(peer, repr(exc))
+                continue
+            if resp.status != 200:
+                with self._lock:
+                    self.counters["peer_errors"] += 1
+                if resp.status == 401:
+                    log.error("peer %s refused our signature (token mismatch?)", peer, extra={"peer": peer})
+                continue
+            if resp.getheader(CHECKSUM_HEADER) != f"{block_checksum(body):016x}":
+                with self._lock:
+                    self.counters["peer_checksum_errors"] += 1
+                continue
+            with self._lock:
+                self.counters["peer_hits"] += 1
+            return body
+        return None
+
+    def _health_loop(self) -> None:
+        while True:
+            time.sleep(self.health_interval_s)
+            for peer in self.peers:
+                parts = urlsplit(peer)
+                conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port,
+                                                  timeout=self.timeout_s)
+                try:
+                    conn.request("GET", "/healthz")
+                    healthy = conn.getresponse().status == 200
+                except (OSError, http.client.HTTPException) as exc:
+                    healthy, why = False, repr(exc)
+                finally:
+                    conn.close()
+                with self._lock:
+                    was_dead = peer in self._dead
+                    if healthy:
+                        self._dead.pop(peer, None)
+                if healthy and was_dead:
+                    log.info("peer %s is back", peer, extra={"peer": peer})
+                elif not healthy and not was_dead:
+                    self._mark_dead(peer, f"health check failed: {why}")

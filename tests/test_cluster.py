@@ -1,0 +1,154 @@
+"""Three pcache nodes as separate processes on loopback, against SeaweedFS behind the chaos proxy."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import s3fs
+
+from pcache import ConfigError
+from pcache.cluster.auth import sign_request
+from pcache.cluster.protocol import block_query
+
+MiB = 1024 * 1024
+PY = sys.executable
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_bytes(os.urandom(32).hex().encode())
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.fixture
+def start_nodes(tmp_path, s3_server, token_file):
+    procs: list[subprocess.Popen[str]] = []
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key)
+
+    def start(n: int, endpoint: str) -> list[str]:
+        urls = []
+        for i in range(n):
+            proc = subprocess.Popen(
+                [PY, "-m", "pcache.cli", "serve", "--listen", "127.0.0.1:0", "--cache-dir",
+                 str(tmp_path / f"node{len(procs)}"), "--token-file", token_file, "--endpoint-url", endpoint],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            procs.append(proc)
+            line = proc.stdout.readline().strip() if proc.stdout else ""
+            assert line.startswith("READY "), f"node {i} did not start: {line!r}"
+            urls.append(line.split()[1])
+        return urls
+
+    start.procs = procs  # type: ignore[attr-defined]
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        if proc.returncode is None:
+            assert proc.wait(timeout=20) == 0, "node did not stop cleanly on SIGTERM"
+
+
+READER = textwrap.dedent("""
+    import hashlib, json, os, sys, time, fsspec
+    cache_dir, url, options, peers, token, go = sys.argv[1:7]
+    fs = fsspec.filesystem("pcache", target_protocol="s3", target_options=json.loads(options),
+                           cache_dir=cache_dir, peers=tuple(peers.split(",")), token_file=token)
+    fs.info(url)
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    with fs.open(url) as f:
+        data = b"".join(iter(lambda: f.read(5 * 1024 * 1024), b""))
+    print(hashlib.sha256(data).hexdigest(), json.dumps(fs.peers.counters))
+""")
+
+
+def readers(tmp_path, n, url, options, peers, token_file, go):
+    return [subprocess.Popen([PY, "-c", READER, str(tmp_path / f"reader{i}"), url, json.dumps(options),
+                              ",".join(peers), token_file, str(go)], stdout=subprocess.PIPE, text=True)
+            for i in range(n)]
+
+
+def test_unsigned_or_wrongly_signed_requests_get_401(s3_server, start_nodes) -> None:
+    (node,) = start_nodes(1, s3_server.endpoint_url)
+    parts = urlsplit(node)
+    query = block_query("test-bucket-x/k", "v", 10, 0)
+
+    def status(path, headers):
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+        conn.request("GET", path, headers=headers)
+        return conn.getresponse().status
+
+    assert status(query, {}) == 401
+    assert status(query, sign_request(b"not-the-shared-secret!!", "GET", query)) == 401
+    assert status(query, sign_request(b"x" * 32, "GET", "/v1/other")) == 401
+    assert status("/metrics", {}) == 401
+    assert status("/healthz", {}) == 200
+
+
+def test_three_nodes_four_readers_each_make_one_get_per_block(tmp_path, s3_server, s3_options, bucket,
+                                                              chaos_proxy, start_nodes, token_file) -> None:
+    proxy = chaos_proxy(latency_s=0.005)
+    data = os.urandom(64 * MiB)
+    url = f"{bucket}/shared/big.bin"
+    s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).pipe_file(url, data)
+    peers = start_nodes(3, proxy.endpoint_url)
+    go = tmp_path / "go"
+    procs = readers(tmp_path, 12, url, s3_server.storage_options(endpoint_url=proxy.endpoint_url), peers,
+                    token_file, go)
+    time.sleep(3)
+    proxy.reset_counts()
+    go.touch()
+    outputs = [p.communicate(timeout=300)[0].split(maxsplit=1) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert {digest for digest, _ in outputs} == {hashlib.sha256(data).hexdigest()}
+    counters = [json.loads(c) for _, c in outputs]
+    assert sum(c["peer_hits"] for c in counters) == 12 * 16, counters  # every block came from a peer
+    gets = proxy.get_ranges(f"/{url}")
+    assert len(gets) == 16 and len(set(gets)) == 16, f"{len(gets)} origin GETs for 16 blocks"
+
+
+def test_killing_a_node_mid_read_fails_no_read(tmp_path, s3_server, s3_options, bucket, chaos_proxy,
+                                                start_nodes, token_file) -> None:
+    proxy = chaos_proxy(latency_s=0.05)  # slow origin: the kill lands while blocks are in flight
+    data = os.urandom(48 * MiB)
+    url = f"{bucket}/shared/kill.bin"
+    s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).pipe_file(url, data)
+    peers = start_nodes(3, proxy.endpoint_url)
+    go = tmp_path / "go"
+    procs = readers(tmp_path, 3, url, s3_server.storage_options(endpoint_url=proxy.endpoint_url), peers,
+                    token_file, go)
+    time.sleep(3)
+    go.touch()
+    time.sleep(0.3)
+    start_nodes.procs[1].kill()  # SIGKILL, mid-read
+    outputs = [p.communicate(timeout=300)[0].split(maxsplit=1) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "a read failed after a node died"
+    assert {digest for digest, _ in outputs} == {hashlib.sha256(data).hexdigest()}
+
+
+def test_bad_token_file_and_peer_url_are_rejected_at_startup(tmp_path) -> None:
+    loose = tmp_path / "loose"
+    loose.write_text("x" * 32)
+    loose.chmod(0o644)
+    for token in (str(tmp_path / "missing"), str(loose)):
+        out = subprocess.run([PY, "-m", "pcache.cli", "serve", "--listen", "127.0.0.1:0", "--cache-dir",
+                              str(tmp_path / "n"), "--token-file", token], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2 and token in out.stderr
+    import fsspec
+
+    with pytest.raises(ConfigError, match="peers"):
+        fsspec.filesystem("pcache", target_protocol="file", cache_dir=str(tmp_path / "c"),
+                          peers=("127.0.0.1:9000",), token_file=str(loose), skip_instance_cache=True)
