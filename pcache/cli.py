@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("stat", help="usage per tier, hit ratio and pending uploads")
     _add_common(p)
+    p.add_argument("--node", help="show a running node's view instead (http://host:port)")
+    p.add_argument("--token-file", default=os.environ.get("PCACHE_TOKEN_FILE"),
+                   help="shared secret file, for --node (env PCACHE_TOKEN_FILE)")
     p = sub.add_parser("warm", help="prefetch objects or prefixes into the cache, with a progress bar")
     _add_common(p)
     p.add_argument("urls", nargs="+", metavar="URL", help="object or prefix, e.g. s3://bucket/shards/")
@@ -84,9 +87,52 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def node_stat(args: argparse.Namespace) -> int:
+    """Print a remote node's metrics in human form (``pcache stat --node URL``)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pcache.cluster.auth import load_token, sign_request
+
+    if not args.token_file:
+        raise ConfigError("token_file", "pcache stat --node needs --token-file (or PCACHE_TOKEN_FILE)", "arguments")
+    parts = urlsplit(args.node)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    conn.request("GET", "/metrics", headers=sign_request(load_token(args.token_file), "GET", "/metrics"))
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    if resp.status != 200:
+        raise PermissionError(f"{args.node} answered {resp.status}: {body[:200]}")
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            label = "_".join(sample.labels.values())
+            values[sample.name.removesuffix("_total") + (f"_{label}" if label else "")] = sample.value
+    hits = values.get("pcache_hits_memory", 0) + values.get("pcache_hits_disk", 0)
+    lookups = hits + values.get("pcache_misses", 0)
+    data = {"node": args.node, **values, "hit_ratio": hits / lookups if lookups else None}
+    human = "\n".join([
+        f"node            {args.node}",
+        f"disk tier       {int(values.get('pcache_disk_blocks', 0))} blocks, {_human(values.get('pcache_disk_bytes', 0))}",
+        f"hit ratio       {f'{hits / lookups:.1%}' if lookups else 'n/a'} ({int(lookups)} lookups)",
+        f"origin reads    {_human(values.get('pcache_origin_bytes', 0))}",
+        f"served to peers {_human(values.get('pcache_served_bytes', 0))}",
+        f"request errors  {int(values.get('pcache_peer_request_errors', 0))}",
+        f"pending uploads {int(values.get('pcache_upload_queue_depth', 0))} "
+        f"({_human(values.get('pcache_upload_pending_bytes', 0))})",
+    ])
+    _emit(args, data, human)
+    return 0
+
+
 def cmd_stat(args: argparse.Namespace) -> int:
     from pcache.diskstore import DiskStore
     from pcache.journal import Journal
+
+    if args.node:
+        return node_stat(args)
 
     config = _config(args)
     journal = Journal(config.cache_dir)

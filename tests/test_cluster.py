@@ -152,3 +152,56 @@ def test_bad_token_file_and_peer_url_are_rejected_at_startup(tmp_path) -> None:
     with pytest.raises(ConfigError, match="peers"):
         fsspec.filesystem("pcache", target_protocol="file", cache_dir=str(tmp_path / "c"),
                           peers=("127.0.0.1:9000",), token_file=str(loose), skip_instance_cache=True)
+
+
+def test_metrics_and_stat_node(tmp_path, s3_server, s3_options, bucket, start_nodes, token_file) -> None:
+    (node,) = start_nodes(1, s3_server.endpoint_url)
+    data = os.urandom(6 * MiB)
+    s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).pipe_file(f"{bucket}/m.bin", data)
+    import fsspec
+
+    fs = fsspec.filesystem("pcache", target_protocol="s3", target_options=s3_options,
+                           cache_dir=str(tmp_path / "reader"), peers=(node,), token_file=token_file,
+                           skip_instance_cache=True)
+    assert fs.cat_file(f"{bucket}/m.bin") == data
+    out = subprocess.run([PY, "-m", "pcache.cli", "stat", "--node", node, "--token-file", token_file, "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stdout)
+    assert stats["pcache_served_bytes"] == len(data) and stats["pcache_misses"] == 2
+    human = subprocess.run([PY, "-m", "pcache.cli", "stat", "--node", node, "--token-file", token_file],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "served to peers" in human and "6.0 MiB" in human
+
+
+def test_peer_with_bad_checksums_is_a_counted_miss(tmp_path, s3_options, bucket, token_file) -> None:
+    """A broken peer (answers garbage with a checksum that does not match) never reaches the reader."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import fsspec
+
+    class Broken(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = b"garbage" * 1000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Pcache-Checksum", "0" * 16)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        data = os.urandom(MiB)
+        s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).pipe_file(f"{bucket}/b.bin", data)
+        fs = fsspec.filesystem("pcache", target_protocol="s3", target_options=s3_options,
+                               cache_dir=str(tmp_path / "r"), peers=(f"http://127.0.0.1:{server.server_port}",),
+                               token_file=token_file, skip_instance_cache=True)
+        assert fs.cat_file(f"{bucket}/b.bin") == data
+        assert fs.peers.counters["peer_checksum_errors"] >= 1 and fs.peers.counters["peer_hits"] == 0
+    finally:
+        server.shutdown()

@@ -18,6 +18,7 @@ from aiohttp import web
 from pcache._util.checksum import block_checksum
 from pcache._util.log import get_logger
 from pcache.cluster.auth import AuthError, verify_request
+from pcache.cluster.metrics import render
 from pcache.cluster.protocol import BLOCK_PATH, CHECKSUM_HEADER
 from pcache.engine import ObjectRef
 
@@ -38,8 +39,10 @@ class NodeServer:
         self.fs, self.token, self.host, self.port = fs, token, host, port
         self.pool = ThreadPoolExecutor(max(4, fs.config.fetch_workers), thread_name_prefix="pcache-serve")
         self.served_bytes = 0
+        self.request_errors = 0
         self.app = web.Application(middlewares=[self._authenticate])
         self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_route("GET", BLOCK_PATH, self._block)
         self.app.router.add_route("HEAD", BLOCK_PATH, self._block)
 
@@ -49,11 +52,16 @@ class NodeServer:
             try:
                 verify_request(self.token, request.method, request.path_qs, request.headers)
             except AuthError as exc:
+                self.request_errors += 1
                 return web.json_response({"error": str(exc)}, status=401)
         return await handler(request)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = await asyncio.get_running_loop().run_in_executor(self.pool, render, self)
+        return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
     def _ref(self, request: web.Request) -> tuple[ObjectRef, str, int]:
         q = request.query
@@ -80,6 +88,7 @@ class NodeServer:
         except FileNotFoundError as exc:
             return web.json_response({"error": str(exc)}, status=404)
         except Exception as exc:  # noqa: BLE001 - the peer falls back to the next owner or the origin
+            self.request_errors += 1
             log.warning("block %s[%d] failed: %s", target, index, exc, extra={"url": target})
             return web.json_response({"error": str(exc)}, status=502)
         self.served_bytes += len(data)
