@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("warm", help="prefetch objects or prefixes into the cache, with a progress bar")
     _add_common(p)
     p.add_argument("urls", nargs="+", metavar="URL", help="object or prefix, e.g. s3://bucket/shards/")
+    p.add_argument("--peers", help="warm on these nodes instead (each block on its owner), comma-separated "
+                                   "http://host:port (env PCACHE_PEERS)")
+    p.add_argument("--token-file", default=os.environ.get("PCACHE_TOKEN_FILE"),
+                   help="shared secret file, with --peers (env PCACHE_TOKEN_FILE)")
     p = sub.add_parser("flush", help="upload write-back files left in the journal (e.g. by a killed process)")
     _add_common(p)
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
@@ -72,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> CacheConfig:
     return CacheConfig.load(args.config, cache_dir=args.cache_dir, block_size=args.block_size,
                             disk_bytes=args.disk_bytes, memory_bytes=args.memory_bytes,
-                            compression=args.compression)
+                            compression=args.compression, peers=getattr(args, "peers", None),
+                            token_file=getattr(args, "token_file", None) if getattr(args, "peers", None) else None)
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
@@ -181,17 +186,36 @@ def cmd_warm(args: argparse.Namespace) -> int:
             task = bar.add_task(f"warm {url}", total=sum(i["size"] for i in files.values()))
             for name, item in files.items():
                 ref = fs.ref(name)
-                fetch = fs.fetcher_for(name, ref)
-                step = config.block_size * config.fetch_workers
-                for off in range(0, ref.size, step):
-                    chunk = fs.engine.get_range(ref, off, min(ref.size, off + step), fetch)
-                    bar.advance(task, len(chunk))
+                if fs.peers is not None:
+                    _warm_on_owners(fs, name, ref, lambda n, task=task: bar.advance(task, n))
+                else:
+                    fetch = fs.fetcher_for(name, ref)
+                    step = config.block_size * config.fetch_workers
+                    for off in range(0, ref.size, step):
+                        chunk = fs.engine.get_range(ref, off, min(ref.size, off + step), fetch)
+                        bar.advance(task, len(chunk))
                 total_bytes += item["size"]
                 total_files += 1
             fs.engine.disk.flush_hits()
     _emit(args, {"files": total_files, "bytes": total_bytes},
           f"warmed {total_files} file(s), {_human(total_bytes)}")
     return 0
+
+
+def _warm_on_owners(fs: Any, name: str, ref: Any, advance: Any) -> None:
+    """Cluster warm: each block is loaded by its owner node; nothing is copied to this machine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bs = fs.config.block_size
+    tier = fs.peers
+
+    def one(index: int) -> None:
+        if not tier.warm_block(name, ref.version, ref.size, index, bs):
+            raise OSError(f"no peer could warm block {index} of {fs.url(name)}")
+        advance(min(bs, ref.size - index * bs))
+
+    with ThreadPoolExecutor(fs.config.fetch_workers) as pool:
+        list(pool.map(one, range((ref.size + bs - 1) // bs)))
 
 
 def cmd_flush(args: argparse.Namespace) -> int:

@@ -205,3 +205,31 @@ def test_peer_with_bad_checksums_is_a_counted_miss(tmp_path, s3_options, bucket,
         assert fs.peers.counters["peer_checksum_errors"] >= 1 and fs.peers.counters["peer_hits"] == 0
     finally:
         server.shutdown()
+
+
+def test_cluster_warm_spreads_blocks_over_their_owners(tmp_path, s3_server, s3_options, bucket, chaos_proxy,
+                                                       start_nodes, token_file) -> None:
+    proxy = chaos_proxy()
+    s3 = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options)
+    for i in range(3):
+        s3.pipe_file(f"{bucket}/ds/shard-{i}.bin", os.urandom(8 * MiB))
+    peers = start_nodes(3, proxy.endpoint_url)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key)
+    out = subprocess.run([PY, "-m", "pcache.cli", "warm", "--cache-dir", str(tmp_path / "warmer"), "--json",
+                          "--endpoint-url", proxy.endpoint_url, "--peers", ",".join(peers),
+                          "--token-file", token_file, f"s3://{bucket}/ds/"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"files": 3, "bytes": 24 * MiB}
+    ranged = [(r.path, r.range) for r in proxy.records() if r.method == "GET" and r.range]  # not listings
+    assert len(ranged) == 6 and len(set(ranged)) == 6, f"each 4 MiB block fetched once, by its owner: {ranged}"
+    blocks = [sum(1 for p in (tmp_path / f"node{i}" / "blocks").rglob("*") if p.is_file()) for i in range(3)]
+    assert sum(blocks) == 6 and max(blocks) < 6, blocks  # on the owners, not all on one node
+    assert not any(p.is_file() for p in (tmp_path / "warmer").rglob("blocks/*/*")), "warm copied data here"
+    proxy.reset_counts()
+    fs = __import__("fsspec").filesystem("pcache", target_protocol="s3",
+                                         target_options=s3_server.storage_options(endpoint_url=proxy.endpoint_url),
+                                         cache_dir=str(tmp_path / "reader"), peers=tuple(peers),
+                                         token_file=token_file, skip_instance_cache=True)
+    fs.cat_file(f"{bucket}/ds/shard-1.bin")
+    assert [r for r in proxy.get_ranges() if r is not None] == [], "a warmed prefix still went to the origin"

@@ -115,6 +115,29 @@ class PeerTier:
             return body
         return None
 
+    def warm_block(self, path: str, version: str, size: int, index: int, block_size: int) -> bool:
+        """Ask the block's owner to load it (from the origin if needed); return True when it has it."""
+        placement = Placement(self.alive())
+        if not placement.nodes:
+            return False
+        query = block_query(path, version, size, index, warm=True)
+        for peer in placement.ranked(placement_key(path, version, block_size, index))[: self.tries]:
+            conn = self._conn(peer)
+            try:
+                if conn.sock is None:
+                    conn.connect()
+                    conn.sock.settimeout(self.read_timeout_s)  # type: ignore[attr-defined]
+                conn.request("GET", query, headers=sign_request(self.token, "GET", query))
+                resp = conn.getresponse()
+                resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop(peer)
+                self._mark_dead(peer, repr(exc))
+                continue
+            if resp.status == 204:
+                return True
+        return False
+
     def _health_loop(self) -> None:
         while True:
             time.sleep(self.health_interval_s)

@@ -16,6 +16,9 @@ BLOCK_PATH = "/v1/block"
 CHECKSUM_HEADER = "X-Pcache-Checksum"
 
 
-def block_query(path: str, version: str, size: int, index: int) -> str:
-    """Return the signed path-with-query for a block request."""
-    return f"{BLOCK_PATH}?{urlencode({'path': path, 'version': version, 'size': size, 'index': index})}"
+def block_query(path: str, version: str, size: int, index: int, warm: bool = False) -> str:
+    """Return the signed path-with-query for a block request (``warm``: load it, send nothing back)."""
+    params: dict[str, object] = {"path": path, "version": version, "size": size, "index": index}
+    if warm:
+        params["warm"] = 1
+    return f"{BLOCK_PATH}?{urlencode(params)}"

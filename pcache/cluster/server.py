@@ -91,6 +91,8 @@ class NodeServer:
             self.request_errors += 1
             log.warning("block %s[%d] failed: %s", target, index, exc, extra={"url": target})
             return web.json_response({"error": str(exc)}, status=502)
+        if request.query.get("warm") == "1":
+            return web.Response(status=204)  # cluster warm: the owner keeps the block, nothing travels back
         self.served_bytes += len(data)
         return web.Response(body=data, headers={CHECKSUM_HEADER: f"{block_checksum(data):016x}"})
 
