@@ -6,7 +6,6 @@ import hashlib
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import s3fs
 from pcache import ConfigError
 from pcache.cluster.auth import sign_request
 from pcache.cluster.protocol import block_query
+from pcache.testing import NodeProcess, write_token
 
 MiB = 1024 * 1024
 PY = sys.executable
@@ -26,38 +26,24 @@ PY = sys.executable
 
 @pytest.fixture
 def token_file(tmp_path):
-    path = tmp_path / "token"
-    path.write_bytes(os.urandom(32).hex().encode())
-    path.chmod(0o600)
-    return str(path)
+    return write_token(tmp_path / "token")
 
 
 @pytest.fixture
 def start_nodes(tmp_path, s3_server, token_file):
-    procs: list[subprocess.Popen[str]] = []
+    nodes: list[NodeProcess] = []
     env = dict(os.environ, AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key)
 
     def start(n: int, endpoint: str) -> list[str]:
-        urls = []
-        for i in range(n):
-            proc = subprocess.Popen(
-                [PY, "-m", "pcache.cli", "serve", "--listen", "127.0.0.1:0", "--cache-dir",
-                 str(tmp_path / f"node{len(procs)}"), "--token-file", token_file, "--endpoint-url", endpoint],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-            procs.append(proc)
-            line = proc.stdout.readline().strip() if proc.stdout else ""
-            assert line.startswith("READY "), f"node {i} did not start: {line!r}"
-            urls.append(line.split()[1])
-        return urls
+        new = [NodeProcess(tmp_path / f"node{len(nodes) + i}", token_file, endpoint, env) for i in range(n)]
+        nodes.extend(new)
+        return [node.start() for node in new]
 
-    start.procs = procs  # type: ignore[attr-defined]
+    start.nodes = nodes  # type: ignore[attr-defined]
     yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        if proc.returncode is None:
-            assert proc.wait(timeout=20) == 0, "node did not stop cleanly on SIGTERM"
+    for node in nodes:
+        if node.proc is not None and node.proc.poll() is None:
+            assert node.stop() == 0, "node did not stop cleanly on SIGTERM"
 
 
 READER = textwrap.dedent("""
@@ -132,7 +118,7 @@ def test_killing_a_node_mid_read_fails_no_read(tmp_path, s3_server, s3_options, 
     time.sleep(3)
     go.touch()
     time.sleep(0.3)
-    start_nodes.procs[1].kill()  # SIGKILL, mid-read
+    start_nodes.nodes[1].kill()  # SIGKILL, mid-read
     outputs = [p.communicate(timeout=300)[0].split(maxsplit=1) for p in procs]
     assert all(p.returncode == 0 for p in procs), "a read failed after a node died"
     assert {digest for digest, _ in outputs} == {hashlib.sha256(data).hexdigest()}

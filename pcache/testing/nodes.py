@@ -1,0 +1,61 @@
+"""Start ``pcache serve`` nodes as real processes on loopback (shared by tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def write_token(path: str | os.PathLike[str]) -> str:
+    """Write a fresh random shared secret (mode 600) and return the path."""
+    path = Path(path)
+    path.write_bytes(os.urandom(32).hex().encode())
+    path.chmod(0o600)
+    return str(path)
+
+
+class NodeProcess:
+    """One ``pcache serve`` process.
+
+    Args:
+        cache_dir: The node's cache directory.
+        token_file: Shared secret file.
+        endpoint_url: S3 endpoint of the origin (a SeaweedFS server or a chaos proxy in front of it).
+        env: Environment (must carry the origin's ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str], token_file: str, endpoint_url: str,
+                 env: dict[str, str]) -> None:
+        self.cache_dir, self.token_file, self.endpoint_url, self.env = str(cache_dir), token_file, endpoint_url, env
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def start(self) -> str:
+        """Start the node and return its URL once it is listening."""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pcache.cli", "serve", "--listen", "127.0.0.1:0", "--cache-dir", self.cache_dir,
+             "--token-file", self.token_file, "--endpoint-url", self.endpoint_url],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
+        line = self.proc.stdout.readline().strip() if self.proc.stdout else ""
+        if not line.startswith("READY "):
+            self.proc.kill()
+            raise RuntimeError(f"pcache node for {self.cache_dir} did not start (got {line!r})")
+        self.url = line.split()[1]
+        return self.url
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM and wait; return the exit code (None if it was never started)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, as a lost machine."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
