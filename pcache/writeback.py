@@ -243,6 +243,10 @@ class WriteBack:
         retry_call(lambda: fs.pipe_file(marker_path, marker), url=f"{prefix.rstrip('/')}/{MARKER}", policy=policy)
         return f"{prefix.rstrip('/')}/{MARKER}"
 
+    def is_pending(self, url: str) -> bool:
+        """True while a write of ``url`` is staged and not yet durable at the origin."""
+        return self.journal.pending_for_url(url) is not None
+
     def staged_path(self, url: str) -> str | None:
         """Local path of the newest pending copy of ``url``, or None if it is not pending."""
         entry = self.journal.pending_for_url(url)
