@@ -60,10 +60,27 @@ READER = textwrap.dedent("""
 """)
 
 
-def readers(tmp_path, n, url, options, peers, token_file, go):
-    return [subprocess.Popen([PY, "-c", READER, str(tmp_path / f"reader{i}"), url, json.dumps(options),
-                              ",".join(peers), token_file, str(go)], stdout=subprocess.PIPE, text=True)
+def seed(s3_options, url: str, size: int) -> bytes:
+    """Put ``size`` random bytes at ``url`` (directly, not through any proxy) and return them."""
+    data = os.urandom(size)
+    s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).pipe_file(url, data)
+    return data
+
+
+def readers(tmp_path, n, url, s3_server, proxy, peers, token_file, go):
+    """Start ``n`` reader processes that read ``url`` through the cluster once ``go`` exists."""
+    options = json.dumps(s3_server.storage_options(endpoint_url=proxy.endpoint_url))
+    return [subprocess.Popen([PY, "-c", READER, str(tmp_path / f"reader{i}"), url, options, ",".join(peers),
+                              token_file, str(go)], stdout=subprocess.PIPE, text=True)
             for i in range(n)]
+
+
+def collect(procs, data: bytes) -> list[dict]:
+    """Wait for every reader; assert each one exited 0 with exactly ``data``; return their counters."""
+    outputs = [p.communicate(timeout=300)[0].split(maxsplit=1) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "a reader failed"
+    assert {digest for digest, _ in outputs} == {hashlib.sha256(data).hexdigest()}
+    return [json.loads(counters) for _, counters in outputs]
 
 
 def test_unsigned_or_wrongly_signed_requests_get_401(s3_server, start_nodes) -> None:
@@ -86,20 +103,14 @@ def test_unsigned_or_wrongly_signed_requests_get_401(s3_server, start_nodes) -> 
 def test_three_nodes_four_readers_each_make_one_get_per_block(tmp_path, s3_server, s3_options, bucket,
                                                               chaos_proxy, start_nodes, token_file) -> None:
     proxy = chaos_proxy(latency_s=0.005)
-    data = os.urandom(64 * MiB)
     url = f"{bucket}/shared/big.bin"
-    s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).pipe_file(url, data)
-    peers = start_nodes(3, proxy.endpoint_url)
+    data = seed(s3_options, url, 64 * MiB)
     go = tmp_path / "go"
-    procs = readers(tmp_path, 12, url, s3_server.storage_options(endpoint_url=proxy.endpoint_url), peers,
-                    token_file, go)
+    procs = readers(tmp_path, 12, url, s3_server, proxy, start_nodes(3, proxy.endpoint_url), token_file, go)
     time.sleep(3)
     proxy.reset_counts()
     go.touch()
-    outputs = [p.communicate(timeout=300)[0].split(maxsplit=1) for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    assert {digest for digest, _ in outputs} == {hashlib.sha256(data).hexdigest()}
-    counters = [json.loads(c) for _, c in outputs]
+    counters = collect(procs, data)
     assert sum(c["peer_hits"] for c in counters) == 12 * 16, counters  # every block came from a peer
     gets = proxy.get_ranges(f"/{url}")
     assert len(gets) == 16 and len(set(gets)) == 16, f"{len(gets)} origin GETs for 16 blocks"
@@ -108,20 +119,15 @@ def test_three_nodes_four_readers_each_make_one_get_per_block(tmp_path, s3_serve
 def test_killing_a_node_mid_read_fails_no_read(tmp_path, s3_server, s3_options, bucket, chaos_proxy,
                                                 start_nodes, token_file) -> None:
     proxy = chaos_proxy(latency_s=0.05)  # slow origin: the kill lands while blocks are in flight
-    data = os.urandom(48 * MiB)
     url = f"{bucket}/shared/kill.bin"
-    s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).pipe_file(url, data)
-    peers = start_nodes(3, proxy.endpoint_url)
+    data = seed(s3_options, url, 48 * MiB)
     go = tmp_path / "go"
-    procs = readers(tmp_path, 3, url, s3_server.storage_options(endpoint_url=proxy.endpoint_url), peers,
-                    token_file, go)
+    procs = readers(tmp_path, 3, url, s3_server, proxy, start_nodes(3, proxy.endpoint_url), token_file, go)
     time.sleep(3)
     go.touch()
     time.sleep(0.3)
     start_nodes.nodes[1].kill()  # SIGKILL, mid-read
-    outputs = [p.communicate(timeout=300)[0].split(maxsplit=1) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "a read failed after a node died"
-    assert {digest for digest, _ in outputs} == {hashlib.sha256(data).hexdigest()}
+    collect(procs, data)  # every read completed with the right bytes
 
 
 def test_bad_token_file_and_peer_url_are_rejected_at_startup(tmp_path) -> None:
@@ -142,8 +148,7 @@ def test_bad_token_file_and_peer_url_are_rejected_at_startup(tmp_path) -> None:
 
 def test_metrics_and_stat_node(tmp_path, s3_server, s3_options, bucket, start_nodes, token_file) -> None:
     (node,) = start_nodes(1, s3_server.endpoint_url)
-    data = os.urandom(6 * MiB)
-    s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).pipe_file(f"{bucket}/m.bin", data)
+    data = seed(s3_options, f"{bucket}/m.bin", 6 * MiB)
     import fsspec
 
     fs = fsspec.filesystem("pcache", target_protocol="s3", target_options=s3_options,
@@ -182,8 +187,7 @@ def test_peer_with_bad_checksums_is_a_counted_miss(tmp_path, s3_options, bucket,
     server = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        data = os.urandom(MiB)
-        s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).pipe_file(f"{bucket}/b.bin", data)
+        data = seed(s3_options, f"{bucket}/b.bin", MiB)
         fs = fsspec.filesystem("pcache", target_protocol="s3", target_options=s3_options,
                                cache_dir=str(tmp_path / "r"), peers=(f"http://127.0.0.1:{server.server_port}",),
                                token_file=token_file, skip_instance_cache=True)
