@@ -128,13 +128,18 @@ class PCacheFileSystem(ChainedFileSystem):
         # Checked at construction, so a bad token file fails fast and names the file.
         self._token = load_token(self.config.token_file) if self.config.peers else b""
         self._peer_tier: tuple[int, PeerTier | None] = (0, None)
+        self._engine: tuple[int, BlockCache | None] = (0, None)  # memoized per process (reads use it often)
         _INSTANCES[id(self)] = self
 
     @property
     def engine(self) -> BlockCache:
         """This process's block cache for the directory (resolved per process: fork-safe)."""
-        config = self.config
-        return get_engine(config, reserved=lambda: get_writeback(config).journal.pending_bytes())
+        pid, engine = self._engine
+        if engine is None or pid != os.getpid():  # first use, or first use after a fork
+            config = self.config
+            engine = get_engine(config, reserved=lambda: get_writeback(config).journal.pending_bytes())
+            self._engine = (os.getpid(), engine)
+        return engine
 
     @property
     def peers(self) -> PeerTier | None:

@@ -21,6 +21,7 @@ from pcache._util.lmdb_env import open_env
 
 # Over-matching is the safe side: an option wrongly treated as secret is only kept out of the journal
 # (the uploader then takes it from the environment), while a missed one would land on disk.
+_PENDING_BYTES = b"pending_bytes"
 _SECRET_NAMES = {"sas", "passwd"}
 _SECRET_PARTS = ("key", "secret", "token", "password", "credential", "private", "authorization",
                  "connection_string", "signature", "cookie")
@@ -83,6 +84,9 @@ class Journal:
                             metasync=True, max_readers=1024)
         self.pending_db = self.env.open_db(b"pending")
         self.done_db = self.env.open_db(b"done")
+        # Running total of pending bytes, kept in the same transactions as the entries: the disk tier
+        # asks for it on every block it publishes, which must not decode the whole journal each time.
+        self.meta_db = self.env.open_db(b"meta")
 
     def data_path(self, upload_id: str) -> str:
         """Where the staged bytes of ``upload_id`` live."""
@@ -91,6 +95,8 @@ class Journal:
     def add(self, entry: dict[str, Any]) -> None:
         """Record a staged file (durably; the data file must already be fsynced and renamed)."""
         with self.env.begin(write=True) as txn:
+            if txn.get(entry["id"].encode(), db=self.pending_db) is None:
+                self._add_pending_bytes(txn, entry["size"])
             txn.put(entry["id"].encode(), json.dumps(entry).encode(), db=self.pending_db)
 
     def update(self, entry_id: str, **changes: Any) -> None:
@@ -113,6 +119,7 @@ class Journal:
                     "created": entry["created"], "completed": time.time()}
             txn.put(entry["url"].encode(), json.dumps(done).encode(), db=self.done_db)
             txn.delete(upload_id.encode(), db=self.pending_db)
+            self._add_pending_bytes(txn, -entry["size"])
 
     def pending(self, prefix: str | None = None) -> list[dict[str, Any]]:
         """Return pending entries whose URL lies under ``prefix`` (all when None), oldest first."""
@@ -138,11 +145,26 @@ class Journal:
     def supersede(self, entry_id: str) -> None:
         """Drop a pending entry that a newer write of its URL replaces (it is never uploaded)."""
         with self.env.begin(write=True) as txn:
-            txn.delete(entry_id.encode(), db=self.pending_db)
+            raw = txn.get(entry_id.encode(), db=self.pending_db)
+            if raw is not None:
+                txn.delete(entry_id.encode(), db=self.pending_db)
+                self._add_pending_bytes(txn, -json.loads(raw)["size"])
+
+    def _add_pending_bytes(self, txn: Any, delta: int) -> None:
+        total = self._read_pending_bytes(txn)
+        txn.put(_PENDING_BYTES, str(max(0, total + delta)).encode(), db=self.meta_db)
+
+    def _read_pending_bytes(self, txn: Any) -> int:
+        raw = txn.get(_PENDING_BYTES, db=self.meta_db)
+        if raw is not None:
+            return int(raw)
+        # A journal written before the counter existed: count once.
+        return sum(json.loads(v)["size"] for _, v in txn.cursor(db=self.pending_db))
 
     def pending_bytes(self) -> int:
         """Bytes staged and not yet durable at the origin (never evicted)."""
-        return sum(e["size"] for e in self.pending())
+        with self.env.begin() as txn:
+            return self._read_pending_bytes(txn)
 
     def done(self, prefix: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (url, record) of completed uploads under ``prefix``."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import os
 import threading
-import time
 
 import fsspec
 import pytest
@@ -70,13 +69,16 @@ def test_older_write_never_overwrites_newer_at_origin(tmp_path) -> None:
                      "size": len(data), "xxh3_128": "x", "created": created, "attempts": 0})
 
     stage("old", b"OLD", 1.0)
-    stage("new", b"NEW", 2.0)
+    stage("new", b"NEWER", 2.0)
+    assert journal.pending_bytes() == 3 + 5 == sum(e["size"] for e in journal.pending())
     uploader = Uploader(config)
     assert uploader.upload_one(journal.get("new")) is True  # NEW wins the race to the origin
+    assert journal.pending_bytes() == 3  # completing an entry releases its bytes
     assert journal.pending_for_url(url) is None, "readers must not be served the superseded OLD copy"
     assert uploader.drain() == []  # OLD's retry comes later
-    assert (origin / "latest.pt").read_bytes() == b"NEW"
+    assert (origin / "latest.pt").read_bytes() == b"NEWER"
     assert journal.pending() == [] and not os.path.exists(journal.data_path("old"))
+    assert journal.pending_bytes() == 0  # superseding releases them too
 
 
 def test_rewrite_of_same_url_keeps_the_last_write(tmp_path) -> None:
@@ -178,4 +180,3 @@ def test_dangling_queue_slots_are_repaired(tmp_path) -> None:
         assert fs.cat_file(str(p)) == p.read_bytes()
         fs.engine.drain_writes()
     assert fs.engine.disk.stats()["evictions"] > 0
-    time.sleep(0)
