@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -46,9 +48,11 @@ READER = textwrap.dedent("""
 class Cluster:
     """N nodes behind one proxy; stopped on exit."""
 
-    def __init__(self, server: SeaweedServer, workdir: Path, proxy: ChaosProxy, n: int, token: str) -> None:
+    def __init__(self, server: SeaweedServer, workdir: Path, proxy: ChaosProxy, n: int, token: str,
+                 *extra_args: str) -> None:
         env = dict(os.environ, AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key)
-        self.nodes = [NodeProcess(workdir / f"node{i}", token, proxy.endpoint_url, env) for i in range(n)]
+        self.nodes = [NodeProcess(workdir / f"node{i}", token, proxy.endpoint_url, env, extra_args)
+                      for i in range(n)]
         self.urls = [node.start() for node in self.nodes]
 
     def stop(self) -> None:
@@ -89,6 +93,39 @@ def parallel_readers(server: SeaweedServer, proxy: ChaosProxy, workdir: Path, pe
     return mbps(sum(r["bytes"] for r in results), wall)
 
 
+def loopback_ceiling(cache_dir: Path) -> float:
+    """MB/s of ``sendfile`` from the block files of ``cache_dir`` to a loopback socket read with ``recv_into``.
+
+    No HTTP, no checksums, no allocation: the most any peer protocol could move between two processes here.
+    """
+    files = sorted(p for p in (cache_dir / "blocks").rglob("*") if p.is_file())
+    server = socket.create_server(("127.0.0.1", 0))
+    total = sum(p.stat().st_size for p in files)
+
+    def send() -> None:
+        conn, _ = server.accept()
+        with conn:
+            for path in files:
+                with open(path, "rb") as fh:
+                    conn.sendfile(fh)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    buf = memoryview(bytearray(4 * 1024 * 1024))
+    with socket.create_connection(server.getsockname()) as client:
+        t0 = time.perf_counter()
+        got = 0
+        while got < total:
+            n = client.recv_into(buf)
+            if n == 0:
+                break
+            got += n
+        seconds = time.perf_counter() - t0
+    sender.join()
+    server.close()
+    return mbps(got, seconds)
+
+
 def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
     """Run the cluster measures; see the module docstring."""
     if not selected("cluster"):
@@ -115,24 +152,43 @@ def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
             rows.append(row)
             log(f"cluster: {len(gets)} origin GETs for {distinct} distinct blocks")
 
-            # A block from a peer against a local-tier hit: same reader config (disk tier, no memory tier).
-            peer_mbps, local_mbps = [], []
-            for r in range(repeats()):
-                settle()
-                fs = reader_fs(server, proxy, workdir / f"peer-reader-{r}", cluster.urls, token)
-                seconds, n = timed(partial(read_loop, fs))
-                peer_mbps.append(mbps(n, seconds))
-                fs.engine.drain_writes()
-                settle()
-                seconds, n = timed(partial(read_loop, fs))
-                local_mbps.append(mbps(n, seconds))
-                shutil.rmtree(workdir / f"peer-reader-{r}", ignore_errors=True)
-                log(f"cluster/{r}: peer {peer_mbps[-1]:.0f} MB/s, local disk tier {local_mbps[-1]:.0f} MB/s")
+            # Blocks served by a peer against local-tier hits of the same blocks: the peer reader keeps
+            # nothing (memory_bytes=0, peer blocks are not copied to its disk by default); the local reader
+            # has no peers and reads the owner node's own cache_dir, where the blocks are.
+            peer_mbps, local_mbps, ceiling = [], [], []
+            local = fsspec.filesystem("pcache", target_protocol="s3",
+                                      target_options=server.storage_options(endpoint_url=proxy.endpoint_url),
+                                      cache_dir=str(workdir / "peer-owner" / "node0"), memory_bytes=0,
+                                      skip_instance_cache=True)
+            owner = Cluster(server, workdir / "peer-owner", proxy, 1, token, "--memory-bytes", "0")
+            try:
+                reader_fs(server, proxy, workdir / "peer-warm", owner.urls, token).cat_file(OBJECT)  # owner warm
+                for r in range(repeats()):
+                    settle()
+                    fs = reader_fs(server, proxy, workdir / f"peer-reader-{r}", owner.urls, token)
+                    seconds, n = timed(partial(read_loop, fs))
+                    peer_mbps.append(mbps(n, seconds))
+                    settle()
+                    seconds, n = timed(partial(read_loop, local))
+                    local_mbps.append(mbps(n, seconds))
+                    ceiling.append(loopback_ceiling(workdir / "peer-owner" / "node0"))
+                    log(f"cluster/{r}: peer {peer_mbps[-1]:.0f} MB/s, local disk tier {local_mbps[-1]:.0f} MB/s, "
+                        f"loopback TCP ceiling {ceiling[-1]:.0f} MB/s")
+            finally:
+                owner.stop()
             rows.append(make_row(module=NAME, unit="MB/s", key="peer_vs_local",
-                                 measure="blocks served by a peer, 16 MiB reads",
-                                 values=peer_mbps, baseline="local disk-tier hit, same reader",
+                                 measure="blocks served by a peer (sendfile), 16 MiB reads",
+                                 values=peer_mbps, baseline="local disk-tier hit of the same blocks",
                                  baseline_values=local_mbps, target=0.5, nbytes=size,
-                                 notes="memory_bytes=0 on the reader, so both sides read verified disk blocks"))
+                                 notes="memory_bytes=0 on both readers and on the owner, so every block is a "
+                                       "verified disk read (local) or a disk block sent over loopback HTTP and "
+                                       "verified by the reader (peer)"))
+            rows.append(make_row(module=NAME, unit="MB/s", key="loopback_ceiling",
+                                 measure="loopback TCP ceiling: sendfile of the block files to recv_into, no HTTP",
+                                 values=ceiling, baseline="local disk-tier hit of the same blocks",
+                                 baseline_values=local_mbps, target=None, nbytes=size,
+                                 notes="upper bound for any peer protocol between two processes on this machine: "
+                                       "if its ratio is near 0.5, the peer target is out of reach here"))
 
             # Aggregate throughput of 3 readers: 3 warm nodes against 1 warm node.
             three = [parallel_readers(server, proxy, workdir, cluster.urls, token, 3) for _ in range(repeats())]

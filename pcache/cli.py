@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
     p.add_argument("--prefix", help="only files under this origin URL")
+    p.add_argument("--no-replicas", action="store_true",
+                   help="leave standby replicas held for other nodes alone (by default they are adopted: "
+                        "uploaded unless the origin already has them)")
     p = sub.add_parser("verify", help="re-check every block's checksum and drop corrupt blocks")
     _add_common(p)
     p = sub.add_parser("serve", help="run a cache node that serves blocks to peers (binds 127.0.0.1 by default)")
@@ -115,7 +118,7 @@ def node_stat(args: argparse.Namespace) -> int:
         for sample in family.samples:
             label = "_".join(sample.labels.values())
             values[sample.name.removesuffix("_total") + (f"_{label}" if label else "")] = sample.value
-    hits = values.get("pcache_hits_memory", 0) + values.get("pcache_hits_disk", 0)
+    hits = sum(values.get(f"pcache_hits_{tier}", 0) for tier in ("memory", "disk", "peer"))
     lookups = hits + values.get("pcache_misses", 0)
     data = {"node": args.node, **values, "hit_ratio": hits / lookups if lookups else None}
     human = "\n".join([
@@ -127,6 +130,8 @@ def node_stat(args: argparse.Namespace) -> int:
         f"request errors  {int(values.get('pcache_peer_request_errors', 0))}",
         f"pending uploads {int(values.get('pcache_upload_queue_depth', 0))} "
         f"({_human(values.get('pcache_upload_pending_bytes', 0))})",
+        f"standby replicas {int(values.get('pcache_standby_replicas', 0))} "
+        f"({_human(values.get('pcache_standby_replica_bytes', 0))})",
     ])
     _emit(args, data, human)
     return 0
@@ -144,11 +149,12 @@ def cmd_stat(args: argparse.Namespace) -> int:
     store = DiskStore(config.cache_dir, config.disk_bytes, reserved=journal.pending_bytes)
     s = store.stats()
     pending = journal.pending()
-    hits = s["hits_memory"] + s["hits_disk"]
+    hits = s["hits_memory"] + s["hits_disk"] + s["hits_peer"]
     lookups = hits + s["misses"]
     data = {"cache_dir": config.cache_dir, "disk_blocks": s["blocks"], "disk_bytes": s["total"],
             "disk_budget": config.disk_bytes, "memory_budget_per_process": config.memory_bytes,
-            "hits_memory": s["hits_memory"], "hits_disk": s["hits_disk"], "misses": s["misses"],
+            "hits_memory": s["hits_memory"], "hits_disk": s["hits_disk"], "hits_peer": s["hits_peer"],
+            "misses": s["misses"], "peer_bytes": s["peer_bytes"],
             "hit_ratio": (hits / lookups) if lookups else None, "origin_bytes": s["origin_bytes"],
             "evictions": s["evictions"], "corrupt_blocks": s["corrupt_blocks"],
             "pending_uploads": len(pending), "pending_bytes": sum(e["size"] for e in pending)}
@@ -157,8 +163,9 @@ def cmd_stat(args: argparse.Namespace) -> int:
         f"cache dir       {config.cache_dir}",
         f"disk tier       {s['blocks']} blocks, {_human(s['total'])} of {_human(config.disk_bytes)}",
         f"memory tier     budget {_human(config.memory_bytes)} per process",
-        f"hit ratio       {ratio} (memory {s['hits_memory']}, disk {s['hits_disk']}, misses {s['misses']})",
-        f"origin reads    {_human(s['origin_bytes'])}",
+        f"hit ratio       {ratio} (memory {s['hits_memory']}, disk {s['hits_disk']}, peer {s['hits_peer']}, "
+        f"misses {s['misses']})",
+        f"origin reads    {_human(s['origin_bytes'])}; from peers {_human(s['peer_bytes'])}",
         f"evictions       {s['evictions']}; corrupt blocks dropped {s['corrupt_blocks']}",
         f"pending uploads {len(pending)} ({_human(data['pending_bytes'])})",
     ] + [f"  {e['url']} ({_human(e['size'])}){'  last error: ' + e['last_error'] if e.get('last_error') else ''}"
@@ -223,11 +230,17 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
     config = _config(args)
     uploader = Uploader(config, endpoint_url=args.endpoint_url)
+    replicas = {"adopted": 0, "dropped": 0}
+    if not args.no_replicas:
+        replicas = uploader.adopt_replicas()
     before = uploader.journal.pending(args.prefix)
     failed = uploader.drain(args.prefix, timeout=args.timeout)
     done = len(before) - len(uploader.journal.pending(args.prefix))
-    data = {"uploaded": done, "failed": failed, "still_pending": len(uploader.journal.pending(args.prefix))}
+    data = {"uploaded": done, "failed": failed, "still_pending": len(uploader.journal.pending(args.prefix)),
+            "replicas_adopted": replicas["adopted"], "replicas_dropped": replicas["dropped"]}
     lines = [f"uploaded {done} file(s); {data['still_pending']} still pending"]
+    if any(replicas.values()):
+        lines.append(f"peer replicas: {replicas['adopted']} adopted, {replicas['dropped']} already at the origin")
     lines += [f"failed: {url}" for url in failed]
     _emit(args, data, "\n".join(lines))
     return 1 if data["still_pending"] else 0

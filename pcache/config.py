@@ -47,6 +47,9 @@ class CacheConfig:
         peers: URLs of ``pcache serve`` nodes (``http://host:port``), comma-separated in env/flags.
         token_file: File holding the secret shared with the peers (needed when ``peers`` is set).
         peer_timeout: Seconds before a peer request gives up and the reader falls back.
+        peer_blocks_on_disk: Also keep blocks served by a peer on the local disk tier (default: memory
+            tier only; the owner node keeps them on its disk).
+        replicas: 1 stores every write-back file on one peer too before ``close()`` returns (0: off).
     """
 
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -69,6 +72,8 @@ class CacheConfig:
     peers: tuple[str, ...] = ()
     token_file: str = ""
     peer_timeout: float = 1.0
+    peer_blocks_on_disk: bool = False
+    replicas: int = 0
 
     def __post_init__(self) -> None:
         if not self.cache_dir:
@@ -97,6 +102,10 @@ class CacheConfig:
                 raise ConfigError("peers", f"malformed peer URL {peer!r}; expected http://host:port")
         if self.peers and not self.token_file:
             raise ConfigError("token_file", "peers are set but no token file is given")
+        if self.replicas not in (0, 1):
+            raise ConfigError("replicas", f"must be 0 or 1, got {self.replicas}")
+        if self.replicas and not self.peers:
+            raise ConfigError("replicas", "replicas=1 needs peers to replicate to")
         if self.metadata_ttl < 0:
             raise ConfigError("metadata_ttl", "must be >= 0")
 

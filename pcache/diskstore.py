@@ -186,6 +186,24 @@ class DiskStore:
         self._note_hit(key)
         return raw_len
 
+    def open_payload(self, key: bytes) -> tuple[int, int, int, int] | None:
+        """Open an uncompressed block for zero-copy sending: return (fd, offset, length, checksum).
+
+        The payload is *not* verified here: the receiving peer verifies the recorded checksum end to end
+        (disk and network) and asks again with ``verify=1`` on a mismatch, which takes the verifying path
+        and drops the bad block. The caller closes ``fd``. Returns None when the block is absent,
+        compressed or visibly truncated (then the caller takes the verifying path).
+        """
+        opened = self._open_block(key)
+        if opened is None:
+            return None
+        fd, flags, raw_len, stored_len, checksum = opened
+        if flags & FLAG_ZSTD or raw_len != stored_len or os.fstat(fd).st_size != HEADER.size + stored_len:
+            os.close(fd)
+            return None
+        self._note_hit(key)
+        return fd, HEADER.size, raw_len, checksum
+
     def _corrupt(self, key: bytes, path: str, why: str) -> None:
         log.warning("dropping corrupt cache block %s: %s", path, why, extra={"path": path, "reason": why})
         self.note_stat("corrupt_blocks")
@@ -282,8 +300,8 @@ class DiskStore:
     # -- statistics and maintenance --------------------------------------------------------------
     def stats(self) -> dict[str, int]:
         """Shared counters (hits, misses, evictions, corrupt blocks) and index totals."""
-        names = ("total", "small", "evictions", "corrupt_blocks", "hits_memory", "hits_disk", "misses",
-                 "origin_bytes")
+        names = ("total", "small", "evictions", "corrupt_blocks", "hits_memory", "hits_disk", "hits_peer", "misses",
+                 "origin_bytes", "peer_bytes")
         with self.env.begin() as txn:
             out = {name: self.fifo.get_counter(txn, name) for name in names}
             out["blocks"] = txn.stat(self.fifo.blocks)["entries"]

@@ -27,7 +27,24 @@ from pcache.memory import MemoryLRU
 
 log = get_logger(__name__)
 
-Fetch = Callable[[int, int], bytes]
+
+
+class PeerBlock:
+    """A block that a peer node served: it already lives on that node's disk.
+
+    A fetcher returns one to tell the engine so. The engine counts a peer hit rather than an origin miss,
+    and keeps the block in the memory tier only, unless ``peer_blocks_on_disk`` is set. Without that
+    setting the cluster's capacity is the sum of its disks and not one node's, and a reader does not
+    pay the cost of writing a local copy of every block.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+Fetch = Callable[[int, int], "bytes | PeerBlock"]
 
 # Reads of up to this many blocks from disk use per-thread scratch buffers (32 MiB at 4 MiB blocks).
 _MAX_SCRATCH_BLOCKS = 8
@@ -69,7 +86,8 @@ class BlockCache:
         # Blocks handed to readers but not yet on disk, bounded like the bytes being fetched.
         self.publisher = ThreadPoolExecutor(2, thread_name_prefix="pcache-publish")
         self._write_budget = threading.BoundedSemaphore(max(1, config.max_inflight_bytes // self.block_size))
-        self.counters = {"hits_memory": 0, "hits_disk": 0, "misses": 0, "origin_bytes": 0}
+        self.counters = {"hits_memory": 0, "hits_disk": 0, "hits_peer": 0, "misses": 0, "origin_bytes": 0,
+                         "peer_bytes": 0}
         self._tls = threading.local()
         self._counters_lock = threading.Lock()
         self._drain_lock = threading.Lock()
@@ -107,8 +125,10 @@ class BlockCache:
                 self._count("hits_disk")
                 self.memory.put(key, data)
                 return data
-            data = self._fetch(obj, index, fetch)
+            data, keep = self._fetch(obj, index, fetch)
             self.memory.put(key, data)
+            if not keep:
+                return data
             if self._write_budget.acquire(blocking=False):
                 # Write-behind: the reader gets its bytes now; the block reaches disk on the publish
                 # pool, which also releases the stripe lock, so other processes wait for the block
@@ -125,15 +145,22 @@ class BlockCache:
             if lock >= 0:
                 self.locks.release(lock)
 
-    def _fetch(self, obj: ObjectRef, index: int, fetch: Fetch) -> bytes:
+    def _fetch(self, obj: ObjectRef, index: int, fetch: Fetch) -> tuple[bytes, bool]:
+        """Fetch a block; return it and whether the disk tier should keep it."""
         start, end = self.block_span(obj, index)
-        data = fetch(start, end)
+        got = fetch(start, end)
+        from_peer = isinstance(got, PeerBlock)
+        data = got.data if isinstance(got, PeerBlock) else got
         if len(data) != end - start:
             raise OSError(f"short read from origin {obj.url} (version {obj.version}) bytes {start}-{end}: "
                           f"got {len(data)} bytes; the object may have changed")
+        if from_peer:
+            self._count("hits_peer")
+            self._count("peer_bytes", len(data))
+            return data, self.config.peer_blocks_on_disk
         self._count("misses")
         self._count("origin_bytes", len(data))
-        return data
+        return data, True
 
     def _publish(self, obj: ObjectRef, key: bytes, data: bytes) -> None:
         try:

@@ -12,20 +12,22 @@ import io
 import os
 import threading
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import fsspec
 from fsspec.implementations.chained import ChainedFileSystem
 
+from pcache._util.log import get_logger
 from pcache._util.retry import RetryPolicy
 from pcache.cluster.auth import load_token
 from pcache.cluster.client import PeerTier
+from pcache.cluster.replica import node_id, replicate
 from pcache.config import CacheConfig
-from pcache.engine import BlockCache, ObjectRef, get_engine
+from pcache.engine import BlockCache, Fetch, ObjectRef, PeerBlock, get_engine
 from pcache.origin import Origin
 from pcache.writeback import WriteBack, WriteBackFile
 
+log = get_logger(__name__)
 _WRITEBACKS: dict[str, WriteBack] = {}
 _REGISTRY_LOCK = threading.Lock()
 # Keyed by id(): fsspec computes an instance's hash only after __init__ returns.
@@ -150,20 +152,21 @@ class PCacheFileSystem(ChainedFileSystem):
             pid, tier = self._peer_tier
             if tier is None or pid != os.getpid():
                 tier = PeerTier(self.config.peers, self._token, timeout_s=self.config.peer_timeout)
+                weakref.finalize(self, tier.close)  # no health checks outlive the filesystem
                 self._peer_tier = (os.getpid(), tier)
             return tier
 
-    def fetcher_for(self, target: str, ref: ObjectRef) -> Callable[[int, int], bytes]:
+    def fetcher_for(self, target: str, ref: ObjectRef) -> Fetch:
         """Block fetcher for ``target`` at ``ref``'s version: owner peer, next owner, then the origin."""
         origin_fetch = self.origin.fetcher(target, ref.version)
         if not self.config.peers:
             return origin_fetch
         block_size = self.config.block_size
 
-        def fetch(start: int, end: int) -> bytes:
+        def fetch(start: int, end: int) -> bytes | PeerBlock:
             tier = self.peers
             data = tier.get_block(target, ref.version, ref.size, start // block_size, block_size) if tier else None
-            return data if data is not None and len(data) == end - start else origin_fetch(start, end)
+            return PeerBlock(data) if data is not None and len(data) == end - start else origin_fetch(start, end)
 
         return fetch
 
@@ -224,7 +227,20 @@ class PCacheFileSystem(ChainedFileSystem):
                     pass
             return PCacheFile(self, target, self.origin.ref(target))
         return WriteBackFile(self.writeback, url, self.target_protocol, target, self.target_options,
-                             on_close=lambda: self.origin.invalidate(target))
+                             on_close=lambda: self.origin.invalidate(target),
+                             replicator=self._replicate if self.config.replicas else None)
+
+    def _replicate(self, entry: dict[str, Any], data_path: str) -> dict[str, str] | None:
+        """Store a closed write-back file on one peer (``replicas=1``); return where, for the journal."""
+        tier = self.peers
+        peers = tier.alive() if tier is not None else ()
+        peer = replicate(peers, self._token, entry, data_path, node_id(self.config.cache_dir),
+                         timeout_s=self.config.peer_timeout)
+        if peer is None:
+            log.warning("replicas=1 but no peer stored %s: until it is uploaded it exists on this node only",
+                        entry["url"], extra={"url": entry["url"]})
+            return None
+        return {"peer": peer, "token_file": self.config.token_file}
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         with self._open(path, "rb") as f:
@@ -277,9 +293,12 @@ class PCacheFile(io.RawIOBase):
         """Prefetch ahead when reads are sequential; the window doubles with each sequential read."""
         self._streak = self._streak + 1 if start == self._expected else 0
         self._expected = end
-        limit = self.fs.config.readahead_blocks
+        config = self.fs.config
+        limit = config.readahead_blocks
         if self._streak == 0 or limit == 0 or end >= self.size:
             return
+        if config.peers and config.memory_bytes == 0 and not config.peer_blocks_on_disk:
+            return  # a prefetched peer block would be kept nowhere: it would only be fetched twice
         bs = self.fs.engine.block_size
         window = min(limit, 2 ** min(self._streak, 16))
         nxt = (end - 1) // bs + 1

@@ -2,7 +2,9 @@
 
 ``pending`` maps an upload id to its entry (origin URL, protocol, path, non-secret storage options,
 size, xxh3-128, multipart upload id, last error). ``done`` maps a URL to what was uploaded (size, ETag,
-xxh3-128), which :func:`pcache.commit` records in the marker. Every write is fsynced: an entry that
+xxh3-128), which :func:`pcache.commit` records in the marker. ``replicas`` holds *standby* copies that
+peers' writers sent this node (``replicas=1``): they are not uploaded unless adopted (``pcache flush``
+after the writer's node is lost), so a stale copy never races its writer's own upload. Every write is fsynced: an entry that
 ``close()`` reported is on disk before ``close()`` returns.
 
 Secrets never enter the journal: :func:`split_secrets` strips them, and the uploader gets them from the
@@ -80,13 +82,14 @@ class Journal:
     def __init__(self, cache_dir: str) -> None:
         self.dir = os.path.join(cache_dir, "writeback")
         os.makedirs(self.dir, exist_ok=True)
-        self.env = open_env(os.path.join(cache_dir, "journal"), map_size=1 << 30, max_dbs=4, sync=True,
+        self.env = open_env(os.path.join(cache_dir, "journal"), map_size=1 << 30, max_dbs=5, sync=True,
                             metasync=True, max_readers=1024)
         self.pending_db = self.env.open_db(b"pending")
         self.done_db = self.env.open_db(b"done")
         # Running total of pending bytes, kept in the same transactions as the entries: the disk tier
         # asks for it on every block it publishes, which must not decode the whole journal each time.
         self.meta_db = self.env.open_db(b"meta")
+        self.replica_db = self.env.open_db(b"replicas")
 
     def data_path(self, upload_id: str) -> str:
         """Where the staged bytes of ``upload_id`` live."""
@@ -150,6 +153,68 @@ class Journal:
                 txn.delete(entry_id.encode(), db=self.pending_db)
                 self._add_pending_bytes(txn, -json.loads(raw)["size"])
 
+    # -- standby replicas (cluster write-back, replicas=1) ------------------------------------------
+    def add_replica(self, entry: dict[str, Any]) -> list[str]:
+        """Record a standby replica whose data file is already durable at :meth:`data_path`.
+
+        An older replica of the same URL is superseded (dropped) in the same transaction, and a newer
+        one makes this one superseded at once. Returns the ids whose data files the caller must unlink.
+        """
+        drop: list[str] = []
+        with self.env.begin(write=True) as txn:
+            for key, raw in list(txn.cursor(db=self.replica_db)):
+                other = json.loads(raw)
+                if other["url"] != entry["url"]:
+                    continue
+                if other["created"] > entry["created"]:
+                    drop.append(entry["id"])
+                    return drop
+                txn.delete(key, db=self.replica_db)
+                self._add_pending_bytes(txn, -other["size"])
+                drop.append(other["id"])
+            self._add_pending_bytes(txn, entry["size"])  # first: a missing counter is seeded from the dbs
+            txn.put(entry["id"].encode(), json.dumps(entry).encode(), db=self.replica_db)
+        return drop
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Standby replicas held for other nodes, oldest first."""
+        with self.env.begin() as txn:
+            entries = [json.loads(v) for _, v in txn.cursor(db=self.replica_db)]
+        return sorted(entries, key=lambda e: e["created"])
+
+    def drop_replica(self, source_id: str) -> str | None:
+        """Forget the replica of the writer's upload ``source_id``; return its local id (to unlink)."""
+        with self.env.begin(write=True) as txn:
+            for key, raw in txn.cursor(db=self.replica_db):
+                entry = json.loads(raw)
+                if entry["source_id"] == source_id:
+                    txn.delete(key, db=self.replica_db)
+                    self._add_pending_bytes(txn, -entry["size"])
+                    return str(entry["id"])
+        return None
+
+    def adopt_replica(self, replica_id: str) -> bool:
+        """Turn a standby replica into a pending upload of this node, in one durable transaction."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(replica_id.encode(), db=self.replica_db)
+            if raw is None:
+                return False
+            entry = json.loads(raw)
+            txn.delete(replica_id.encode(), db=self.replica_db)
+            pending = {k: v for k, v in entry.items() if k not in ("source_id", "source_node")}
+            pending["attempts"] = 0
+            txn.put(replica_id.encode(), json.dumps(pending).encode(), db=self.pending_db)
+            # Bytes stay counted: they move from standby to pending.
+        return True
+
+    def forget_replica(self, replica_id: str) -> None:
+        """Drop a standby replica by its local id (the origin already has it or something newer)."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(replica_id.encode(), db=self.replica_db)
+            if raw is not None:
+                txn.delete(replica_id.encode(), db=self.replica_db)
+                self._add_pending_bytes(txn, -json.loads(raw)["size"])
+
     def _add_pending_bytes(self, txn: Any, delta: int) -> None:
         total = self._read_pending_bytes(txn)
         txn.put(_PENDING_BYTES, str(max(0, total + delta)).encode(), db=self.meta_db)
@@ -159,10 +224,12 @@ class Journal:
         if raw is not None:
             return int(raw)
         # A journal written before the counter existed: count once.
-        return sum(json.loads(v)["size"] for _, v in txn.cursor(db=self.pending_db))
+        return sum(json.loads(v)["size"] for db in (self.pending_db, self.replica_db)
+                   for _, v in txn.cursor(db=db))
 
     def pending_bytes(self) -> int:
-        """Bytes staged and not yet durable at the origin (never evicted)."""
+        """Bytes staged here and not yet known durable at the origin: pending uploads plus standby
+        replicas. The disk tier reserves them; they are never evicted."""
         with self.env.begin() as txn:
             return self._read_pending_bytes(txn)
 
@@ -180,8 +247,13 @@ class Journal:
             raw = txn.get(entry_id.encode(), db=self.pending_db)
         return json.loads(raw) if raw is not None else None
 
+    def references(self, entry_id: str) -> bool:
+        """True when a pending upload or a standby replica owns the data file of ``entry_id``."""
+        with self.env.begin() as txn:
+            return any(txn.get(entry_id.encode(), db=db) is not None for db in (self.pending_db, self.replica_db))
+
     def remove_orphans(self, age_s: float = 3600.0) -> int:
-        """Delete staged files that no pending entry refers to, once older than ``age_s`` seconds.
+        """Delete staged files that no pending entry or replica refers to, once older than ``age_s`` seconds.
 
         The age guard matters: a writer renames its ``.data`` file into place *before* its journal
         entry commits, and a ``.tmp`` file belongs to a writer whose ``close()`` has not returned (small
@@ -196,7 +268,7 @@ class Journal:
                 continue
             path = os.path.join(self.dir, name)
             try:
-                if now - os.stat(path).st_mtime <= age_s or self.get(stem) is not None:
+                if now - os.stat(path).st_mtime <= age_s or self.references(stem):
                     continue
                 os.unlink(path)
                 removed += 1

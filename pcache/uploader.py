@@ -16,14 +16,18 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import xxhash
 from fsspec.asyn import sync
 
+from pcache._util.checksum import content_hasher
 from pcache._util.files import unlink_quiet
 from pcache._util.log import get_logger, setup_logging
 from pcache._util.retry import RetryPolicy, retry_call
+from pcache.cluster.auth import load_token
+from pcache.cluster.replica import drop_remote, origin_mtime
 from pcache.config import CacheConfig
 from pcache.fs import build_target_fs
 from pcache.journal import Journal, merge_options, options_fingerprint
@@ -82,6 +86,7 @@ class Uploader:
             if self.journal.is_superseded(current):
                 self.journal.supersede(current["id"])
                 unlink_quiet(self.journal.data_path(current["id"]))
+                self._drop_replica(current)
                 log.info("skipped %s: superseded by a newer write", current["url"], extra={"url": current["url"]})
                 return True
             try:
@@ -93,10 +98,65 @@ class Uploader:
                 return False
             self.journal.complete(current["id"], etag)
             unlink_quiet(self.journal.data_path(current["id"]))
+            self._drop_replica(current)
             log.info("uploaded %s (%d bytes)", current["url"], current["size"], extra={"url": current["url"]})
             return True
         finally:
             self.url_locks.release(lock)
+
+    @staticmethod
+    def _drop_replica(entry: dict[str, Any]) -> None:
+        """The peer's standby copy is no longer needed once the origin has this write (or a newer one)."""
+        replica = entry.get("replica")
+        if not replica:
+            return
+        try:
+            token = load_token(replica["token_file"])
+        except Exception as exc:  # noqa: BLE001 - the peer's flush skips stale replicas anyway
+            log.warning("cannot drop replica of %s: %s", entry["url"], exc, extra={"url": entry["url"]})
+            return
+        drop_remote(replica["peer"], token, entry["id"])
+
+    def adopt_replicas(self) -> dict[str, int]:
+        """Take over the standby replicas this node holds for other writers (``pcache flush``).
+
+        A replica is adopted (becomes a pending upload here) unless the origin already has this content,
+        or an object written at or after the replica was created; then it is dropped. The time check
+        compares the writer's clock with the origin's, so clocks must agree to within the interval
+        between two writes of one URL.
+
+        Returns:
+            ``{"adopted": n, "dropped": m}``.
+        """
+        counts = {"adopted": 0, "dropped": 0}
+        for entry in self.journal.replicas():
+            fs, path = self._filesystem(entry), entry["path"]
+            try:
+                info = retry_call(partial(fs.info, path), url=entry["url"], policy=self.policy)
+            except FileNotFoundError:
+                info = None
+            if info is not None and self._origin_has(fs, entry, info):
+                self.journal.forget_replica(entry["id"])
+                unlink_quiet(self.journal.data_path(entry["id"]))
+                counts["dropped"] += 1
+                log.info("replica of %s dropped: the origin already has it or a newer write",
+                         entry["url"], extra={"url": entry["url"]})
+            elif self.journal.adopt_replica(entry["id"]):
+                counts["adopted"] += 1
+                log.info("replica of %s adopted for upload (writer node %s)", entry["url"],
+                         entry.get("source_node"), extra={"url": entry["url"]})
+        return counts
+
+    def _origin_has(self, fs: Any, entry: dict[str, Any], info: dict[str, Any]) -> bool:
+        if info.get("size") == entry["size"]:
+            hasher = content_hasher()
+            with fs.open(entry["path"], "rb") as fh:
+                for chunk in iter(lambda: fh.read(8 * 1024 * 1024), b""):
+                    hasher.update(chunk)
+            if hasher.hexdigest() == entry["xxh3_128"]:
+                return True
+        mtime = origin_mtime(info)
+        return mtime is not None and mtime >= entry["created"]
 
     def _send(self, entry: dict[str, Any]) -> str | None:
         fs = self._filesystem(entry)

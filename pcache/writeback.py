@@ -37,15 +37,18 @@ class WriteBackFile(io.RawIOBase):
     """A write-only file staged in ``cache_dir``; ``close()`` makes it durable locally and queues it.
 
     Use :meth:`discard` (or leave a ``with`` block by an exception) to drop it without uploading.
+    ``replicator(entry, data_path)``, when given, stores the closed file on a peer before ``close()``
+    returns and returns what the journal entry records about it (see :mod:`pcache.cluster.replica`).
     """
 
     def __init__(self, manager: WriteBack, url: str, protocol: str, path: str, options: dict[str, Any],
-                 on_close: Any = None) -> None:
+                 on_close: Any = None, replicator: Any = None) -> None:
         super().__init__()
         self._fd, self._size = -1, 0  # set first: __del__ must work even if os.open below fails
         self.manager, self.url, self.protocol, self.path = manager, url, protocol, path
         self.options = options
         self.on_close = on_close
+        self.replicator = replicator
         self.upload_id = uuid.uuid4().hex
         self._tmp = os.path.join(manager.journal.dir, f"{self.upload_id}.tmp")
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -123,11 +126,16 @@ class WriteBackFile(io.RawIOBase):
         except OSError as exc:
             self._fail(exc)
         public, _ = split_secrets(self.options)
-        self.manager.journal.add({
+        entry = {
             "id": self.upload_id, "url": self.url, "protocol": self.protocol, "path": self.path,
             "options": public, "size": self._size, "xxh3_128": self._hasher.hexdigest(),
             "created": time.time(), "attempts": 0,
-        })
+        }
+        if self.replicator is not None:
+            # Before the journal entry: the uploader must never finish (and drop the replica) before
+            # the replica exists.
+            entry["replica"] = self.replicator(entry, self.manager.journal.data_path(self.upload_id))
+        self.manager.journal.add(entry)
         super().close()
         self.manager.kick()
         if self.on_close is not None:

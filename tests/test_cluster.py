@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -34,8 +35,9 @@ def start_nodes(tmp_path, s3_server, token_file):
     nodes: list[NodeProcess] = []
     env = dict(os.environ, AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key)
 
-    def start(n: int, endpoint: str) -> list[str]:
-        new = [NodeProcess(tmp_path / f"node{len(nodes) + i}", token_file, endpoint, env) for i in range(n)]
+    def start(n: int, endpoint: str, *extra_args: str) -> list[str]:
+        new = [NodeProcess(tmp_path / f"node{len(nodes) + i}", token_file, endpoint, env, extra_args)
+               for i in range(n)]
         nodes.extend(new)
         return [node.start() for node in new]
 
@@ -223,3 +225,113 @@ def test_cluster_warm_spreads_blocks_over_their_owners(tmp_path, s3_server, s3_o
                                          token_file=token_file, skip_instance_cache=True)
     fs.cat_file(f"{bucket}/ds/shard-1.bin")
     assert [r for r in proxy.get_ranges() if r is not None] == [], "a warmed prefix still went to the origin"
+
+
+REPLICA_WRITER = textwrap.dedent("""
+    import json, sys, time, fsspec
+    cache_dir, url, options, peers, token, size = sys.argv[1:7]
+    fs = fsspec.filesystem("pcache", target_protocol="s3", target_options=json.loads(options),
+                           cache_dir=cache_dir, peers=tuple(peers.split(",")), token_file=token, replicas=1,
+                           upload_part_size="5MiB", upload_concurrency=2)
+    with fs.open(url, "wb") as f:
+        f.write(bytes(range(256)) * (int(size) // 256))
+    print(json.dumps(fs.writeback.journal.pending(fs.url(url))[0]["replica"]), flush=True)
+    if sys.argv[7] == "flush":
+        fs.flush(timeout=120)
+        print("flushed", flush=True)
+    time.sleep(60)
+""")
+
+
+def _metric(node: str, token_file: str, name: str) -> float:
+    out = subprocess.run([PY, "-m", "pcache.cli", "stat", "--node", node, "--token-file", token_file, "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout).get(name, 0.0)
+
+
+def test_replica_survives_kill9_of_writer_node_and_peer_flush_uploads_it(
+        tmp_path, s3_server, s3_options, bucket, chaos_proxy, start_nodes, token_file) -> None:
+    peers = start_nodes(3, s3_server.endpoint_url)
+    proxy = chaos_proxy(latency_s=0.5)  # the writer's origin is slow: its upload cannot finish in time
+    url, size = f"{bucket}/ckpt/step300/rank0.distcp", 12 * MiB
+    writer_dir = tmp_path / "writer"
+    writer = subprocess.Popen([PY, "-c", REPLICA_WRITER, str(writer_dir), url,
+                               json.dumps(s3_server.storage_options(endpoint_url=proxy.endpoint_url)),
+                               ",".join(peers), token_file, str(size), "no-flush"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert writer.stdout is not None
+    replica = json.loads(writer.stdout.readline())  # printed after close() returned
+    os.killpg(writer.pid, signal.SIGKILL)  # the writer's node is lost: process, uploader and disk
+    writer.wait()
+    subprocess.run(["rm", "-rf", str(writer_dir)], check=True)
+    s3 = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options)
+    assert not s3.exists(url), "upload finished before the kill; the test proved nothing"
+    holder = peers.index(replica["peer"])
+    assert _metric(peers[holder], token_file, "pcache_standby_replicas") == 1
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key)
+    results = []
+    for i in range(3):  # an operator runs flush on every surviving node; only the holder has work
+        out = subprocess.run([PY, "-m", "pcache.cli", "flush", "--cache-dir", str(tmp_path / f"node{i}"),
+                              "--endpoint-url", s3_server.endpoint_url, "--json"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        results.append(json.loads(out.stdout))
+    assert [r["replicas_adopted"] for r in results] == [int(i == holder) for i in range(3)], results
+    assert results[holder]["uploaded"] == 1
+    s3.invalidate_cache()
+    assert s3.cat_file(url) == bytes(range(256)) * (size // 256)
+    assert s3.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+
+
+def test_uploaded_write_drops_its_replica_and_never_replicates_to_its_own_node(
+        tmp_path, s3_server, s3_options, bucket, start_nodes, token_file) -> None:
+    peers = start_nodes(3, s3_server.endpoint_url)
+    url, size = f"{bucket}/ckpt/step400/rank0.distcp", 2 * MiB
+    # Every node ranks first for some URL; a writer sharing node0's cache_dir must skip node0 (409).
+    writers = []
+    for k in range(4):
+        w = subprocess.Popen([PY, "-c", REPLICA_WRITER, str(tmp_path / "node0"), f"{url}.{k}",
+                              json.dumps(s3_options), ",".join(peers), token_file, str(size), "flush"],
+                             stdout=subprocess.PIPE, text=True)
+        assert w.stdout is not None
+        replica = json.loads(w.stdout.readline())
+        assert replica["peer"] != peers[0], "replicated onto the writer's own cache_dir"
+        assert w.stdout.readline().strip() == "flushed"
+        w.kill()
+        w.wait()
+        writers.append(replica["peer"])
+    s3 = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options)
+    assert all(s3.cat_file(f"{url}.{k}") == bytes(range(256)) * (size // 256) for k in range(4))
+    for node in set(writers):  # the uploader told each holder to drop its standby copy
+        assert _metric(node, token_file, "pcache_standby_replicas") == 0
+
+
+def test_a_corrupt_block_on_the_owner_is_verified_dropped_and_refetched_once(
+        tmp_path, s3_server, s3_options, bucket, chaos_proxy, start_nodes, token_file) -> None:
+    """The owner sends disk blocks unverified (sendfile); the reader's end-to-end check catches a flip."""
+    import fsspec
+
+    proxy = chaos_proxy()
+    (node,) = start_nodes(1, proxy.endpoint_url, "--memory-bytes", "0")  # blocks come from its disk
+    data = seed(s3_options, f"{bucket}/flip.bin", 6 * MiB)
+
+    def reader(name: str):
+        return fsspec.filesystem("pcache", target_protocol="s3", target_options=s3_options,
+                                 cache_dir=str(tmp_path / name), peers=(node,), token_file=token_file,
+                                 skip_instance_cache=True)
+
+    assert reader("r1").cat_file(f"{bucket}/flip.bin") == data
+    deadline = time.monotonic() + 10
+    while len(blocks := [p for p in (tmp_path / "node0" / "blocks").rglob("*") if p.is_file()]) < 2:
+        assert time.monotonic() < deadline, "the owner never stored its blocks"
+        time.sleep(0.05)
+    raw = bytearray(blocks[0].read_bytes())
+    raw[-100] ^= 0x01  # a bit flip in the payload
+    blocks[0].write_bytes(bytes(raw))
+    proxy.reset_counts()
+    fs = reader("r2")
+    assert fs.cat_file(f"{bucket}/flip.bin") == data
+    assert fs.peers.counters["peer_checksum_errors"] == 1 and fs.peers.counters["peer_hits"] == 2
+    assert len([r for r in proxy.get_ranges() if r is not None]) == 1, "the owner refetched the bad block once"
+    assert _metric(node, token_file, "pcache_corrupt_blocks") == 1

@@ -85,3 +85,53 @@ def test_token_file_errors_name_the_file(tmp_path) -> None:
     good.write_text("y" * 32 + "\n")
     good.chmod(0o600)
     assert load_token(str(good)) == b"y" * 32
+
+
+def _replica(journal, data: bytes, url: str, path: str, created: float) -> str:
+    import uuid
+
+    from pcache._util.checksum import content_hash
+
+    rid = uuid.uuid4().hex
+    with open(journal.data_path(rid), "wb") as fh:
+        fh.write(data)
+    journal.add_replica({"id": rid, "source_id": uuid.uuid4().hex, "source_node": "w", "url": url,
+                         "protocol": "file", "path": path, "options": {}, "size": len(data),
+                         "xxh3_128": content_hash(data), "created": created})
+    return rid
+
+
+def test_a_stale_replica_never_overwrites_a_newer_origin_write(tmp_path) -> None:
+    """Adoption (``pcache flush`` on the peer) drops replicas the origin already has or has superseded."""
+    import time
+
+    from pcache.config import CacheConfig
+    from pcache.uploader import Uploader
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    uploader = Uploader(CacheConfig(cache_dir=str(tmp_path / "peer")))
+    journal = uploader.journal
+    newer, same, missing = origin / "newer.bin", origin / "same.bin", origin / "missing.bin"
+    newer.write_bytes(b"version 2")  # written after the replica of version 1 was created
+    _replica(journal, b"version 1", f"file://{newer}", str(newer), created=time.time() - 60)
+    same.write_bytes(b"identical")  # the writer's own upload landed (the DELETE was lost)
+    _replica(journal, b"identical", f"file://{same}", str(same), created=time.time() + 60)
+    _replica(journal, b"lost write", f"file://{missing}", str(missing), created=time.time())
+    assert journal.pending_bytes() == len(b"version 1identicallost write")
+    assert uploader.adopt_replicas() == {"adopted": 1, "dropped": 2}
+    assert uploader.drain() == []
+    assert newer.read_bytes() == b"version 2" and missing.read_bytes() == b"lost write"
+    assert journal.replicas() == [] and journal.pending() == [] and journal.pending_bytes() == 0
+    assert [n for n in os.listdir(journal.dir) if n.endswith(".data")] == [], "dropped replicas left files"
+
+
+def test_an_older_replica_of_a_url_is_superseded_on_arrival(tmp_path) -> None:
+    from pcache.journal import Journal
+
+    journal = Journal(str(tmp_path / "peer"))
+    _replica(journal, b"v1", "file:///x", "/x", created=100.0)
+    _replica(journal, b"v2", "file:///x", "/x", created=200.0)
+    _replica(journal, b"v0", "file:///x", "/x", created=50.0)  # late arrival of an even older write
+    (kept,) = journal.replicas()
+    assert kept["created"] == 200.0 and journal.pending_bytes() == 2

@@ -52,6 +52,7 @@ class PeerTier:
         self._lock = threading.Lock()
         self._local = threading.local()
         self.counters = {"peer_hits": 0, "peer_errors": 0, "peer_checksum_errors": 0}
+        self._stop = threading.Event()
         self._checker = threading.Thread(target=self._health_loop, name="pcache-peer-health", daemon=True)
         self._checker.start()
 
@@ -88,32 +89,44 @@ class PeerTier:
             return None
         query = block_query(path, version, size, index)
         for peer in placement.ranked(placement_key(path, version, block_size, index))[: self.tries]:
-            conn = self._conn(peer)
-            try:
-                if conn.sock is None:
-                    conn.connect()  # within timeout_s
-                    conn.sock.settimeout(self.read_timeout_s)  # type: ignore[attr-defined]
-                conn.request("GET", query, headers=sign_request(self.token, "GET", query))
-                resp = conn.getresponse()
-                body = resp.read()
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop(peer)
-                self._mark_dead(peer, repr(exc))
-                continue
-            if resp.status != 200:
-                with self._lock:
-                    self.counters["peer_errors"] += 1
-                if resp.status == 401:
-                    log.error("peer %s refused our signature (token mismatch?)", peer, extra={"peer": peer})
-                continue
-            if resp.getheader(CHECKSUM_HEADER) != f"{block_checksum(body):016x}":
-                with self._lock:
-                    self.counters["peer_checksum_errors"] += 1
-                continue
-            with self._lock:
-                self.counters["peer_hits"] += 1
-            return body
+            # On a checksum mismatch the same owner is asked once more with verify=1: it then checks its
+            # copy, drops it if corrupt and refetches, so the cluster still fetches the block once.
+            for attempt in (query, f"{query}&verify=1"):
+                body, status = self._get(peer, attempt)
+                if status == "ok":
+                    with self._lock:
+                        self.counters["peer_hits"] += 1
+                    return body
+                if status != "mismatch":
+                    break
         return None
+
+    def _get(self, peer: str, query: str) -> tuple[bytes | None, str]:
+        """One signed GET; returns (body, "ok") or (None, "mismatch" | "failed")."""
+        conn = self._conn(peer)
+        try:
+            if conn.sock is None:
+                conn.connect()  # within timeout_s
+                conn.sock.settimeout(self.read_timeout_s)  # type: ignore[attr-defined]
+            conn.request("GET", query, headers=sign_request(self.token, "GET", query))
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop(peer)
+            self._mark_dead(peer, repr(exc))
+            return None, "failed"
+        if resp.status != 200:
+            with self._lock:
+                self.counters["peer_errors"] += 1
+            if resp.status == 401:
+                log.error("peer %s refused our signature (token mismatch?)", peer, extra={"peer": peer})
+            return None, "failed"
+        if resp.getheader(CHECKSUM_HEADER) != f"{block_checksum(body):016x}":
+            with self._lock:
+                self.counters["peer_checksum_errors"] += 1
+            log.warning("peer %s sent a block that fails its checksum (%s)", peer, query, extra={"peer": peer})
+            return None, "mismatch"
+        return body, "ok"
 
     def warm_block(self, path: str, version: str, size: int, index: int, block_size: int) -> bool:
         """Ask the block's owner to load it (from the origin if needed); return True when it has it."""
@@ -138,9 +151,12 @@ class PeerTier:
                 return True
         return False
 
+    def close(self) -> None:
+        """Stop health checks (the owning filesystem is gone)."""
+        self._stop.set()
+
     def _health_loop(self) -> None:
-        while True:
-            time.sleep(self.health_interval_s)
+        while not self._stop.wait(self.health_interval_s):
             for peer in self.peers:
                 parts = urlsplit(peer)
                 conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port,

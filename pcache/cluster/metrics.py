@@ -24,10 +24,12 @@ class NodeCollector:
         fs = self.node.fs
         shared = fs.engine.disk.stats()
         pending = fs.writeback.journal.pending()
+        replicas = fs.writeback.journal.replicas()
         hits = CounterMetricFamily("pcache_hits", "Block reads served from a cache tier (shared index)",
                                    labels=["tier"])
         hits.add_metric(["memory"], shared["hits_memory"])
         hits.add_metric(["disk"], shared["hits_disk"])
+        hits.add_metric(["peer"], shared["hits_peer"])  # reads of processes using this cache_dir as a client
         yield hits
         yield CounterMetricFamily("pcache_misses", "Blocks fetched from the origin", value=shared["misses"])
         yield CounterMetricFamily("pcache_origin_bytes", "Bytes fetched from the origin",
@@ -44,6 +46,10 @@ class NodeCollector:
                                 value=len(pending))
         yield GaugeMetricFamily("pcache_upload_pending_bytes", "Write-back bytes not yet durable",
                                 value=sum(e["size"] for e in pending))
+        yield GaugeMetricFamily("pcache_standby_replicas", "Write-back files held for other nodes (replicas=1)",
+                                value=len(replicas))
+        yield GaugeMetricFamily("pcache_standby_replica_bytes", "Bytes of standby replicas held for other nodes",
+                                value=sum(e["size"] for e in replicas))
 
 
 def render(node: Any) -> bytes:

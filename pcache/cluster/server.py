@@ -9,18 +9,25 @@ Authentication runs before routing: an unsigned request to anything but ``/healt
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
+import os
 import signal
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 
-from pcache._util.checksum import block_checksum
+from pcache._util.checksum import block_checksum, content_hasher
+from pcache._util.files import fsync_dir, unlink_quiet, write_all
 from pcache._util.log import get_logger
 from pcache.cluster.auth import AuthError, verify_request
 from pcache.cluster.metrics import render
 from pcache.cluster.protocol import BLOCK_PATH, CHECKSUM_HEADER
-from pcache.engine import ObjectRef
+from pcache.cluster.replica import REPLICA_PATH, node_id
+from pcache.engine import ObjectRef, block_key
 
 log = get_logger(__name__)
 
@@ -40,11 +47,14 @@ class NodeServer:
         self.pool = ThreadPoolExecutor(max(4, fs.config.fetch_workers), thread_name_prefix="pcache-serve")
         self.served_bytes = 0
         self.request_errors = 0
+        self.node_id = node_id(fs.config.cache_dir)
         self.app = web.Application(middlewares=[self._authenticate])
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_route("GET", BLOCK_PATH, self._block)
         self.app.router.add_route("HEAD", BLOCK_PATH, self._block)
+        self.app.router.add_route("PUT", REPLICA_PATH, self._put_replica)
+        self.app.router.add_route("DELETE", REPLICA_PATH, self._drop_replica)
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -81,6 +91,10 @@ class NodeServer:
         if request.method == "HEAD":
             present = engine.contains(ref, index)
             return web.Response(status=200 if present else 404)
+        if request.query.get("warm") != "1" and request.query.get("verify") != "1":
+            sent = await self._send_from_disk(request, ref, index)
+            if sent is not None:
+                return sent
         fetch = self.fs.origin.fetcher(target, ref.version)
         loop = asyncio.get_running_loop()
         try:
@@ -95,6 +109,89 @@ class NodeServer:
             return web.Response(status=204)  # cluster warm: the owner keeps the block, nothing travels back
         self.served_bytes += len(data)
         return web.Response(body=data, headers={CHECKSUM_HEADER: f"{block_checksum(data):016x}"})
+
+    async def _send_from_disk(self, request: web.Request, ref: ObjectRef, index: int) -> web.StreamResponse | None:
+        """Send a disk-tier block with ``sendfile`` (no copy through Python); None if it is not on disk.
+
+        Blocks in the memory tier, compressed blocks and misses take the general path. The checksum
+        header is the one recorded when the block was stored; the reader verifies it end to end.
+        """
+        engine = self.fs.engine
+        key = block_key(ref, index, engine.block_size)
+        if key in engine.memory:
+            return None
+        opened = engine.disk.open_payload(key)
+        if opened is None:
+            return None
+        fd, offset, length, checksum = opened
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as fobj:
+                resp = web.StreamResponse(headers={CHECKSUM_HEADER: f"{checksum:016x}"})
+                resp.content_length = length
+                await resp.prepare(request)
+                assert request.transport is not None
+                await asyncio.get_running_loop().sendfile(request.transport, fobj, offset, length)
+                await resp.write_eof()
+        finally:
+            os.close(fd)
+        engine._count("hits_disk")
+        self.served_bytes += length
+        return resp
+
+    async def _put_replica(self, request: web.Request) -> web.Response:
+        """Store a writer's staged file as a standby replica; 201 only once it is durable here."""
+        q = request.query
+        try:
+            entry: dict[str, Any] = {
+                "id": uuid.uuid4().hex,  # our own name for the file: nothing from the request becomes a path
+                "source_id": q["source_id"], "source_node": q["source_node"], "url": q["url"],
+                "protocol": q["protocol"], "path": q["path"], "options": json.loads(q["options"]),
+                "size": int(q["size"]), "xxh3_128": q["xxh3_128"], "created": float(q["created"]),
+            }
+        except (KeyError, ValueError) as exc:
+            raise web.HTTPBadRequest(text=f"bad replica request: {exc!r}") from None
+        if entry["source_node"] == self.node_id:
+            return web.json_response({"error": "this node shares the writer's cache_dir"}, status=409)
+        journal = self.fs.writeback.journal
+        tmp = os.path.join(journal.dir, f"{entry['id']}.tmp")
+        loop = asyncio.get_running_loop()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        hasher, size = content_hasher(), 0
+        try:
+            async for chunk in request.content.iter_chunked(1024 * 1024):
+                hasher.update(chunk)
+                size += len(chunk)
+                await loop.run_in_executor(self.pool, write_all, fd, chunk)
+            if size != entry["size"] or hasher.hexdigest() != entry["xxh3_128"]:
+                raise web.HTTPBadRequest(text=f"replica of {entry['url']} arrived damaged "
+                                              f"({size} of {entry['size']} bytes or a checksum mismatch)")
+            await loop.run_in_executor(self.pool, self._publish_replica, fd, tmp, entry)
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            log.error("replica of %s not stored: %s", entry["url"], exc, extra={"url": entry["url"]})
+            return web.json_response({"error": str(exc)}, status=507 if full else 500)
+        finally:
+            os.close(fd)
+            unlink_quiet(tmp)
+        return web.json_response({"node": self.node_id, "id": entry["id"]}, status=201)
+
+    def _publish_replica(self, fd: int, tmp: str, entry: dict[str, Any]) -> None:
+        journal = self.fs.writeback.journal
+        os.fsync(fd)
+        os.replace(tmp, journal.data_path(entry["id"]))
+        fsync_dir(journal.dir)
+        entry["received"] = time.time()
+        for stale in journal.add_replica(entry):
+            unlink_quiet(journal.data_path(stale))
+
+    async def _drop_replica(self, request: web.Request) -> web.Response:
+        source_id = request.query.get("source_id", "")
+        journal = self.fs.writeback.journal
+        local = await asyncio.get_running_loop().run_in_executor(self.pool, journal.drop_replica, source_id)
+        if local is None:
+            return web.json_response({"dropped": False}, status=404)
+        unlink_quiet(journal.data_path(local))
+        return web.json_response({"dropped": True})
 
     async def serve(self, ready: Any = None) -> None:
         """Serve until SIGTERM or SIGINT, then drain in-flight requests and stop."""

@@ -25,11 +25,13 @@ class NodeProcess:
         token_file: Shared secret file.
         endpoint_url: S3 endpoint of the origin (a SeaweedFS server or a chaos proxy in front of it).
         env: Environment (must carry the origin's ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``).
+        extra_args: More ``pcache serve`` flags (``--memory-bytes 0``, ...).
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], token_file: str, endpoint_url: str,
-                 env: dict[str, str]) -> None:
+                 env: dict[str, str], extra_args: tuple[str, ...] = ()) -> None:
         self.cache_dir, self.token_file, self.endpoint_url, self.env = str(cache_dir), token_file, endpoint_url, env
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
@@ -37,7 +39,7 @@ class NodeProcess:
         """Start the node and return its URL once it is listening."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pcache.cli", "serve", "--listen", "127.0.0.1:0", "--cache-dir", self.cache_dir,
-             "--token-file", self.token_file, "--endpoint-url", self.endpoint_url],
+             "--token-file", self.token_file, "--endpoint-url", self.endpoint_url, *self.extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
         line = self.proc.stdout.readline().strip() if self.proc.stdout else ""
         if not line.startswith("READY "):
