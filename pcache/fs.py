@@ -121,17 +121,41 @@ class PCacheFileSystem(ChainedFileSystem):
         proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self.target_protocol = "s3" if proto in ("s3", "s3a") else proto
         self.config = CacheConfig.load(config_file, **cache_options)
-        policy = RetryPolicy(attempts=self.config.retry_attempts, base_delay=self.config.retry_base_delay)
+        self._policy = RetryPolicy(attempts=self.config.retry_attempts, base_delay=self.config.retry_base_delay)
         endpoint = _endpoint_of(self.target_options) or (os.environ.get("AWS_ENDPOINT_URL", "")
                                                          if self.target_protocol == "s3" else "")
-        self.origin = Origin(fs, self.target_protocol, f"{endpoint}|" if endpoint else "", policy,
-                             self.config.metadata_ttl)
-        self.fs = fs
+        self._identity = f"{endpoint}|" if endpoint else ""
+        # What rebuilds the origin filesystem in a forked child (s3fs and its event loop are not
+        # fork-safe): the options it was built from, or those of the instance we were given.
+        self._rebuild_options = self.target_options if target_options or not hasattr(fs, "storage_options") \
+            else dict(fs.storage_options)
+        self._origin = (os.getpid(), self._make_origin(fs))
         # Checked at construction, so a bad token file fails fast and names the file.
         self._token = load_token(self.config.token_file) if self.config.peers else b""
         self._peer_tier: tuple[int, PeerTier | None] = (0, None)
         self._engine: tuple[int, BlockCache | None] = (0, None)  # memoized per process (reads use it often)
         _INSTANCES[id(self)] = self
+
+    def _make_origin(self, fs: Any) -> Origin:
+        return Origin(fs, self.target_protocol, self._identity, self._policy, self.config.metadata_ttl)
+
+    @property
+    def origin(self) -> Origin:
+        """This process's origin tier (rebuilt after a fork: DataLoader workers read S3 too)."""
+        pid, origin = self._origin
+        if pid != os.getpid():
+            with _REGISTRY_LOCK:
+                pid, origin = self._origin
+                if pid != os.getpid():
+                    fs = build_target_fs(self.target_protocol, self._rebuild_options, skip_instance_cache=True)
+                    origin = self._make_origin(fs)
+                    self._origin = (os.getpid(), origin)
+        return origin
+
+    @property
+    def fs(self) -> Any:
+        """The origin filesystem of this process."""
+        return self.origin.fs
 
     @property
     def engine(self) -> BlockCache:
