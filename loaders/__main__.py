@@ -1,0 +1,5 @@
+"""``python -m loaders``: the ``loaders`` command line (pack, inspect)."""
+
+from loaders.cli import main
+
+raise SystemExit(main())

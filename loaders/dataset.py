@@ -1,0 +1,283 @@
+"""``TokenDataset``: packed, shuffled, weighted token windows with exact and elastic resume.
+
+The global sample order is a pure function of (seed, sources, weights, seq_len):
+
+* Global sample ``k`` comes from source ``s = schedule.source_of(k)`` and is that source's
+  ``c = schedule.count_before(s, k)``-th window.
+* A source's token stream for its epoch ``e = c // windows_per_epoch`` is its documents in
+  :func:`~loaders.order.document_order` (seeded shard order plus a bounded shuffle window), concatenated.
+  Window ``j = c % windows_per_epoch`` is tokens ``[j * seq_len, j * seq_len + seq_len + 1)`` of it.
+* Rank ``r`` of ``W`` takes global samples ``k = position + i * W + r`` (``i = 0, 1, ...``), and
+  DataLoader worker ``w`` of ``N`` takes that rank's batches ``w, w + N, ...`` of ``batch_size`` samples,
+  so the batches a DataLoader yields are in the same order for any ``num_workers``.
+
+Resuming needs only ``position`` (global samples consumed): nothing is replayed, and finding a window
+costs a binary search, so resuming at sample 10^6 costs what a fresh start does.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from loaders.errors import FormatError, InvalidParameterError
+from loaders.formats import Corpus, open_corpus
+from loaders.order import MixSchedule, document_order, normalize_weights
+from pcache._util.log import get_logger
+
+log = get_logger(__name__)
+
+STATE_FORMAT = "loaders-state/1"
+
+
+class _SourceView:
+    """One source's documents and its per-epoch token streams (cached, two epochs at a time)."""
+
+    def __init__(self, corpus: Corpus, index: int, seq_len: int, seed: int, shuffle: bool, window: int) -> None:
+        self.corpus, self.index, self.seq_len = corpus, index, seq_len
+        self.seed, self.shuffle, self.shuffle_window = seed, shuffle, window
+        lengths = corpus.load_lengths()
+        self.shard_docs = [len(lens) for lens in lengths]
+        self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_docs, dtype=np.int64)])
+        self._shard_starts = [int(v) for v in self.shard_starts]  # bisect on a list beats numpy for scalars
+        self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
+        total = int(self.lengths.sum())
+        self.windows_per_epoch = max(0, (total - 1) // seq_len)
+        if self.windows_per_epoch == 0:
+            raise InvalidParameterError(
+                "seq_len", f"source {corpus.url} has {total} tokens: too few for one window of {seq_len + 1}")
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def stream(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(document order, cumulative token ends) of ``epoch``."""
+        cached = self._epochs.get(epoch)
+        if cached is None:
+            order = document_order(self.shard_docs, seed=self.seed, source=self.index, epoch=epoch,
+                                   shuffle=self.shuffle, window=self.shuffle_window)
+            cached = (order, np.cumsum(self.lengths[order]))
+            if len(self._epochs) >= 2:
+                self._epochs.pop(min(self._epochs))
+            self._epochs[epoch] = cached
+        return cached
+
+    def window(self, c: int, out: np.ndarray, doc_ids: np.ndarray, on_error: str) -> int:
+        """Fill ``out`` with the source's ``c``-th window; return corrupt documents skipped."""
+        epoch, j = divmod(c, self.windows_per_epoch)
+        order, ends = self.stream(epoch)
+        start = j * self.seq_len
+        pos = int(np.searchsorted(ends, start, side="right"))
+        offset = start - (int(ends[pos - 1]) if pos else 0)
+        filled, segment, skipped = 0, 0, 0
+        need = len(out)
+        while filled < need:
+            if pos >= len(order):  # only after skipped documents: wrap into the next epoch's stream
+                order, ends = self.stream(epoch + 1)
+                epoch, pos, offset = epoch + 1, 0, 0
+            doc = int(order[pos])
+            shard = bisect_right(self._shard_starts, doc) - 1
+            local = doc - self._shard_starts[shard]
+            take = min(int(self.lengths[doc]) - offset, need - filled)
+            try:
+                tokens = self.corpus.shards[shard].read(local, offset, offset + take)
+                if len(tokens) != take:
+                    raise FormatError(self.corpus.shards[shard].url, f"document {local} is shorter than its index says")
+            except FormatError as exc:
+                if on_error != "skip":
+                    raise
+                skipped += 1
+                log.warning("skipping corrupt document %d of %s: %s", local, self.corpus.shards[shard].url, exc)
+                pos, offset = pos + 1, 0
+                continue
+            out[filled:filled + take] = tokens
+            doc_ids[filled:filled + take] = segment
+            filled += take
+            segment += 1
+            pos, offset = pos + 1, 0
+        return skipped
+
+
+class TokenDataset(IterableDataset):
+    """Packed ``seq_len + 1`` token windows from weighted sources, deterministic and exactly resumable.
+
+    Each item is a dict: ``tokens`` (int64, ``seq_len + 1``) and ``doc_ids`` (int32, which document of the
+    window each token belongs to, for attention masks). Two tensors only: DataLoader workers pay per
+    tensor to hand a batch over. ``global_index(i)`` tells which global sample a rank's ``i``-th is.
+
+    Args:
+        sources: Corpus URLs or paths (local, FUSE, or any fsspec URL such as ``pcache::s3://…``).
+        seq_len: Tokens per training sequence (each window has one more, for the shifted targets).
+        weights: Relative sampling weight of each source (default: equal).
+        seed: Seed of the shuffle.
+        shuffle: Shuffle shard order and documents within ``shuffle_window``.
+        rank: This rank (default: from ``torch.distributed`` if initialized, else 0).
+        world_size: Number of ranks (default: from ``torch.distributed`` if initialized, else 1).
+        batch_size: The DataLoader's batch size: workers take whole batches in turn, so the order does
+            not depend on ``num_workers``.
+        shuffle_window: Documents per bounded shuffle block.
+        storage_options: fsspec options for remote sources.
+        on_error: ``"raise"`` or ``"skip"`` (corrupt documents are skipped, counted and logged).
+    """
+
+    def __init__(self, sources: Sequence[str] | str, seq_len: int, *, weights: Sequence[float] | None = None,
+                 seed: int = 0, shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
+                 batch_size: int = 1, shuffle_window: int = 8192, storage_options: dict[str, Any] | None = None,
+                 on_error: str = "raise") -> None:
+        super().__init__()
+        sources = [sources] if isinstance(sources, str) else list(sources)
+        if not sources:
+            raise InvalidParameterError("sources", "at least one source is needed")
+        if not isinstance(seq_len, int) or seq_len <= 0:
+            raise InvalidParameterError("seq_len", f"must be a positive integer, got {seq_len!r}")
+        if batch_size <= 0:
+            raise InvalidParameterError("batch_size", f"must be > 0, got {batch_size}")
+        if shuffle_window <= 0:
+            raise InvalidParameterError("shuffle_window", f"must be > 0, got {shuffle_window}")
+        if on_error not in ("raise", "skip"):
+            raise InvalidParameterError("on_error", f"must be 'raise' or 'skip', got {on_error!r}")
+        self.weights = normalize_weights(weights, len(sources))
+        self.seq_len, self.seed, self.shuffle, self.batch_size = seq_len, seed, shuffle, batch_size
+        self.on_error = on_error
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        corpora = [open_corpus(url, storage_options=storage_options, on_error=on_error) for url in sources]
+        self.sources = [_SourceView(c, i, seq_len, seed, shuffle, shuffle_window) for i, c in enumerate(corpora)]
+        self.schedule = MixSchedule(self.weights)
+        self.position = 0  # global samples consumed before this dataset's first sample
+        self._consumed = 0  # rank-local samples yielded by an in-process iterator (num_workers=0)
+        self._worker_next: int | None = None  # set when a worker's own state is loaded (StatefulDataLoader)
+        self.skipped = 0
+        self._warmed = -1
+        _UNWARMED.add(self)
+
+    # -- order -------------------------------------------------------------------------------------
+    @property
+    def samples_per_epoch(self) -> int:
+        """Global samples in one pass over every source's windows (for reporting epochs)."""
+        return sum(s.windows_per_epoch for s in self.sources)
+
+    def _warm(self) -> None:
+        """Build the streams at ``position`` once (also just before a fork, so workers share them).
+
+        Lazy, so a dataset that is resumed right away builds only the resume epoch's order.
+        """
+        if self._warmed == self.position:
+            return
+        for s, view in enumerate(self.sources):
+            if self.weights[s] > 0:
+                view.stream(self.schedule.count_before(s, self.position) // view.windows_per_epoch)
+        self._warmed = self.position
+
+    def global_index(self, i: int) -> int:
+        """Global sample number of this rank's ``i``-th sample (counted from ``position``)."""
+        return self.position + i * self.world_size + self.rank
+
+    def sample(self, k: int) -> dict[str, torch.Tensor]:
+        """Return global sample ``k`` (what any rank or worker yields for it)."""
+        s = self.schedule.source_of(k)
+        out = np.empty(self.seq_len + 1, dtype=np.int64)
+        doc_ids = np.empty(self.seq_len + 1, dtype=np.int32)
+        self.skipped += self.sources[s].window(self.schedule.count_before(s, k), out, doc_ids, self.on_error)
+        return {"tokens": torch.from_numpy(out), "doc_ids": torch.from_numpy(doc_ids)}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._warm()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        b = self.batch_size
+        if self._worker_next is not None:
+            i = self._worker_next
+        elif workers > 1:
+            i = worker * b
+        else:
+            i = self._consumed
+        while True:
+            batch = i // b
+            if workers > 1 and batch % workers != worker:
+                i = (batch + (worker - batch) % workers) * b  # jump to this worker's next batch
+            item = self.sample(self.global_index(i))
+            i += 1
+            if info is None:
+                self._consumed = i
+            else:
+                self._worker_next = i
+            yield item
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self, samples_consumed: int | None = None) -> dict[str, Any]:
+        """Return the resume state.
+
+        Args:
+            samples_consumed: Samples this rank has consumed since the dataset's start (for example
+                ``steps * batch_size``). Needed with a plain DataLoader with workers, where the main
+                process cannot see the workers' progress; with ``num_workers=0`` or torchdata's
+                ``StatefulDataLoader`` it is tracked automatically.
+
+        The state is global (``position`` = samples consumed by all ranks), so it can be loaded at any
+        world size and worker count.
+        """
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT, "seed": self.seed, "seq_len": self.seq_len,
+            "weights": [float(w) for w in self.weights],
+            "fingerprints": [v.corpus.fingerprint for v in self.sources], "skipped": self.skipped,
+        }
+        info = get_worker_info()
+        if samples_consumed is None and info is not None:  # StatefulDataLoader asks each worker
+            state.update(position=self.position, worker_next=self._worker_next or 0, rank=self.rank,
+                         world_size=self.world_size, worker=info.id, num_workers=info.num_workers)
+            return state
+        consumed = self._consumed if samples_consumed is None else samples_consumed
+        state["position"] = self.position + consumed * self.world_size
+        state["epoch"] = state["position"] // self.samples_per_epoch
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (from any world size or worker count).
+
+        Raises:
+            ValueError: naming the field when the state belongs to other data, seed, seq_len or weights.
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise InvalidParameterError("state", f"not a {STATE_FORMAT} state: format={state.get('format')!r}")
+        mine = self.state_dict(0)
+        for field in ("seed", "seq_len", "fingerprints"):
+            if state[field] != mine[field]:
+                raise InvalidParameterError(f"state.{field}", f"saved {state[field]!r}, this dataset has {mine[field]!r}")
+        if not np.allclose(state["weights"], mine["weights"]):
+            raise InvalidParameterError("state.weights", f"saved {state['weights']}, this dataset has {mine['weights']}")
+        self.skipped = int(state.get("skipped", 0))
+        self.position, self._consumed, self._worker_next = int(state["position"]), 0, None
+        if "worker_next" in state and get_worker_info() is not None:
+            self._worker_next = int(state["worker_next"])
+
+
+# Datasets whose streams are not built yet: built in the parent right before a fork (DataLoader
+# workers), so every worker shares one copy instead of building its own.
+_UNWARMED: weakref.WeakSet[TokenDataset] = weakref.WeakSet()
+
+
+def _warm_before_fork() -> None:
+    for dataset in list(_UNWARMED):
+        try:
+            dataset._warm()
+        except Exception:  # noqa: BLE001 - the worker builds it (and reports any error) itself
+            log.debug("could not prebuild streams before fork", exc_info=True)
+
+
+os.register_at_fork(before=_warm_before_fork)
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
+        world_size = world_size if world_size is not None else (dist.get_world_size() if initialized else 1)
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise InvalidParameterError("rank", f"rank {rank} is not in a world of {world_size}")
+    return rank, world_size
