@@ -143,6 +143,7 @@ class TokenDataset(IterableDataset):
             raise InvalidParameterError("on_error", f"must be 'raise' or 'skip', got {on_error!r}")
         self.weights = normalize_weights(weights, len(sources))
         self.seq_len, self.seed, self.shuffle, self.batch_size = seq_len, seed, shuffle, batch_size
+        self.shuffle_window = shuffle_window
         self.on_error = on_error
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         corpora = [open_corpus(url, storage_options=storage_options, on_error=on_error) for url in sources]
@@ -152,6 +153,7 @@ class TokenDataset(IterableDataset):
         self._consumed = 0  # rank-local samples yielded by an in-process iterator (num_workers=0)
         self._worker_next: int | None = None  # set when a worker's own state is loaded (StatefulDataLoader)
         self.skipped = 0
+        self._forked = False  # set when workers forked from this process may have iterated it
         self._warmed = -1
         _UNWARMED.add(self)
 
@@ -218,12 +220,19 @@ class TokenDataset(IterableDataset):
                 process cannot see the workers' progress; with ``num_workers=0`` or torchdata's
                 ``StatefulDataLoader`` it is tracked automatically.
 
-        The state is global (``position`` = samples consumed by all ranks), so it can be loaded at any
-        world size and worker count.
+        The state from the main process is global (``position`` = samples consumed by all ranks), so it
+        can be loaded at any world size and worker count. The per-worker states StatefulDataLoader
+        collects (``worker_next``) resume exactly only with the same world size and ``num_workers``.
+
+        Raises:
+            InvalidParameterError: when workers forked from this process iterated it and
+                ``samples_consumed`` is not given (the main process cannot know their progress).
         """
         state: dict[str, Any] = {
             "format": STATE_FORMAT, "seed": self.seed, "seq_len": self.seq_len,
+            "shuffle": self.shuffle, "shuffle_window": self.shuffle_window,
             "weights": [float(w) for w in self.weights],
+            "schedule": [int(w) for w in self.schedule.int_weights],
             "fingerprints": [v.corpus.fingerprint for v in self.sources], "skipped": self.skipped,
         }
         info = get_worker_info()
@@ -231,6 +240,11 @@ class TokenDataset(IterableDataset):
             state.update(position=self.position, worker_next=self._worker_next or 0, rank=self.rank,
                          world_size=self.world_size, worker=info.id, num_workers=info.num_workers)
             return state
+        if samples_consumed is None and self._forked and self._consumed == 0:
+            raise InvalidParameterError(
+                "samples_consumed", "this dataset was iterated in DataLoader worker processes, which the "
+                "main process cannot see: pass state_dict(samples_consumed=steps * batch_size), or use "
+                "torchdata's StatefulDataLoader")
         consumed = self._consumed if samples_consumed is None else samples_consumed
         state["position"] = self.position + consumed * self.world_size
         state["epoch"] = state["position"] // self.samples_per_epoch
@@ -245,11 +259,10 @@ class TokenDataset(IterableDataset):
         if state.get("format") != STATE_FORMAT:
             raise InvalidParameterError("state", f"not a {STATE_FORMAT} state: format={state.get('format')!r}")
         mine = self.state_dict(0)
-        for field in ("seed", "seq_len", "fingerprints"):
-            if state[field] != mine[field]:
-                raise InvalidParameterError(f"state.{field}", f"saved {state[field]!r}, this dataset has {mine[field]!r}")
-        if not np.allclose(state["weights"], mine["weights"]):
-            raise InvalidParameterError("state.weights", f"saved {state['weights']}, this dataset has {mine['weights']}")
+        for field in ("seed", "seq_len", "shuffle", "shuffle_window", "schedule", "fingerprints"):
+            if state.get(field) != mine[field]:
+                raise InvalidParameterError(f"state.{field}",
+                                            f"saved {state.get(field)!r}, this dataset has {mine[field]!r}")
         self.skipped = int(state.get("skipped", 0))
         self.position, self._consumed, self._worker_next = int(state["position"]), 0, None
         if "worker_next" in state and get_worker_info() is not None:
@@ -263,6 +276,7 @@ _UNWARMED: weakref.WeakSet[TokenDataset] = weakref.WeakSet()
 
 def _warm_before_fork() -> None:
     for dataset in list(_UNWARMED):
+        dataset._forked = True
         try:
             dataset._warm()
         except Exception:  # noqa: BLE001 - the worker builds it (and reports any error) itself

@@ -59,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
     p.add_argument("--prefix", help="only files under this origin URL")
-    p.add_argument("--no-replicas", action="store_true",
-                   help="leave standby replicas held for other nodes alone (by default they are adopted: "
-                        "uploaded unless the origin already has them)")
+    p.add_argument("--adopt-replicas", action="store_true",
+                   help="also upload the standby replicas this node holds for other nodes (replicas=1), "
+                        "unless the origin already has them or a newer write; use it once a writer's node "
+                        "is lost, never while that writer may still be uploading")
     p = sub.add_parser("verify", help="re-check every block's checksum and drop corrupt blocks")
     _add_common(p)
     p = sub.add_parser("serve", help="run a cache node that serves blocks to peers (binds 127.0.0.1 by default)")
@@ -230,20 +231,22 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
     config = _config(args)
     uploader = Uploader(config, endpoint_url=args.endpoint_url)
-    replicas = {"adopted": 0, "dropped": 0}
-    if not args.no_replicas:
+    replicas = {"adopted": 0, "dropped": 0, "failed": 0}
+    if args.adopt_replicas:
         replicas = uploader.adopt_replicas()
     before = uploader.journal.pending(args.prefix)
     failed = uploader.drain(args.prefix, timeout=args.timeout)
     done = len(before) - len(uploader.journal.pending(args.prefix))
     data = {"uploaded": done, "failed": failed, "still_pending": len(uploader.journal.pending(args.prefix)),
-            "replicas_adopted": replicas["adopted"], "replicas_dropped": replicas["dropped"]}
+            "replicas_adopted": replicas["adopted"], "replicas_dropped": replicas["dropped"],
+            "replicas_failed": replicas["failed"]}
     lines = [f"uploaded {done} file(s); {data['still_pending']} still pending"]
     if any(replicas.values()):
-        lines.append(f"peer replicas: {replicas['adopted']} adopted, {replicas['dropped']} already at the origin")
+        lines.append(f"peer replicas: {replicas['adopted']} adopted, {replicas['dropped']} already at the origin, "
+                     f"{replicas['failed']} failed (kept)")
     lines += [f"failed: {url}" for url in failed]
     _emit(args, data, "\n".join(lines))
-    return 1 if data["still_pending"] else 0
+    return 1 if data["still_pending"] or replicas["failed"] else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

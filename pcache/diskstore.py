@@ -198,7 +198,12 @@ class DiskStore:
         if opened is None:
             return None
         fd, flags, raw_len, stored_len, checksum = opened
-        if flags & FLAG_ZSTD or raw_len != stored_len or os.fstat(fd).st_size != HEADER.size + stored_len:
+        try:
+            usable = not flags & FLAG_ZSTD and raw_len == stored_len and \
+                os.fstat(fd).st_size == HEADER.size + stored_len
+        except OSError:
+            usable = False
+        if not usable:
             os.close(fd)
             return None
         self._note_hit(key)

@@ -35,6 +35,14 @@ from pcache.locks import StripeLocks
 
 log = get_logger("pcache.uploader")
 
+# S3 user metadata recording when the uploaded write was closed: lets replica adoption tell an older
+# write from a newer one by the writers' own clocks, not by when an upload happened to finish.
+CREATED_METADATA = "pcache-created"
+
+
+def _metadata(entry: dict[str, Any]) -> dict[str, str]:
+    return {CREATED_METADATA: repr(float(entry["created"]))}
+
 
 class Uploader:
     """Uploads journal entries of one ``cache_dir``.
@@ -126,16 +134,22 @@ class Uploader:
         between two writes of one URL.
 
         Returns:
-            ``{"adopted": n, "dropped": m}``.
+            ``{"adopted": n, "dropped": m, "failed": f}`` (failed ones stay standby replicas).
         """
-        counts = {"adopted": 0, "dropped": 0}
+        counts = {"adopted": 0, "dropped": 0, "failed": 0}
         for entry in self.journal.replicas():
-            fs, path = self._filesystem(entry), entry["path"]
             try:
-                info = retry_call(partial(fs.info, path), url=entry["url"], policy=self.policy)
-            except FileNotFoundError:
-                info = None
-            if info is not None and self._origin_has(fs, entry, info):
+                fs, path = self._filesystem(entry), entry["path"]
+                try:
+                    info = retry_call(partial(fs.info, path), url=entry["url"], policy=self.policy)
+                except FileNotFoundError:
+                    info = None
+                at_origin = info is not None and self._origin_has(fs, entry, info)
+            except Exception as exc:  # noqa: BLE001 - one bad replica must not stop the others (or the flush)
+                counts["failed"] += 1
+                log.error("replica of %s left as is: %s", entry["url"], exc, extra={"url": entry["url"]})
+                continue
+            if at_origin:
                 self.journal.forget_replica(entry["id"])
                 unlink_quiet(self.journal.data_path(entry["id"]))
                 counts["dropped"] += 1
@@ -148,6 +162,10 @@ class Uploader:
         return counts
 
     def _origin_has(self, fs: Any, entry: dict[str, Any], info: dict[str, Any]) -> bool:
+        """True when the origin holds this write or a newer one of the same URL."""
+        written = self._origin_created(fs, entry)
+        if written is not None:  # uploaded through pcache: compare the writers' own creation times
+            return written >= entry["created"]
         if info.get("size") == entry["size"]:
             hasher = content_hasher()
             with fs.open(entry["path"], "rb") as fh:
@@ -157,6 +175,19 @@ class Uploader:
                 return True
         mtime = origin_mtime(info)
         return mtime is not None and mtime >= entry["created"]
+
+    def _origin_created(self, fs: Any, entry: dict[str, Any]) -> float | None:
+        """The ``pcache-created`` time an upload through pcache stored with the object (S3), if any."""
+        if not hasattr(fs, "_call_s3"):
+            return None
+        bucket, key, _ = fs.split_path(entry["path"])
+        head = retry_call(lambda: sync(fs.loop, fs._call_s3, "head_object", Bucket=bucket, Key=key),
+                          url=entry["url"], policy=self.policy)
+        value = (head.get("Metadata") or {}).get(CREATED_METADATA)
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
 
     def _send(self, entry: dict[str, Any]) -> str | None:
         fs = self._filesystem(entry)
@@ -168,8 +199,8 @@ class Uploader:
             bucket, key, _ = fs.split_path(path)
             with open(local, "rb") as fh:
                 body = fh.read()
-            resp = retry_call(lambda: sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=body),
-                              url=url, policy=self.policy)
+            resp = retry_call(lambda: sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=body,
+                                           Metadata=_metadata(entry)), url=url, policy=self.policy)
             etag = resp.get("ETag")
         else:
             fs.makedirs(fs._parent(path), exist_ok=True)
@@ -190,8 +221,8 @@ class Uploader:
                 sync(fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=stale)
             except Exception as exc:  # noqa: BLE001 - already gone is fine
                 log.debug("abort of stale upload %s: %s", stale, exc)
-        mpu = retry_call(lambda: sync(fs.loop, fs._call_s3, "create_multipart_upload", Bucket=bucket, Key=key),
-                         url=url, policy=self.policy)
+        mpu = retry_call(lambda: sync(fs.loop, fs._call_s3, "create_multipart_upload", Bucket=bucket, Key=key,
+                                      Metadata=_metadata(entry)), url=url, policy=self.policy)
         upload_id = mpu["UploadId"]
         self.journal.update(entry["id"], upload_id=upload_id)
         part_size, size = self.config.upload_part_size, entry["size"]

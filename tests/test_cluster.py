@@ -273,7 +273,7 @@ def test_replica_survives_kill9_of_writer_node_and_peer_flush_uploads_it(
     results = []
     for i in range(3):  # an operator runs flush on every surviving node; only the holder has work
         out = subprocess.run([PY, "-m", "pcache.cli", "flush", "--cache-dir", str(tmp_path / f"node{i}"),
-                              "--endpoint-url", s3_server.endpoint_url, "--json"],
+                              "--endpoint-url", s3_server.endpoint_url, "--adopt-replicas", "--json"],
                              env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         results.append(json.loads(out.stdout))

@@ -119,7 +119,7 @@ def test_a_stale_replica_never_overwrites_a_newer_origin_write(tmp_path) -> None
     _replica(journal, b"identical", f"file://{same}", str(same), created=time.time() + 60)
     _replica(journal, b"lost write", f"file://{missing}", str(missing), created=time.time())
     assert journal.pending_bytes() == len(b"version 1identicallost write")
-    assert uploader.adopt_replicas() == {"adopted": 1, "dropped": 2}
+    assert uploader.adopt_replicas() == {"adopted": 1, "dropped": 2, "failed": 0}
     assert uploader.drain() == []
     assert newer.read_bytes() == b"version 2" and missing.read_bytes() == b"lost write"
     assert journal.replicas() == [] and journal.pending() == [] and journal.pending_bytes() == 0

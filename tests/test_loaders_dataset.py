@@ -175,3 +175,13 @@ def test_state_of_other_data_is_refused(corpus, corpus_b) -> None:
         TokenDataset([corpus_b], SEQ).load_state_dict(state)
     with pytest.raises(InvalidParameterError, match="seq_len"):
         TokenDataset([corpus], SEQ + 1).load_state_dict(state)
+
+
+def test_state_after_worker_iteration_needs_samples_consumed(corpus) -> None:
+    ds = TokenDataset([corpus], SEQ, batch_size=BATCH)
+    batches(ds, 2, num_workers=1)
+    with pytest.raises(InvalidParameterError, match="samples_consumed"):
+        ds.state_dict()
+    assert ds.state_dict(samples_consumed=2 * BATCH)["position"] == 2 * BATCH
+    with pytest.raises(InvalidParameterError, match="shuffle_window"):
+        TokenDataset([corpus], SEQ, batch_size=BATCH, shuffle_window=7).load_state_dict(ds.state_dict(8))

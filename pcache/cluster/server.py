@@ -120,7 +120,7 @@ class NodeServer:
         key = block_key(ref, index, engine.block_size)
         if key in engine.memory:
             return None
-        opened = engine.disk.open_payload(key)
+        opened = await asyncio.get_running_loop().run_in_executor(self.pool, engine.disk.open_payload, key)
         if opened is None:
             return None
         fd, offset, length, checksum = opened
@@ -150,6 +150,10 @@ class NodeServer:
             }
         except (KeyError, ValueError) as exc:
             raise web.HTTPBadRequest(text=f"bad replica request: {exc!r}") from None
+        if entry["protocol"] != self.fs.target_protocol or entry["protocol"] in ("file", "local", "memory"):
+            # Adoption writes to the entry's store with this node's rights: only to its own remote origin.
+            raise web.HTTPBadRequest(text=f"replica for protocol {entry['protocol']!r} refused: this node "
+                                          f"only adopts replicas for its own origin ({self.fs.target_protocol})")
         if entry["source_node"] == self.node_id:
             return web.json_response({"error": "this node shares the writer's cache_dir"}, status=409)
         journal = self.fs.writeback.journal
