@@ -6,7 +6,7 @@ system's own format in the module's scratch directory:
 
 ``ours``
     ``loaders.CorpusWriter`` Megatron ``.bin/.idx`` shards, read by ``TokenDataset`` (documents shuffled,
-    packed into 2049-token windows at read time, with per-token ``doc_ids``) and a torch ``DataLoader``.
+    packed into 2049-token windows at read time, with per-token ``doc_ids``) and ``loaders.TokenLoader``.
 ``mds``
     mosaicml-streaming ``MDSWriter``, one sample per 2049-token window (stride 2048, storage order), the
     llm-foundry ``concat_tokens`` layout: packing is done at conversion time. ``streaming.StreamingDataset``
@@ -22,14 +22,15 @@ system's own format in the module's scratch directory:
 
 Every loader uses seq_len 2048 (2049-token windows), batch 8, shuffle on, ``num_workers`` 0 and 2 (same
 DataLoader settings for all: no pinned memory, no persistent workers, prefetch_factor 2), and delivers an
-int64 ``[8, 2049]`` batch (peers convert in their collate function, in the worker, as ours does). All reads
+int64 ``[8, 2049]`` batch; every system hands the batch over from its workers in uint16 and widens it in
+the main process. All reads
 are local files, warm in the page cache (every file is read once before timing). Throughput is timed from
 after some warm-up batches for about :data:`DURATION_S` seconds; loader start-up is recorded separately.
 Each repeat measures every system once, in rotated order, so every ratio pairs timings from the same
 repeat. The first and last batch of every measurement are checked against the corpus (see
 :func:`check_rows`), every batch's shape and dtype are checked.
 
-Rows: tokens/s against each peer at each ``num_workers``; packing bandwidth of ``TokenDataset.sample``
+Rows: tokens/s against each peer at each ``num_workers``; packing bandwidth of ``TokenDataset.batch``
 reading the mmapped ``.bin`` (source bytes per second) against a numpy copy of as many bytes from the same
 files; time to the first batch when resuming at sample 10^6 against a fresh start.
 """
@@ -68,7 +69,7 @@ from bench._common import (
     selected,
     settle,
 )
-from loaders import CorpusWriter, TokenDataset
+from loaders import CorpusWriter, TokenDataset, TokenLoader
 from pcache.testing import SeaweedServer
 
 NAME = "loaders"
@@ -81,6 +82,7 @@ SHARD_BYTES = 16 * MiB
 DURATION_S = 2.0
 RESUME_AT = 10**6
 PACK_WINDOWS = 16384
+BULK_WINDOWS = 512
 PEERS = ("mds", "litdata", "wds")
 SYSTEMS = ("ours", *PEERS)
 LOADER_OPTS: dict[str, Any] = {"pin_memory": False, "persistent_workers": False}
@@ -299,12 +301,18 @@ def warm_page_cache(root: Path) -> int:
 
 
 # -- loaders ----------------------------------------------------------------------------------------
+# Every system hands its batch from the worker in the corpus' uint16 and widens it to int64 in the
+# training process (``widen``), as TokenLoader does: the same bytes cross the process boundary.
 def _stack_mds(samples: list[dict[str, np.ndarray]]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    return torch.from_numpy(np.stack([s["tokens"] for s in samples]))
 
 
 def _stack_tensors(samples: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(samples).to(torch.int64)
+    return torch.stack(samples)
+
+
+def widen(batch: torch.Tensor) -> torch.Tensor:
+    return batch.to(torch.int64)
 
 
 def _pack_windows(source: Iterator[tuple[np.ndarray]]) -> Iterator[torch.Tensor]:
@@ -316,7 +324,7 @@ def _pack_windows(source: Iterator[tuple[np.ndarray]]) -> Iterator[torch.Tensor]
         have += doc.size
         if have < WINDOW:
             continue
-        buf = np.concatenate(pending).astype(np.int64)
+        buf = np.concatenate(pending)
         start = 0
         while start + WINDOW <= buf.size:
             yield torch.from_numpy(buf[start:start + WINDOW].copy())
@@ -329,26 +337,26 @@ def make_loader(system: str, corpus: Corpus, workers: int, seed: int) -> tuple[A
     opts = dict(LOADER_OPTS, batch_size=BATCH, num_workers=workers)
     if system == "ours":
         ds = TokenDataset([str(corpus.dirs["ours"])], seq_len=SEQ_LEN, seed=seed, shuffle=True, batch_size=BATCH)
-        return DataLoader(ds, **opts), lambda b: b["tokens"]
+        return TokenLoader(ds, num_workers=workers), lambda b: b["tokens"]
     if system == "mds":
         streaming = import_streaming()
         mds = streaming.StreamingDataset(local=str(corpus.dirs["mds"]), shuffle=True, shuffle_seed=seed,
                                          batch_size=BATCH)
-        return streaming.StreamingDataLoader(mds, collate_fn=_stack_mds, **opts), lambda b: b
+        return streaming.StreamingDataLoader(mds, collate_fn=_stack_mds, **opts), widen
     if system == "litdata":
         import litdata
         from litdata import TokensLoader
 
         lit = litdata.StreamingDataset(str(corpus.dirs["litdata"]), item_loader=TokensLoader(block_size=WINDOW),
                                        shuffle=True, drop_last=True, seed=seed)
-        return litdata.StreamingDataLoader(lit, collate_fn=_stack_tensors, **opts), lambda b: b
+        return litdata.StreamingDataLoader(lit, collate_fn=_stack_tensors, **opts), widen
     if system == "wds":
         import webdataset as wds
 
         urls = sorted(str(p) for p in corpus.dirs["wds"].glob("*.tar"))
         pipeline = (wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, empty_check=False)
                     .shuffle(1000).decode().to_tuple("npy").compose(_pack_windows))
-        return DataLoader(pipeline, **opts), lambda b: b
+        return DataLoader(pipeline, **opts), widen
     raise ValueError(system)
 
 
@@ -477,8 +485,9 @@ def throughput_note(peer: str, workers: int) -> str:
     common = (f"same synthetic corpus converted to each format (conversion untimed), local files, page cache warm "
               f"(all files read once first); timed for ~{DURATION_S:g}s after {4 + 4 * workers} warm-up batches, "
               "start-up (construct to first batch) in extra; a loader whose epoch ends is iterated again, its "
-              "restart and warm-up untimed; every batch int64 [8, 2049] (peers convert in their "
-              "collate fn, in the worker); first and last batch checked against the corpus documents; ours also "
+              "restart and warm-up untimed; every batch int64 [8, 2049], handed from the worker in uint16 "
+              "and widened in the main process by every system (ours: TokenLoader, workers pack whole batches; "
+              "peers: collate stacks uint16, the loop widens); first and last batch checked against the corpus documents; ours also "
               "yields per-token doc_ids, peers do not")
     specific = {
         "mds": "MDS samples are pre-packed 2049-token windows (llm-foundry concat_tokens layout), so MDS does "
@@ -493,39 +502,49 @@ def throughput_note(peer: str, workers: int) -> str:
 
 
 def bench_packing(corpus: Corpus, repeat: int) -> list[dict[str, Any]]:
-    """Packing bandwidth of ``TokenDataset.sample`` from the mmapped ``.bin`` vs a numpy copy of as many bytes."""
+    """Packing bandwidth of ``TokenDataset.batch`` from the mmapped ``.bin`` vs a numpy copy of as many bytes."""
     ds = TokenDataset([str(corpus.dirs["ours"])], seq_len=SEQ_LEN, seed=0, shuffle=True, batch_size=BATCH)
-    count = min(PACK_WINDOWS, corpus.tokens // WINDOW)  # the copy baseline needs count * 2049 source tokens
+    count = min(PACK_WINDOWS, corpus.tokens // WINDOW) // BATCH * BATCH  # the copy needs count * 2049 tokens
     nbytes = count * WINDOW * corpus.flat.itemsize
     view = ds.sources[0]
     bins = [np.memmap(p, dtype=np.uint16, mode="r") for p in sorted(corpus.dirs["ours"].glob("*.bin"))]
     dst = np.ones(nbytes // 2, dtype=np.uint16)  # touched, so no page faults in the timed copies
-    out = np.empty(WINDOW, dtype=np.int64)
-    doc_ids = np.empty(WINDOW, dtype=np.int32)
+    out = np.empty((BATCH, WINDOW), dtype=np.uint16)
+    doc_ids = np.empty((BATCH, WINDOW), dtype=np.int32)
 
     def ours() -> float:
+        t0 = time.perf_counter()
+        for b in range(count // BATCH):
+            ds.batch(b)
+        return time.perf_counter() - t0
+
+    def packer_only() -> float:
+        t0 = time.perf_counter()
+        for c in range(0, count, BATCH):
+            view.windows(c, out, doc_ids, "raise")
+        return time.perf_counter() - t0
+
+    bulk_out = np.empty((BULK_WINDOWS, WINDOW), dtype=np.uint16)
+    bulk_ids = np.empty((BULK_WINDOWS, WINDOW), dtype=np.int32)
+
+    def bulk() -> float:
+        t0 = time.perf_counter()
+        for c in range(0, count - BULK_WINDOWS + 1, BULK_WINDOWS):
+            view.windows(c, bulk_out, bulk_ids, "raise")
+        return time.perf_counter() - t0
+
+    def per_sample() -> float:
         t0 = time.perf_counter()
         for k in range(count):
             ds.sample(k)
         return time.perf_counter() - t0
 
-    def packer_only() -> float:
-        t0 = time.perf_counter()
-        for c in range(count):
-            view.window(c, out, doc_ids, "raise")
-        return time.perf_counter() - t0
-
-    def memcpy(step: int | None) -> float:
+    def memcpy() -> float:
         t0 = time.perf_counter()
         done = 0
         for mm in bins:
             n = min(mm.size, dst.size - done)
-            if step is None:
-                np.copyto(dst[done:done + n], mm[:n])
-            else:
-                for lo in range(0, n, step):
-                    hi = min(n, lo + step)
-                    np.copyto(dst[done + lo:done + hi], mm[lo:hi])
+            np.copyto(dst[done:done + n], mm[:n])
             done += n
             if done == dst.size:
                 break
@@ -533,35 +552,43 @@ def bench_packing(corpus: Corpus, repeat: int) -> list[dict[str, Any]]:
             raise AssertionError(f"memcpy baseline copied {done} of {dst.size} tokens")
         return time.perf_counter() - t0
 
+    bulk_bytes = (count // BULK_WINDOWS) * BULK_WINDOWS * WINDOW * corpus.flat.itemsize
     # untimed: page cache, epoch stream, handles; and check what the packer produces
-    rows = np.stack([ds.sample(k)["tokens"].numpy() for k in range(64)])
+    rows = np.concatenate([ds.batch(b)["tokens"] for b in range(8)]).astype(np.int64)
     verified = check_rows(corpus, rows, "packing")
+    if not np.array_equal(rows[:BATCH], np.stack([ds.sample(k)["tokens"].numpy() for k in range(BATCH)])):
+        raise AssertionError("TokenDataset.batch(0) differs from samples 0..7")
     ours()
-    memcpy(None)
-    base_s, ours_s, pack_s, slice_s = [], [], [], []
+    memcpy()
+    base_s, ours_s, pack_s, sample_s, bulk_s = [], [], [], [], []
     for _ in range(repeat):
         settle()
-        base_s.append(memcpy(None))
+        base_s.append(memcpy())
         ours_s.append(ours())
         pack_s.append(packer_only())
-        slice_s.append(memcpy(WINDOW))
-    log(f"loaders/packing: sample() {mbps(nbytes, median(ours_s)):.0f} MB/s, window() "
-        f"{mbps(nbytes, median(pack_s)):.0f} MB/s, memcpy {mbps(nbytes, median(base_s)):.0f} MB/s, "
-        f"per-window copies {mbps(nbytes, median(slice_s)):.0f} MB/s")
+        sample_s.append(per_sample())
+        bulk_s.append(bulk())
+    log(f"loaders/packing: batch() {mbps(nbytes, median(ours_s)):.0f} MB/s, windows() "
+        f"{mbps(nbytes, median(pack_s)):.0f} MB/s, runs of {BULK_WINDOWS} {mbps(bulk_bytes, median(bulk_s)):.0f} MB/s, "
+        f"sample() {mbps(nbytes, median(sample_s)):.0f} MB/s, "
+        f"memcpy {mbps(nbytes, median(base_s)):.0f} MB/s")
     return [make_row(
-        module=NAME, key="packing_bandwidth", measure=f"packing bandwidth, TokenDataset.sample() x{count} from the "
-                                                       "mmapped .bin (source bytes)",
+        module=NAME, key="packing_bandwidth", measure=f"packing bandwidth, TokenDataset.batch() x{count // BATCH} "
+                                                       "from the mmapped .bin (source bytes)",
         unit="MB/s", nbytes=nbytes, values=[mbps(nbytes, s) for s in ours_s], seconds=ours_s,
         baseline="numpy copy (np.copyto) of as many bytes from np.memmap of the same .bin files",
         baseline_values=[mbps(nbytes, s) for s in base_s], baseline_seconds=base_s, target=TARGETS["packing"],
-        notes=f"{count} consecutive global samples (shuffled documents), bytes = 2049 uint16 source tokens per "
-              "window; ours also widens to int64 and fills doc_ids (5x the bytes written); page cache warm; "
-              "extra: the packer alone (_SourceView.window into reused buffers) and the copy done in "
-              "2049-token slices",
+        notes=f"{count} consecutive global samples (shuffled documents) in batches of {BATCH}, what a TokenLoader "
+              "worker does: windows in the corpus' uint16 plus int32 doc_ids (3x the bytes written), "
+              "fresh arrays per batch; bytes = 2049 uint16 source tokens per window; page cache warm; extra: the "
+              "packer alone (SourceView.windows into reused buffers), the packer in runs of "
+              f"{BULK_WINDOWS} windows (its bandwidth once per-call overhead is amortised), and "
+              "TokenDataset.sample() one window at a time widened to int64 (the plain DataLoader path)",
         extra={"packer_only_mbps": [mbps(nbytes, s) for s in pack_s],
-               "memcpy_per_window_mbps": [mbps(nbytes, s) for s in slice_s],
+               "sample_int64_mbps": [mbps(nbytes, s) for s in sample_s],
+               f"packer_runs_of_{BULK_WINDOWS}_mbps": [mbps(bulk_bytes, s) for s in bulk_s],
                "windows": count, "verified_share": verified,
-               "us_per_window": [s / count * 1e6 for s in ours_s]},
+               "us_per_batch": [s / (count // BATCH) * 1e6 for s in ours_s]},
     )]
 
 
@@ -581,7 +608,7 @@ def bench_resume(corpus: Corpus, repeat: int) -> list[dict[str, Any]]:
         ds = TokenDataset(src, seq_len=SEQ_LEN, seed=0, shuffle=True, batch_size=BATCH)
         if resume:
             ds.load_state_dict(state)
-        it = iter(DataLoader(ds, batch_size=BATCH, num_workers=workers, **LOADER_OPTS))
+        it = iter(TokenLoader(ds, num_workers=workers))
         batch = next(it)
         seconds = time.perf_counter() - t0
         del it
@@ -604,7 +631,7 @@ def bench_resume(corpus: Corpus, repeat: int) -> list[dict[str, Any]]:
             unit="1/s", values=[1 / s for s in resumed], seconds=resumed,
             baseline="fresh start (sample 0), same settings", baseline_values=[1 / s for s in fresh],
             baseline_seconds=fresh, target=TARGETS["resume"],
-            notes=f"time from constructing TokenDataset (+load_state_dict) and DataLoader to the first batch; "
+            notes=f"time from constructing TokenDataset (+load_state_dict) and TokenLoader to the first batch; "
                   f"values are 1/seconds so ratio = fresh/resumed and the issue's 'resumed <= 1.5x fresh' is "
                   f"ratio >= 1/1.5 = 0.667; the corpus has {corpus.tokens / 1e6:.0f}M tokens, so sample 10^6 lies "
                   f"in epoch {int(epochs)} (epochs continue with a new shuffle): the resume cost does not depend "

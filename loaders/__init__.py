@@ -3,7 +3,10 @@
 Public API:
 
 * :class:`TokenDataset`: packed ``seq_len + 1`` windows from Megatron ``.bin/.idx``, WebDataset tar or
-  LMDB corpora at any path or fsspec URL, shuffled, mixed by weight, resumable at any position.
+  LMDB corpora at any path or fsspec URL, shuffled, mixed by weight, resumable at any position. Works
+  with ``torch.utils.data.DataLoader`` and torchdata's ``StatefulDataLoader``.
+* :class:`TokenLoader`: the fast batch loader for a ``TokenDataset`` (whole batches packed in workers,
+  handed over compactly), with its own exact ``state_dict``.
 * :func:`open_corpus`, :func:`write_corpus`, :class:`CorpusWriter`: read and write the formats.
 * ``loaders pack`` / ``loaders inspect`` on the command line.
 """
@@ -11,6 +14,7 @@ Public API:
 from loaders.dataset import TokenDataset
 from loaders.errors import FormatError, InvalidParameterError
 from loaders.formats import Corpus, CorpusWriter, open_corpus, write_corpus
+from loaders.loader import TokenLoader
 
-__all__ = ["Corpus", "CorpusWriter", "FormatError", "InvalidParameterError", "TokenDataset", "open_corpus",
-           "write_corpus"]
+__all__ = ["Corpus", "CorpusWriter", "FormatError", "InvalidParameterError", "TokenDataset", "TokenLoader",
+           "open_corpus", "write_corpus"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import weakref
-from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,80 +26,15 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from loaders.errors import FormatError, InvalidParameterError
-from loaders.formats import Corpus, open_corpus
-from loaders.order import MixSchedule, document_order, normalize_weights
+from loaders.errors import InvalidParameterError
+from loaders.formats import open_corpus
+from loaders.order import MixSchedule, normalize_weights
+from loaders.packing import SourceView
 from pcache._util.log import get_logger
 
 log = get_logger(__name__)
 
 STATE_FORMAT = "loaders-state/1"
-
-
-class _SourceView:
-    """One source's documents and its per-epoch token streams (cached, two epochs at a time)."""
-
-    def __init__(self, corpus: Corpus, index: int, seq_len: int, seed: int, shuffle: bool, window: int) -> None:
-        self.corpus, self.index, self.seq_len = corpus, index, seq_len
-        self.seed, self.shuffle, self.shuffle_window = seed, shuffle, window
-        lengths = corpus.load_lengths()
-        self.shard_docs = [len(lens) for lens in lengths]
-        self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_docs, dtype=np.int64)])
-        self._shard_starts = [int(v) for v in self.shard_starts]  # bisect on a list beats numpy for scalars
-        self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
-        total = int(self.lengths.sum())
-        self.windows_per_epoch = max(0, (total - 1) // seq_len)
-        if self.windows_per_epoch == 0:
-            raise InvalidParameterError(
-                "seq_len", f"source {corpus.url} has {total} tokens: too few for one window of {seq_len + 1}")
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def stream(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(document order, cumulative token ends) of ``epoch``."""
-        cached = self._epochs.get(epoch)
-        if cached is None:
-            order = document_order(self.shard_docs, seed=self.seed, source=self.index, epoch=epoch,
-                                   shuffle=self.shuffle, window=self.shuffle_window)
-            cached = (order, np.cumsum(self.lengths[order]))
-            if len(self._epochs) >= 2:
-                self._epochs.pop(min(self._epochs))
-            self._epochs[epoch] = cached
-        return cached
-
-    def window(self, c: int, out: np.ndarray, doc_ids: np.ndarray, on_error: str) -> int:
-        """Fill ``out`` with the source's ``c``-th window; return corrupt documents skipped."""
-        epoch, j = divmod(c, self.windows_per_epoch)
-        order, ends = self.stream(epoch)
-        start = j * self.seq_len
-        pos = int(np.searchsorted(ends, start, side="right"))
-        offset = start - (int(ends[pos - 1]) if pos else 0)
-        filled, segment, skipped = 0, 0, 0
-        need = len(out)
-        while filled < need:
-            if pos >= len(order):  # only after skipped documents: wrap into the next epoch's stream
-                order, ends = self.stream(epoch + 1)
-                epoch, pos, offset = epoch + 1, 0, 0
-            doc = int(order[pos])
-            shard = bisect_right(self._shard_starts, doc) - 1
-            local = doc - self._shard_starts[shard]
-            take = min(int(self.lengths[doc]) - offset, need - filled)
-            try:
-                tokens = self.corpus.shards[shard].read(local, offset, offset + take)
-                if len(tokens) != take:
-                    raise FormatError(self.corpus.shards[shard].url, f"document {local} is shorter than its index says")
-            except FormatError as exc:
-                if on_error != "skip":
-                    raise
-                skipped += 1
-                log.warning("skipping corrupt document %d of %s: %s", local, self.corpus.shards[shard].url, exc)
-                pos, offset = pos + 1, 0
-                continue
-            out[filled:filled + take] = tokens
-            doc_ids[filled:filled + take] = segment
-            filled += take
-            segment += 1
-            pos, offset = pos + 1, 0
-        return skipped
 
 
 class TokenDataset(IterableDataset):
@@ -147,8 +81,10 @@ class TokenDataset(IterableDataset):
         self.on_error = on_error
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         corpora = [open_corpus(url, storage_options=storage_options, on_error=on_error) for url in sources]
-        self.sources = [_SourceView(c, i, seq_len, seed, shuffle, shuffle_window) for i, c in enumerate(corpora)]
+        self.sources = [SourceView(c, i, seq_len, seed, shuffle, shuffle_window) for i, c in enumerate(corpora)]
         self.schedule = MixSchedule(self.weights)
+        #: The narrowest dtype holding every source's tokens (what :meth:`fill` needs at least).
+        self.token_dtype = np.dtype(np.result_type(*(view.corpus.dtype for view in self.sources)))
         self.position = 0  # global samples consumed before this dataset's first sample
         self._consumed = 0  # rank-local samples yielded by an in-process iterator (num_workers=0)
         self._worker_next: int | None = None  # set when a worker's own state is loaded (StatefulDataLoader)
@@ -181,11 +117,50 @@ class TokenDataset(IterableDataset):
 
     def sample(self, k: int) -> dict[str, torch.Tensor]:
         """Return global sample ``k`` (what any rank or worker yields for it)."""
-        s = self.schedule.source_of(k)
-        out = np.empty(self.seq_len + 1, dtype=np.int64)
-        doc_ids = np.empty(self.seq_len + 1, dtype=np.int32)
-        self.skipped += self.sources[s].window(self.schedule.count_before(s, k), out, doc_ids, self.on_error)
-        return {"tokens": torch.from_numpy(out), "doc_ids": torch.from_numpy(doc_ids)}
+        out = np.empty((1, self.seq_len + 1), dtype=np.int64)
+        doc_ids = np.empty((1, self.seq_len + 1), dtype=np.int32)
+        self.fill([k], out, doc_ids)
+        return {"tokens": torch.from_numpy(out[0]), "doc_ids": torch.from_numpy(doc_ids[0])}
+
+
+    def fill(self, samples: Sequence[int], out: np.ndarray, doc_ids: np.ndarray) -> None:
+        """Fill ``out[i]`` and ``doc_ids[i]`` with global sample ``samples[i]``.
+
+        Consecutive samples that are consecutive windows of one source (the common case: one rank, one
+        source, or long runs of a heavy source) are packed as one contiguous token range.
+
+        Args:
+            samples: Global sample numbers.
+            out: ``[len(samples), seq_len + 1]`` tokens, of :attr:`token_dtype` or wider.
+            doc_ids: ``[len(samples), seq_len + 1]`` int32.
+        """
+        runs: list[tuple[int, int, int]] = []  # (source, first window, rows)
+        single = len(self.sources) == 1  # then sample k is window k: no schedule lookups
+        for k in samples:
+            s = 0 if single else self.schedule.source_of(k)
+            c = k if single else self.schedule.count_before(s, k)
+            if runs and runs[-1][0] == s and runs[-1][1] + runs[-1][2] == c:
+                runs[-1] = (s, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((s, c, 1))
+        row = 0
+        for s, c, rows in runs:
+            self.skipped += self.sources[s].windows(c, out[row:row + rows], doc_ids[row:row + rows], self.on_error)
+            row += rows
+
+    def batch(self, b: int) -> dict[str, np.ndarray]:
+        """Return this rank's ``b``-th batch (counted from ``position``) as numpy arrays.
+
+        ``tokens`` keeps the storage dtype (:attr:`token_dtype`), four times smaller than int64 for
+        uint16 corpora, so handing it from a worker process to the trainer is cheap; :class:`TokenLoader`
+        widens it. ``doc_ids`` is int32.
+        """
+        first = b * self.batch_size
+        samples = [self.global_index(i) for i in range(first, first + self.batch_size)]
+        out = np.empty((self.batch_size, self.seq_len + 1), dtype=self.token_dtype)
+        doc_ids = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int32)
+        self.fill(samples, out, doc_ids)
+        return {"tokens": out, "doc_ids": doc_ids}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self._warm()
