@@ -22,7 +22,7 @@ from typing import Any
 import xxhash
 from fsspec.asyn import sync
 
-from pcache._util.checksum import content_hasher
+from pcache._util.checksum import hash_stream
 from pcache._util.files import unlink_quiet
 from pcache._util.log import get_logger, setup_logging
 from pcache._util.retry import RetryPolicy, retry_call
@@ -167,12 +167,9 @@ class Uploader:
         if written is not None:  # uploaded through pcache: compare the writers' own creation times
             return written >= entry["created"]
         if info.get("size") == entry["size"]:
-            hasher = content_hasher()
             with fs.open(entry["path"], "rb") as fh:
-                for chunk in iter(lambda: fh.read(8 * 1024 * 1024), b""):
-                    hasher.update(chunk)
-            if hasher.hexdigest() == entry["xxh3_128"]:
-                return True
+                if hash_stream(fh)[1] == entry["xxh3_128"]:
+                    return True
         mtime = origin_mtime(info)
         return mtime is not None and mtime >= entry["created"]
 

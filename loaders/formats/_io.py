@@ -23,7 +23,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from loaders.errors import TruncatedDataError
-from pcache._util.checksum import content_hasher
+from pcache._util.checksum import hash_stream
 
 #: Remote reads fetch at least this many bytes and keep them for the following reads.
 READ_AHEAD_BYTES = 8 << 20
@@ -90,24 +90,10 @@ class Location:
         return sorted(entries, key=lambda e: e["name"])
 
 
-def version_tag(info: dict[str, Any]) -> str:
-    """Return what identifies one version of an object: ETag if the store has one, else size and mtime."""
-    for key in ("ETag", "etag", "version_id", "VersionId"):
-        if info.get(key):
-            return f"{key}={info[key]}"
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
-    return f"size={info.get('size')},mtime={mtime}"
-
-
 def hash_file(loc: Location) -> tuple[int, str]:
     """Return ``(size, xxh3-128 hex)`` of a file, streamed in large chunks."""
-    hasher = content_hasher()
-    size = 0
     with loc.fs.open(loc.path, "rb", block_size=_HASH_CHUNK) as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            hasher.update(chunk)
-            size += len(chunk)
-    return size, hasher.hexdigest()
+        return hash_stream(fh, _HASH_CHUNK)
 
 
 class Handle(Protocol):

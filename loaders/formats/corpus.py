@@ -24,11 +24,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from loaders.errors import CorpusNotFoundError, CorruptIndexError, FormatError, InvalidParameterError
-from loaders.formats._io import Location, version_tag
+from loaders.formats._io import Location
 from loaders.formats.lmdbfmt import LmdbShard
 from loaders.formats.megatron import MegatronShard
 from loaders.formats.wds import WdsShard
 from pcache._util.checksum import content_hash
+from pcache.origin import object_version
 
 INDEX_NAME = "index.json"
 INDEX_SCHEMA = "loaders.corpus"
@@ -156,7 +157,7 @@ def _fingerprint(locs: list[Location], listing: dict[str, dict[str, Any]] | None
     lines = []
     for loc in locs:
         info = (listing or {}).get(loc.path) or loc.info()
-        lines.append(f"{loc.path.rsplit('/', 1)[-1]} {version_tag(info)}")
+        lines.append(f"{loc.path.rsplit('/', 1)[-1]} {object_version(info)}")
     return content_hash("\n".join(lines).encode())
 
 

@@ -37,10 +37,11 @@ from loaders.errors import (
     TruncatedDataError,
     UnknownDtypeError,
 )
-from loaders.formats._io import CachedHandleMixin, Location, version_tag
+from loaders.formats._io import CachedHandleMixin, Location
 from loaders.formats.megatron import DTYPE_CODES
 from pcache._util.checksum import content_hash
 from pcache._util.log import get_logger
+from pcache.origin import object_version
 
 log = get_logger(__name__)
 
@@ -191,7 +192,7 @@ def cache_dir() -> str:
 
 def local_copy(data: Location) -> str:
     """Copy a remote ``data.mdb`` into the cache once; return the local environment directory."""
-    tag = version_tag(data.info())
+    tag = object_version(data.info())
     target = os.path.join(cache_dir(), "lmdb", content_hash(f"{data.url}\n{tag}".encode())[:32])
     final = os.path.join(target, "data.mdb")
     if os.path.exists(final):

@@ -29,3 +29,12 @@ def content_hasher() -> Any:
 def content_hash(data: Any) -> str:
     """Return the xxh3-128 hex digest of ``data``."""
     return xxhash.xxh3_128_hexdigest(data)
+
+
+def hash_stream(fh: Any, chunk_size: int = 8 * 1024 * 1024) -> tuple[int, str]:
+    """Return ``(bytes read, xxh3-128 hex)`` of a binary file object, read to its end in chunks."""
+    hasher, size = content_hasher(), 0
+    while chunk := fh.read(chunk_size):
+        hasher.update(chunk)
+        size += len(chunk)
+    return size, hasher.hexdigest()
