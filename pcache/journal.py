@@ -90,6 +90,11 @@ class Journal:
         # asks for it on every block it publishes, which must not decode the whole journal each time.
         self.meta_db = self.env.open_db(b"meta")
         self.replica_db = self.env.open_db(b"replicas")
+        with self.env.begin(write=True) as txn:
+            # A journal written before the counter existed is counted once, here: seeding it lazily
+            # inside a delete would recount after the delete and then subtract the entry a second time.
+            if txn.get(_PENDING_BYTES, db=self.meta_db) is None:
+                txn.put(_PENDING_BYTES, str(self._count_pending_bytes(txn)).encode(), db=self.meta_db)
 
     def data_path(self, upload_id: str) -> str:
         """Where the staged bytes of ``upload_id`` live."""
@@ -172,7 +177,7 @@ class Journal:
                 txn.delete(key, db=self.replica_db)
                 self._add_pending_bytes(txn, -other["size"])
                 drop.append(other["id"])
-            self._add_pending_bytes(txn, entry["size"])  # first: a missing counter is seeded from the dbs
+            self._add_pending_bytes(txn, entry["size"])
             txn.put(entry["id"].encode(), json.dumps(entry).encode(), db=self.replica_db)
         return drop
 
@@ -221,9 +226,9 @@ class Journal:
 
     def _read_pending_bytes(self, txn: Any) -> int:
         raw = txn.get(_PENDING_BYTES, db=self.meta_db)
-        if raw is not None:
-            return int(raw)
-        # A journal written before the counter existed: count once.
+        return int(raw) if raw is not None else self._count_pending_bytes(txn)
+
+    def _count_pending_bytes(self, txn: Any) -> int:
         return sum(json.loads(v)["size"] for db in (self.pending_db, self.replica_db)
                    for _, v in txn.cursor(db=db))
 

@@ -335,3 +335,32 @@ def test_a_corrupt_block_on_the_owner_is_verified_dropped_and_refetched_once(
     assert fs.peers.counters["peer_checksum_errors"] == 1 and fs.peers.counters["peer_hits"] == 2
     assert len([r for r in proxy.get_ranges() if r is not None]) == 1, "the owner refetched the bad block once"
     assert _metric(node, token_file, "pcache_corrupt_blocks") == 1
+
+
+def test_a_replica_upload_cut_off_midway_leaves_nothing_behind(tmp_path, s3_server, start_nodes, token_file) -> None:
+    import socket
+
+    from pcache.cluster.replica import replica_query
+
+    (node,) = start_nodes(1, s3_server.endpoint_url)
+    size = 8 * 1024 * 1024
+    entry = {"id": "cut", "url": "s3://b/ckpt", "protocol": "s3", "path": "b/ckpt", "options": {},
+             "size": size, "xxh3_128": "0" * 32, "created": time.time()}
+    query = replica_query(entry, "another-node")
+    with open(token_file, "rb") as fh:
+        token = fh.read().strip()
+    parts = urlsplit(node)
+    for _ in range(5):  # the writer hangs up while the node is writing what it got so far
+        sock = socket.create_connection((parts.hostname, parts.port))
+        headers = {**sign_request(token, "PUT", query), "Content-Length": str(size), "Host": parts.netloc}
+        head = f"PUT {query} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        sock.sendall(head.encode() + os.urandom(3 * 1024 * 1024))
+        sock.close()
+    deadline = time.monotonic() + 10
+    while list(tmp_path.glob("node0/**/*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list(tmp_path.glob("node0/**/*.tmp")), "a cut-off replica left its temporary file"
+    assert _metric(node, token_file, "pcache_standby_replicas") == 0
+    status = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    status.request("GET", "/healthz")
+    assert status.getresponse().status == 200  # and the node still serves

@@ -135,3 +135,19 @@ def test_an_older_replica_of_a_url_is_superseded_on_arrival(tmp_path) -> None:
     _replica(journal, b"v0", "file:///x", "/x", created=50.0)  # late arrival of an even older write
     (kept,) = journal.replicas()
     assert kept["created"] == 200.0 and journal.pending_bytes() == 2
+
+
+def test_a_journal_without_the_byte_counter_is_counted_once_and_deletes_stay_exact(tmp_path) -> None:
+    from pcache.journal import Journal
+
+    journal = Journal(str(tmp_path / "c"))
+    for i, size in enumerate((7, 11)):
+        journal.add_replica({"id": f"r{i}", "source_id": f"s{i}", "source_node": "n", "url": f"s3://b/{i}",
+                             "protocol": "s3", "path": f"b/{i}", "options": {}, "size": size, "xxh3_128": "x",
+                             "created": 1.0})
+    with journal.env.begin(write=True) as txn:  # as a journal written before the counter existed
+        txn.delete(b"pending_bytes", db=journal.meta_db)
+    reopened = Journal(str(tmp_path / "c"))
+    assert reopened.pending_bytes() == 18
+    assert reopened.drop_replica("s0") == "r0"
+    assert reopened.pending_bytes() == 11  # not 18 - 11 - 7: the delete did not recount first

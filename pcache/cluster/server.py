@@ -161,22 +161,33 @@ class NodeServer:
         loop = asyncio.get_running_loop()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         hasher, size = content_hasher(), 0
+        pending: asyncio.Future[Any] | None = None  # the executor call that is using fd, if any
         try:
             async for chunk in request.content.iter_chunked(1024 * 1024):
                 hasher.update(chunk)
                 size += len(chunk)
-                await loop.run_in_executor(self.pool, write_all, fd, chunk)
+                pending = loop.run_in_executor(self.pool, write_all, fd, chunk)
+                await pending
             if size != entry["size"] or hasher.hexdigest() != entry["xxh3_128"]:
                 raise web.HTTPBadRequest(text=f"replica of {entry['url']} arrived damaged "
                                               f"({size} of {entry['size']} bytes or a checksum mismatch)")
-            await loop.run_in_executor(self.pool, self._publish_replica, fd, tmp, entry)
+            pending = loop.run_in_executor(self.pool, self._publish_replica, fd, tmp, entry)
+            await pending
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             log.error("replica of %s not stored: %s", entry["url"], exc, extra={"url": entry["url"]})
             return web.json_response({"error": str(exc)}, status=507 if full else 500)
         finally:
-            os.close(fd)
-            unlink_quiet(tmp)
+            def release(_: object = None) -> None:
+                os.close(fd)
+                unlink_quiet(tmp)
+
+            if pending is not None and not pending.done():
+                # Cancelled (the writer hung up) while a thread still uses fd: closing it now could let
+                # that thread write into whatever file reuses the number. Close once the thread is done.
+                pending.add_done_callback(release)
+            else:
+                release()
         return web.json_response({"node": self.node_id, "id": entry["id"]}, status=201)
 
     def _publish_replica(self, fd: int, tmp: str, entry: dict[str, Any]) -> None:
