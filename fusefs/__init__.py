@@ -1,1 +1,41 @@
-"""Placeholder: lands with its own issue."""
+"""fusefs: a read-only FUSE mount of any fsspec URL, with reads served through pcache.
+
+Public API:
+
+- :func:`fusefs.cli.main` (the ``fusefs`` command: ``mount`` and ``umount``)
+- :class:`Mount` and :class:`MountSpec` (mount from Python, e.g. in a test or a launcher)
+- :class:`MountConfig` (mount settings: timeouts, refresh, readahead, metrics)
+- :func:`unmount`, :func:`check_mountpoint`, :func:`mount_entry`
+- typed errors: :class:`MountError`, :class:`MountpointError`, :class:`NotMountedError`
+- :data:`XATTR_URL`, :data:`XATTR_ETAG`: the extended attributes every file carries
+"""
+
+from __future__ import annotations
+
+from fusefs.config import MountConfig
+from fusefs.errors import MountError, MountpointError, NotMountedError
+from fusefs.mounts import check_mountpoint, mount_entry, unmount
+from fusefs.ops import XATTR_ETAG, XATTR_URL
+
+__all__ = [
+    "XATTR_ETAG",
+    "XATTR_URL",
+    "Mount",
+    "MountConfig",
+    "MountError",
+    "MountSpec",
+    "MountpointError",
+    "NotMountedError",
+    "check_mountpoint",
+    "mount_entry",
+    "unmount",
+]
+
+
+def __getattr__(name: str) -> object:
+    # The daemon pulls in pyfuse3, trio and pcache's engine; import it only when asked for.
+    if name in ("Mount", "MountSpec"):
+        from fusefs import daemon
+
+        return getattr(daemon, name)
+    raise AttributeError(name)

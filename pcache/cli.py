@@ -27,7 +27,8 @@ EXAMPLES = """examples:
 """
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def add_cache_options(p: argparse.ArgumentParser) -> None:
+    """Add pcache's cache and storage flags to ``p`` (shared by every command that reads through pcache)."""
     p.add_argument("--cache-dir", help="cache directory (env PCACHE_CACHE_DIR; default ~/.cache/pcache)")
     p.add_argument("--config", help="TOML file with a [pcache] table (env PCACHE_CONFIG)")
     p.add_argument("--block-size", help="block size, e.g. 4MiB (env PCACHE_BLOCK_SIZE)")
@@ -44,19 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("stat", help="usage per tier, hit ratio and pending uploads")
-    _add_common(p)
+    add_cache_options(p)
     p.add_argument("--node", help="show a running node's view instead (http://host:port)")
     p.add_argument("--token-file", default=os.environ.get("PCACHE_TOKEN_FILE"),
                    help="shared secret file, for --node (env PCACHE_TOKEN_FILE)")
     p = sub.add_parser("warm", help="prefetch objects or prefixes into the cache, with a progress bar")
-    _add_common(p)
+    add_cache_options(p)
     p.add_argument("urls", nargs="+", metavar="URL", help="object or prefix, e.g. s3://bucket/shards/")
     p.add_argument("--peers", help="warm on these nodes instead (each block on its owner), comma-separated "
                                    "http://host:port (env PCACHE_PEERS)")
     p.add_argument("--token-file", default=os.environ.get("PCACHE_TOKEN_FILE"),
                    help="shared secret file, with --peers (env PCACHE_TOKEN_FILE)")
     p = sub.add_parser("flush", help="upload write-back files left in the journal (e.g. by a killed process)")
-    _add_common(p)
+    add_cache_options(p)
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
     p.add_argument("--prefix", help="only files under this origin URL")
     p.add_argument("--adopt-replicas", action="store_true",
@@ -64,20 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless the origin already has them or a newer write; use it once a writer's node "
                         "is lost, never while that writer may still be uploading")
     p = sub.add_parser("verify", help="re-check every block's checksum and drop corrupt blocks")
-    _add_common(p)
+    add_cache_options(p)
     p = sub.add_parser("serve", help="run a cache node that serves blocks to peers (binds 127.0.0.1 by default)")
-    _add_common(p)
+    add_cache_options(p)
     p.add_argument("--listen", default="127.0.0.1:9470", help="HOST:PORT to bind (default 127.0.0.1:9470)")
     p.add_argument("--token-file", default=os.environ.get("PCACHE_TOKEN_FILE"),
                    help="file with the secret shared by all nodes, mode 600 (env PCACHE_TOKEN_FILE)")
     p.add_argument("--origin-protocol", default="s3", help="fsspec protocol of the origin (default s3)")
     p = sub.add_parser("gc", help="reconcile index and files, remove stale temp files, enforce the budget")
-    _add_common(p)
+    add_cache_options(p)
     p.add_argument("--keep-done-days", type=float, default=7.0, help="forget upload records older than this")
     return parser
 
 
-def _config(args: argparse.Namespace) -> CacheConfig:
+def cache_config(args: argparse.Namespace) -> CacheConfig:
+    """Build the :class:`CacheConfig` from flags parsed by :func:`add_cache_options`, env and TOML."""
     return CacheConfig.load(args.config, cache_dir=args.cache_dir, block_size=args.block_size,
                             disk_bytes=args.disk_bytes, memory_bytes=args.memory_bytes,
                             compression=args.compression, peers=getattr(args, "peers", None),
@@ -145,7 +147,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
     if args.node:
         return node_stat(args)
 
-    config = _config(args)
+    config = cache_config(args)
     journal = Journal(config.cache_dir)
     store = DiskStore(config.cache_dir, config.disk_bytes, reserved=journal.pending_bytes)
     s = store.stats()
@@ -179,7 +181,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     import fsspec
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    config = _config(args)
+    config = cache_config(args)
     total_bytes = total_files = 0
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), disable=args.json or not sys.stderr.isatty()) as bar:
@@ -229,7 +231,7 @@ def _warm_on_owners(fs: Any, name: str, ref: Any, advance: Any) -> None:
 def cmd_flush(args: argparse.Namespace) -> int:
     from pcache.uploader import Uploader
 
-    config = _config(args)
+    config = cache_config(args)
     uploader = Uploader(config, endpoint_url=args.endpoint_url)
     replicas = {"adopted": 0, "dropped": 0, "failed": 0}
     if args.adopt_replicas:
@@ -254,7 +256,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from pcache.diskstore import DiskStore
 
-    config = _config(args)
+    config = cache_config(args)
     store = DiskStore(config.cache_dir, config.disk_bytes, config.compression)
     n = sum(1 for _ in store.iter_block_files())
     with Progress(disable=args.json or not sys.stderr.isatty()) as bar:
@@ -271,7 +273,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from pcache.diskstore import DiskStore
     from pcache.journal import Journal
 
-    config = _config(args)
+    config = cache_config(args)
     journal = Journal(config.cache_dir)
     store = DiskStore(config.cache_dir, config.disk_bytes, reserved=journal.pending_bytes)
     result = store.gc()
@@ -296,7 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.token_file:
         raise ConfigError("token_file", "pcache serve needs --token-file (or PCACHE_TOKEN_FILE)", "arguments")
     token = load_token(args.token_file)
-    config = dataclasses.replace(_config(args), peers=(), token_file="")  # a node reads only its origin
+    config = dataclasses.replace(cache_config(args), peers=(), token_file="")  # a node reads only its origin
     fs = fsspec.filesystem("pcache", target_protocol=args.origin_protocol,
                            target_options=storage_options(args.origin_protocol, args.endpoint_url),
                            skip_instance_cache=True, **vars(config))

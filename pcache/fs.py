@@ -296,6 +296,7 @@ class PCacheFile(io.RawIOBase):
         self._pos = 0
         self._expected = -1
         self._streak = 0
+        self._readahead_lock = threading.Lock()  # pread() callers share the sequential-read detection
 
     def readable(self) -> bool:
         return True
@@ -342,6 +343,21 @@ class PCacheFile(io.RawIOBase):
 
     def readall(self) -> bytes:
         return self.read(-1)
+
+    def pread(self, offset: int, size: int) -> bytes:
+        """Return up to ``size`` bytes at ``offset`` without moving the position; safe from many threads.
+
+        Concurrent callers (a FUSE daemon serving one open file) fetch in parallel; readahead still
+        sees the order the reads were issued in.
+        """
+        if self.closed:
+            raise ValueError(f"read of closed file {self.fs.url(self.path)}")
+        end = min(self.size, offset + max(0, size))
+        if offset >= end:
+            return b""
+        with self._readahead_lock:
+            self._readahead(offset, end)
+        return self.fs.engine.get_range(self.ref, offset, end, self._fetch)
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")

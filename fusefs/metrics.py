@@ -1,0 +1,18 @@
+"""Prometheus metrics of a mount daemon (served on 127.0.0.1 with ``--metrics-port``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, start_http_server
+
+READS = Counter("fusefs_reads", "FUSE read requests answered")
+READ_BYTES = Counter("fusefs_read_bytes", "Bytes returned to FUSE reads")
+ERRORS = Counter("fusefs_errors", "FUSE requests answered with an error", ["errno"])
+OPENS = Counter("fusefs_opens", "Files opened")
+REFRESHES = Counter("fusefs_refreshes", "Re-listings of the origin", ["result"])
+INODES = Gauge("fusefs_inodes", "Inodes in the table (files and directories)")
+BYTES = Gauge("fusefs_bytes", "Total bytes of the files in the table")
+
+
+def serve_metrics(port: int) -> None:
+    """Serve ``/metrics`` on 127.0.0.1:``port`` from a background thread (never on other interfaces)."""
+    start_http_server(port, addr="127.0.0.1")
