@@ -180,6 +180,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"mount": cmd_mount, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.log_format:  # also for the daemon child, which sets its logging up again after the fork
+        os.environ["PCACHE_LOG_FORMAT"] = args.log_format
     setup_logging(json_format=(args.log_format == "json") if args.log_format else None)
     try:
         return COMMANDS[args.command](args)

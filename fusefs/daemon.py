@@ -119,13 +119,17 @@ class Mount:
         # A SIGTERM between the kernel mount and the trio loop must still unmount cleanly.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._early_signal)
+        if self.config.metrics_port:  # before the kernel mount: a busy port must not leave a dead mount
+            try:
+                metrics.serve_metrics(self.config.metrics_port)
+            except OSError as exc:
+                ready(f"cannot serve metrics on 127.0.0.1:{self.config.metrics_port}: {exc}")
+                return 1
         try:
             pyfuse3.init(self.ops, self.spec.mountpoint, self.options())
         except RuntimeError as exc:
             ready(f"cannot mount {self.spec.mountpoint}: {exc} (is /dev/fuse available?)")
             return 1
-        if self.config.metrics_port:
-            metrics.serve_metrics(self.config.metrics_port)
         log.info("mounted %s at %s", self.source_url, self.spec.mountpoint,
                  extra={"url": self.source_url, "mountpoint": self.spec.mountpoint})
         try:
@@ -175,7 +179,10 @@ class Mount:
                 continue
             metrics.REFRESHES.labels("ok").inc()
             if changes.changed or changes.removed:
-                await trio.to_thread.run_sync(self._invalidate, changes)
+                try:
+                    await trio.to_thread.run_sync(self._invalidate, changes)
+                except Exception as exc:  # a stale kernel cache entry expires by itself; never end the mount
+                    log.warning("invalidating kernel caches after a refresh failed: %r", exc)
 
     def _list_only(self) -> Changes:
         # Listing runs in a worker thread; apply() swaps the table's dicts in one step.
@@ -191,7 +198,7 @@ class Mount:
                     log.warning("could not invalidate inode %d: %s", ino, exc)
         for parent, name in changes.removed:
             try:
-                pyfuse3.invalidate_entry(parent, name.encode())
+                pyfuse3.invalidate_entry(parent, os.fsencode(name))
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ENOSYS):
                     log.warning("could not invalidate %s in inode %d: %s", name, parent, exc)

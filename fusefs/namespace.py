@@ -141,16 +141,22 @@ class Namespace:
         ino = node.children.get(name)
         return None if ino is None else self.nodes.get(ino)
 
-    def _ino_for(self, path: str, is_dir: bool) -> int:
+    def _ino_for(self, path: str, is_dir: bool, version: str | None = None) -> int:
         ino = self._by_path.get(path)
         old = self.nodes.get(ino) if ino is not None else None
-        if ino is None or old is None or old.is_dir != is_dir:
+        # A new version gets a new inode: the kernel's page cache belongs to the inode, so a handle still
+        # reading the old version must never fill pages that opens of the new version would be served.
+        if (ino is None or old is None or old.is_dir != is_dir
+                or (old.entry is not None and old.entry.version != version)):
             ino = self._next
             self._next += 1
         return ino
 
     def apply(self, listing: dict[str, FileEntry]) -> Changes:
-        """Replace the table with ``listing``; keep inode numbers of paths that are still there."""
+        """Replace the table with ``listing``; keep the inode numbers of paths that are unchanged.
+
+        A path whose kind or version changed gets a new inode (its old name is reported as removed).
+        """
         files = {p: e for p, e in listing.items()}
         dirs = {""}
         for path in files:
@@ -168,10 +174,10 @@ class Namespace:
             ino = ROOT_INODE if path == "" else self._ino_for(path, True)
             nodes[ino], by_path[path] = Node(ino, path), ino
         for path, entry in files.items():
-            ino = self._ino_for(path, False)
-            old = self.nodes.get(ino)
-            if old is not None and old.entry is not None and old.entry.version != entry.version:
-                changed.append(ino)
+            previous = self._by_path.get(path)
+            ino = self._ino_for(path, False, entry.version)
+            if previous is not None and previous != ino:
+                changed.append(previous)  # the old version's inode: its pages and attributes are dropped
             nodes[ino], by_path[path] = Node(ino, path, entry), ino
         for path, ino in by_path.items():
             if path:

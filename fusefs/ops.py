@@ -38,8 +38,8 @@ class Handle:
     and they fetch in parallel.
     """
 
-    def __init__(self, file: PCacheFile, url: str) -> None:
-        self.file, self.url = file, url
+    def __init__(self, file: PCacheFile, url: str, node: Node) -> None:
+        self.file, self.url, self.node = file, url, node
         engine = file.fs.engine
         self._memory, self._block_size = engine.memory, engine.block_size
 
@@ -77,7 +77,6 @@ class ReadOnlyOperations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
         self._started_ns = time.time_ns()  # directories have no mtime at the origin: use the mount's
-        self._kernel_version: dict[int, str] = {}  # version whose pages the kernel may hold, per inode
 
     # -- helpers -----------------------------------------------------------------------------------
     def target(self, node: Node) -> str:
@@ -90,6 +89,10 @@ class ReadOnlyOperations(pyfuse3.Operations):
 
     def _node(self, ino: int) -> Node:
         node = self.ns.get(ino)
+        if node is None:
+            # A refresh removed it (or replaced its version) while a handle is still open: fstat and
+            # mmap on that fd keep working with the version the handle reads.
+            node = next((h.node for h in self._handles.values() if h.node.ino == ino), None)
         if node is None:
             raise _fail(errno.ENOENT)
         return node
@@ -175,13 +178,10 @@ class ReadOnlyOperations(pyfuse3.Operations):
                         version=node.entry.version, size=node.entry.size)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(PCacheFile(self.pfs, target, ref), self.url(node))
-        # A version's bytes never change, so the kernel may keep its pages across opens; but not
-        # pages of an older version (a refresh also invalidates them; this covers the race).
-        keep = self._kernel_version.get(inode) == ref.version
-        self._kernel_version[inode] = ref.version
+        self._handles[fh] = Handle(PCacheFile(self.pfs, target, ref), self.url(node), node)
         metrics.OPENS.inc()
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        # An inode is one version (a new version gets a new inode), so the kernel may keep its pages.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles.get(fh)

@@ -122,7 +122,6 @@ class TokenDataset(IterableDataset):
         self.fill([k], out, doc_ids)
         return {"tokens": torch.from_numpy(out[0]), "doc_ids": torch.from_numpy(doc_ids[0])}
 
-
     def fill(self, samples: Sequence[int], out: np.ndarray, doc_ids: np.ndarray) -> None:
         """Fill ``out[i]`` and ``doc_ids[i]`` with global sample ``samples[i]``.
 

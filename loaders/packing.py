@@ -123,10 +123,10 @@ class SourceView:
                 for i, piece in zip(at.tolist(), _pieces(self.corpus.shards[s], local[at], lo[at], hi[at]),
                                     strict=True):
                     pieces[i] = piece
-        flat = np.frombuffer(b"".join(pieces), dtype=self.corpus.dtype)
-        if flat.size != count:
+        joined = b"".join(pieces)
+        if len(joined) != count * self.corpus.dtype.itemsize:  # before frombuffer: it may end mid-token
             raise FormatError(self.corpus.url, f"documents {docs.tolist()} are shorter than their index says")
-        return flat
+        return np.frombuffer(joined, dtype=self.corpus.dtype)
 
     def window(self, c: int, out: np.ndarray, doc_ids: np.ndarray, on_error: str) -> int:
         """Fill ``out`` with window ``c`` one document at a time; return corrupt documents skipped.

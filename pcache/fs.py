@@ -347,8 +347,9 @@ class PCacheFile(io.RawIOBase):
     def pread(self, offset: int, size: int) -> bytes:
         """Return up to ``size`` bytes at ``offset`` without moving the position; safe from many threads.
 
-        Concurrent callers (a FUSE daemon serving one open file) fetch in parallel; readahead still
-        sees the order the reads were issued in.
+        Concurrent callers (a FUSE daemon serving one open file) fetch in parallel. Readahead sees the
+        reads in the order their threads take its lock, which may differ from the order they were
+        issued in; that can only reset the sequential streak (less readahead), never change bytes.
         """
         if self.closed:
             raise ValueError(f"read of closed file {self.fs.url(self.path)}")

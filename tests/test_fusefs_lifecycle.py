@@ -94,6 +94,19 @@ def test_bad_mountpoints_and_options_exit_nonzero_with_a_clear_message(src: Path
     assert mount_entry(str(empty)) is None
 
 
+def test_a_busy_metrics_port_fails_the_mount_without_leaving_a_dead_one(src: Path, mnt: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = fusefs("mount", f"file://{src}", str(mnt), "--cache-dir", str(tmp_path / "c"),
+                      "--metrics-port", str(port))
+    assert proc.returncode == 1 and str(port) in proc.stderr, proc.stderr
+    assert mount_entry(str(mnt)) is None and os.listdir(mnt) == []
+
+
 def test_missing_bucket_fails_in_the_daemon_and_exit_code_says_so(s3_server: SeaweedServer, mnt: Path,
                                                                   tmp_path: Path) -> None:
     proc = fusefs("mount", "s3://no-such-bucket-fusefs/prefix", str(mnt), "--endpoint-url", s3_server.endpoint_url,
@@ -184,16 +197,22 @@ def test_refresh_shows_new_version_and_never_old_bytes(s3_server: SeaweedServer,
     old_etag = os.getxattr(path, "user.pcache.etag")
     ino = path.stat().st_ino
     assert path.read_bytes() == old  # now cached in the kernel, the memory tier and on disk
+    held = open(path, "rb")  # noqa: SIM115 - a reader that keeps the old version open across the refresh
     fs.pipe({f"{bucket}/r/shard.bin": new, f"{bucket}/r/added.bin": b"added"})
     fs.rm(f"{bucket}/r/gone.bin")
     new_etag = fs.info(f"{bucket}/r/shard.bin")["ETag"].strip('"').encode()
     assert new_etag != old_etag
     _wait_for(lambda: os.getxattr(path, "user.pcache.etag") == new_etag, what="the refreshed version")
+    with open(path, "rb") as fresh:
+        # The old handle reads after the refresh: its pages must never reach opens of the new version.
+        assert os.pread(held.fileno(), 4096, 0) == old[:4096] and os.fstat(held.fileno()).st_size == len(old)
+        assert os.pread(fresh.fileno(), 4096, 0) == new[:4096]
+    held.close()
     assert path.read_bytes() == new
     with open(path, "rb") as f:
         f.seek(1_200_000)
         assert f.read(10) == b"B" * 10
-    assert path.stat().st_ino == ino  # same path, same inode
+    assert path.stat().st_ino != ino  # a new version is a new inode, so page caches never mix
     _wait_for(lambda: (mnt / "added.bin").exists(), what="the new object")
     assert (mnt / "added.bin").read_bytes() == b"added"
     _wait_for(lambda: not (mnt / "gone.bin").exists(), what="the deleted object to disappear")

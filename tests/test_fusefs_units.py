@@ -37,7 +37,12 @@ def test_namespace_keeps_inodes_and_reports_changes() -> None:
     assert (a.ino, "y") in changes.removed
     assert changes.added == 1
     x2 = ns.child(b.ino, "x")
-    assert x2 is not None and x2.ino == x.ino and x2.entry == _entry("2", 5)
+    # a new version is a new inode (the kernel's page cache is per inode); its old name is dropped
+    assert x2 is not None and x2.ino != x.ino and x2.entry == _entry("2", 5)
+    assert (b.ino, "x") in changes.removed
+    z = ns.child(ROOT_INODE, "z")
+    assert z is not None and ns.apply({"a/b/x": _entry("2", 5), "z": _entry("1"), "new": _entry("1")}).changed == ()
+    assert ns.child(ROOT_INODE, "z").ino == z.ino  # type: ignore[union-attr]  # unchanged: same inode
     assert ns.child(a.ino, "y") is None
     assert ns.total_bytes == 7
 
