@@ -1,0 +1,340 @@
+"""One sync pass: list both sides, plan per unit, copy through a priority queue, publish atomically.
+
+Per (rule, destination):
+
+1. List source and destination in parallel (:meth:`S3Store.list_tree`). A listing error aborts the rule
+   before anything is copied or deleted.
+2. Plan: a unit is in sync when the destination has its marker and a manifest whose records match the
+   source listing (size, source ETag) and the destination listing (size, destination ETag). The
+   manifest comes from the journal cache when the listed marker and manifest ETags match, so a no-op
+   pass makes listing calls only.
+3. Changed units are unpublished first (marker, then manifest deleted), so readers never see a marker
+   over files that are being replaced. Files go through one priority queue (rule priority, then unit).
+4. When a unit's last file is copied and verified: delete removed files (``delete = true``), write the
+   manifest, then the marker.
+5. Units gone at the source (``delete = true``) and units beyond ``keep_last`` are removed at the
+   destination, marker first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from babel_sync import metrics
+from babel_sync.config import Rule, SyncConfig
+from babel_sync.journal import Journal
+from babel_sync.store import ObjectInfo, RateLimiter, S3Store
+from babel_sync.transfer import Stats, Transfer
+from babel_sync.units import (
+    Unit,
+    discover,
+    list_prefix,
+    make_manifest,
+    natural_key,
+    parse_manifest,
+    published,
+)
+from pcache._util.checksum import content_hasher
+from pcache._util.log import get_logger
+
+log = get_logger("babel_sync")
+
+
+@dataclass
+class UnitJob:
+    """The work for one unit at one destination."""
+
+    rule: Rule
+    dest: str
+    unit: Unit
+    copy: list[ObjectInfo]
+    records: dict[str, dict[str, Any]]
+    stale: list[str]
+    was_published: bool
+    remaining: int = 0
+    failed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Plan:
+    """What one (rule, destination) needs: unit jobs, unit removals and what is in sync already."""
+
+    rule: Rule
+    dest: str
+    jobs: list[UnitJob]
+    remove_units: list[str]
+    dest_listing: dict[str, ObjectInfo]
+    in_sync_objects: int = 0
+    in_sync_bytes: int = 0
+    orphan_bytes: int = 0
+    oldest_pending: float = 0.0
+
+
+class Syncer:
+    """Runs sync passes for a config; one instance per process (it holds the journal and clients).
+
+    Args:
+        config: The validated config.
+        progress: Callback ``(done_bytes, total_bytes)`` for a progress bar, or None.
+    """
+
+    def __init__(self, config: SyncConfig, progress: Callable[[int, int], None] | None = None) -> None:
+        self.config = config
+        self.options = config.options
+        self.journal = Journal(self.options.state_dir)
+        self.limiter = RateLimiter(self.options.bandwidth_limit_bytes)
+        self._stores: dict[str, S3Store] = {}
+        self.progress = progress
+        self._seq = itertools.count()
+        #: Set to stop a pass early (SIGTERM): files in flight finish, queued ones are left for the next
+        #: pass (their units stay unpublished; the journal resumes them).
+        self.stopping = threading.Event()
+
+    def store(self, site: str) -> S3Store:
+        """The (cached) store of a site."""
+        if site not in self._stores:
+            self._stores[site] = S3Store(self.config.sites[site], self.options, self.limiter)
+        return self._stores[site]
+
+    def dest_id(self, site: str) -> str:
+        """Journal identity of a destination: endpoint and URL, so renaming a site keeps its state."""
+        s = self.config.sites[site]
+        return f"{s.endpoint_url or ''}|{s.url}"
+
+    def pairs(self, rules: Iterable[str] | None = None) -> list[tuple[Rule, str]]:
+        """(rule, destination) pairs to handle: filtered by rule names and by ``options.site``."""
+        wanted = set(rules) if rules else None
+        return [(r, d) for r in self.config.rules if wanted is None or r.name in wanted
+                for d in r.destinations if not self.options.site or d == self.options.site]
+
+    # ------------------------------------------------------------------ planning
+    def _manifest(self, dest: str, unit: str, listing: dict[str, ObjectInfo], rule: Rule) -> dict[str, Any] | None:
+        """The destination manifest of a published unit (journal cache first), or None."""
+        base = f"{unit}/" if unit else ""
+        marker = listing.get(base + rule.unit_marker)
+        man = listing.get(base + self.options.manifest_name)
+        if man is None:  # a manifest without its marker (killed between the two writes) still counts
+            return None
+        marker_etag = marker.etag if marker is not None else ""
+        key = Journal.manifest_key(self.dest_id(dest), unit)
+        cached = self.journal.get(key)
+        if cached and cached["marker_etag"] == marker_etag and cached["manifest_etag"] == man.etag:
+            return dict(cached["files"])
+        data, etag = self.store(dest).get_small(base + self.options.manifest_name)
+        files = parse_manifest(data, self.store(dest).url(base + self.options.manifest_name))
+        self.journal.put(key, {"marker_etag": marker_etag, "manifest_etag": etag, "files": files})
+        return files
+
+    def plan(self, rule: Rule, dest: str) -> Plan:
+        """List both sides and work out what (rule, dest) needs. Copies and deletes nothing."""
+        src, dst = self.store(rule.source), self.store(dest)
+        prefixes = [list_prefix(p) for p in rule.include]
+        with ThreadPoolExecutor(2) as pool:
+            fs, fd = pool.submit(src.list_tree, prefixes), pool.submit(dst.list_tree, prefixes)
+            src_listing, dst_listing = fs.result(), fd.result()
+        units, orphan = discover(src_listing, rule, self.options.manifest_name)
+        if rule.keep_last:
+            units = {u: units[u] for u in sorted(units, key=natural_key)[-rule.keep_last:]}
+        dest_units = published(dst_listing, rule)
+        plan = Plan(rule, dest, [], [], dst_listing, orphan_bytes=orphan)
+        removable = dest_units - set(units)
+        if rule.keep_last and not rule.delete:  # retention only drops units older than the ones kept
+            oldest = min(units, key=natural_key) if units else None
+            removable = {u for u in removable if oldest is not None and natural_key(u) < natural_key(oldest)}
+        plan.remove_units = sorted(removable) if (rule.delete or rule.keep_last) else []
+        did = self.dest_id(dest)
+        for name in sorted(units, key=natural_key):
+            unit = units[name]
+            manifest = self._manifest(dest, name, dst_listing, rule)
+            base = f"{name}/" if name else ""
+            records: dict[str, dict[str, Any]] = {}
+            copy: list[ObjectInfo] = []
+            for obj in unit.files.values():
+                rel = obj.key[len(base):]
+                rec = (manifest or {}).get(rel) or self.journal.get(Journal.done_key(did, obj.key))
+                there = dst_listing.get(obj.key)
+                if (rec and rec["size"] == obj.size and rec["etag"] == obj.etag and there is not None
+                        and there.size == obj.size and there.etag == rec["dest_etag"]):
+                    records[rel] = {**rec, "path": rel}
+                else:
+                    copy.append(obj)
+            marker_rel = unit.marker.key[len(base):]
+            mrec = (manifest or {}).get(marker_rel)
+            marker_ok = bool(mrec and mrec["etag"] == unit.marker.etag)
+            nested = [u + "/" for u in units if u != name and u.startswith(base)]
+            stale = [k for k in dst_listing if k.startswith(base) and k not in unit.files
+                     and k != unit.marker.key and k != base + self.options.manifest_name
+                     and not any(k.startswith(n) for n in nested)] if rule.delete else []
+            in_sync = (manifest is not None and not copy and marker_ok and not stale
+                       and unit.marker.key in dst_listing)
+            if in_sync:
+                plan.in_sync_objects += len(unit.files) + 1
+                plan.in_sync_bytes += unit.bytes
+                continue
+            plan.oldest_pending = min(plan.oldest_pending or unit.marker.mtime, unit.marker.mtime)
+            # A manifest without its marker (a kill between the two writes) is unpublished too:
+            # it must not stay visible over files that are about to be replaced.
+            visible = name in dest_units or base + self.options.manifest_name in dst_listing
+            plan.jobs.append(UnitJob(rule, dest, unit, copy, records, stale, was_published=visible))
+        return plan
+
+    # ------------------------------------------------------------------ execution
+    def _publish(self, job: UnitJob, stats: Stats) -> None:
+        src, dst = self.store(job.rule.source), self.store(job.dest)
+        base = f"{job.unit.path}/" if job.unit.path else ""
+        if job.stale:
+            dst.delete(job.stale)
+            stats.add("objects_deleted", len(job.stale))
+        hasher = content_hasher()
+        marker = src.read(job.unit.marker.key, job.unit.marker.etag, sink=hasher.update)
+        marker_rel = job.unit.marker.key[len(base):]
+        files = [*job.records.values(), {"path": marker_rel, "size": len(marker), "etag": job.unit.marker.etag,
+                                         "dest_etag": "", "xxh3_128": hasher.hexdigest()}]
+        manifest = make_manifest(job.unit.path, src.url(job.unit.path), files)
+        man_etag = dst.put(base + self.options.manifest_name, manifest)
+        marker_etag = dst.put(job.unit.marker.key, marker)  # last: this makes the unit visible
+        stats.add("bytes_sent", len(marker))
+        stats.add("objects_copied")
+        stats.add("bytes_copied", len(marker))
+        did = self.dest_id(job.dest)
+        self.journal.put(Journal.manifest_key(did, job.unit.path), {
+            "marker_etag": marker_etag, "manifest_etag": man_etag, "files": {f["path"]: f for f in files}})
+        self.journal.clear_done(did, job.unit.path)
+        stats.add("units_published")
+        metrics.UNITS.labels(job.rule.name, job.dest).inc()
+        log.info("published unit", extra={"rule": job.rule.name, "dest": job.dest, "unit": dst.url(job.unit.path),
+                                           "files": len(files)})
+
+    def _copy_file(self, job: UnitJob, obj: ObjectInfo, transfer: Transfer, stats: Stats,
+                   errors: list[dict[str, Any]]) -> None:
+        base = f"{job.unit.path}/" if job.unit.path else ""
+        try:
+            if not job.failed:
+                rec = transfer.copy(obj)
+                self.journal.put(Journal.done_key(self.dest_id(job.dest), obj.key), rec)
+                with job.lock:
+                    job.records[obj.key[len(base):]] = {**rec, "path": obj.key[len(base):]}
+                stats.add("objects_copied")
+                stats.add("bytes_copied", obj.size)
+                metrics.BYTES.labels(job.rule.name, job.dest).inc(obj.size)
+                metrics.OBJECTS.labels(job.rule.name, job.dest).inc()
+                if self.progress:
+                    self.progress(obj.size, 0)
+        except Exception as exc:  # noqa: BLE001 - reported per unit; other units go on
+            job.failed = True
+            self._error(errors, job, transfer.src.url(obj.key), exc)
+        with job.lock:
+            job.remaining -= 1
+            last = job.remaining == 0
+        if last and not job.failed:
+            try:
+                self._publish(job, stats)
+            except Exception as exc:  # noqa: BLE001
+                self._error(errors, job, transfer.dst.url(job.unit.path), exc)
+
+    def _error(self, errors: list[dict[str, Any]], job: UnitJob, url: str, exc: BaseException) -> None:
+        metrics.ERRORS.labels(job.rule.name, job.dest).inc()
+        log.error("unit not published", extra={"rule": job.rule.name, "dest": job.dest, "url": url,
+                                               "error": str(exc)})
+        errors.append({"rule": job.rule.name, "dest": job.dest, "unit": job.unit.path, "url": url,
+                       "type": type(exc).__name__, "error": str(exc)})
+
+    def _sweep_uploads(self, plans: list[Plan]) -> int:
+        """Abort multipart uploads at the destinations that these plans will not resume (no orphans)."""
+        aborted = 0
+        for dest in sorted({p.dest for p in plans}):
+            dst, did = self.store(dest), self.dest_id(dest)
+            mine = [p for p in plans if p.dest == dest]
+            wanted = {(o.key, o.etag) for p in mine for job in p.jobs for o in job.copy}
+            journaled = dict(self.journal.uploads(did))
+            keep = set()
+            for key, rec in journaled.items():
+                if (key, rec["src_etag"]) in wanted:
+                    keep.add(rec["upload_id"])
+                else:
+                    dst.abort_upload(key, rec["upload_id"])
+                    self.journal.drop_upload(did, key, rec["upload_id"])
+                    aborted += 1
+            for prefix in sorted({list_prefix(pat) for p in mine for pat in p.rule.include}):
+                for key, upload_id in dst.list_uploads(prefix):
+                    if upload_id not in keep:  # e.g. killed between CreateMultipartUpload and the journal write
+                        dst.abort_upload(key, upload_id)
+                        aborted += 1
+        return aborted
+
+    def _remove_unit(self, plan: Plan, unit: str, stats: Stats) -> None:
+        dst = self.store(plan.dest)
+        base = f"{unit}/" if unit else ""
+        marker, man = base + plan.rule.unit_marker, base + self.options.manifest_name
+        dst.delete([marker])  # unpublish first: readers stop trusting the unit before files go
+        rest = [k for k in plan.dest_listing if k.startswith(base) and k != marker]
+        dst.delete([k for k in rest if k != man] + [man])
+        self.journal.delete(Journal.manifest_key(self.dest_id(plan.dest), unit))
+        stats.add("objects_deleted", len(rest) + 1)
+        stats.add("units_removed")
+
+    def execute(self, plans: list[Plan], stats: Stats, errors: list[dict[str, Any]]) -> None:
+        """Copy and publish every planned unit, highest rule priority first; then remove units."""
+        self._sweep_uploads(plans)
+        work: queue.PriorityQueue[tuple[int, int, Callable[[], None]]] = queue.PriorityQueue()
+        total = sum(o.size for p in plans for j in p.jobs for o in j.copy)
+        if self.progress:
+            self.progress(0, total)
+        with ThreadPoolExecutor(self.options.part_concurrency, thread_name_prefix="babel-part") as parts:
+            transfers = {(p.rule.name, p.dest): Transfer(self.store(p.rule.source), self.store(p.dest),
+                                                          self.dest_id(p.dest), self.journal, self.options,
+                                                          stats, parts) for p in plans}
+            for plan in sorted(plans, key=lambda p: -p.rule.priority):
+                dst, transfer = self.store(plan.dest), transfers[(plan.rule.name, plan.dest)]
+                for job in plan.jobs:
+                    base = f"{job.unit.path}/" if job.unit.path else ""
+                    if job.was_published:  # unpublish before touching any of its files
+                        dst.delete([base + plan.rule.unit_marker])
+                        dst.delete([base + self.options.manifest_name])
+                    job.remaining = len(job.copy)
+                    if not job.copy:
+                        job.remaining = 1
+                        work.put((-plan.rule.priority, next(self._seq),
+                                  lambda j=job: self._finish_empty(j, stats, errors)))  # type: ignore[misc]
+                    for obj in job.copy:
+                        work.put((-plan.rule.priority, next(self._seq),
+                                  lambda j=job, o=obj, t=transfer: self._copy_file(j, o, t, stats, errors)))  # type: ignore[misc]
+            metrics.QUEUE.set(work.qsize())
+
+            def worker() -> None:
+                while not self.stopping.is_set():
+                    try:
+                        _, _, task = work.get_nowait()
+                    except queue.Empty:
+                        return
+                    metrics.QUEUE.set(work.qsize())
+                    task()
+
+            threads = [threading.Thread(target=worker, name=f"babel-xfer-{i}", daemon=True)
+                       for i in range(self.options.transfers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        for plan in plans:
+            for unit in plan.remove_units:
+                try:
+                    self._remove_unit(plan, unit, stats)
+                except Exception as exc:  # noqa: BLE001
+                    errors.append({"rule": plan.rule.name, "dest": plan.dest, "unit": unit,
+                                   "url": self.store(plan.dest).url(unit), "type": type(exc).__name__,
+                                   "error": str(exc)})
+
+    def _finish_empty(self, job: UnitJob, stats: Stats, errors: list[dict[str, Any]]) -> None:
+        job.remaining = 0
+        try:
+            self._publish(job, stats)
+        except Exception as exc:  # noqa: BLE001
+            self._error(errors, job, self.store(job.dest).url(job.unit.path), exc)

@@ -1,0 +1,76 @@
+"""Typed errors raised by babel_sync.
+
+Each names the config field, site or URL involved and subclasses the built-in exception a caller would
+already catch (``ValueError`` for bad config, ``OSError`` for storage problems).
+"""
+
+from __future__ import annotations
+
+import errno
+
+from pcache.errors import ConfigError, OriginUnavailableError, StaleObjectError
+
+__all__ = [
+    "ConfigError",
+    "IntegrityError",
+    "LockedError",
+    "OriginUnavailableError",
+    "SiteAuthError",
+    "SiteUnreachableError",
+    "SourceChangedError",
+    "UnknownSiteError",
+]
+
+
+class UnknownSiteError(ConfigError):
+    """A rule names a site that has no ``[sites.NAME]`` table."""
+
+    def __init__(self, field: str, site: str, known: list[str], source: str = "") -> None:
+        self.site = site
+        super().__init__(field, f"unknown site {site!r}; defined sites: {', '.join(sorted(known)) or 'none'}",
+                         source)
+
+
+class SiteUnreachableError(OSError):
+    """A site's endpoint did not answer (connection refused, DNS, timeouts) after all retries."""
+
+    def __init__(self, site: str, url: str, endpoint: str | None, cause: BaseException | None) -> None:
+        self.site = site
+        self.url = url
+        self.endpoint = endpoint
+        where = f" at endpoint {endpoint}" if endpoint else ""
+        super().__init__(errno.EHOSTUNREACH, f"site {site!r} ({url}{where}) is unreachable: {cause}")
+
+
+class SiteAuthError(PermissionError):
+    """A site refused our credentials or denied access (HTTP 401/403)."""
+
+    def __init__(self, site: str, url: str, endpoint: str | None, detail: str) -> None:
+        self.site = site
+        self.url = url
+        where = f" at endpoint {endpoint}" if endpoint else ""
+        super().__init__(errno.EACCES, f"site {site!r} ({url}{where}) denied access: {detail}")
+
+
+class SourceChangedError(StaleObjectError):
+    """A source object changed (its ETag moved) while it was being copied; the unit is not published.
+
+    Subclasses pcache's :class:`~pcache.errors.StaleObjectError`, which the shared retry loop treats as
+    permanent: retrying the same version cannot succeed, the next pass copies the new version.
+    """
+
+
+class IntegrityError(OSError):
+    """Destination content does not match the source hash, even after a re-transfer."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        self.url = url
+        super().__init__(errno.EIO, f"integrity check failed for {url}: {detail}")
+
+
+class LockedError(OSError):
+    """Another babel-sync process holds the state directory."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(errno.EBUSY, f"another babel-sync process is using the state directory {path}")
