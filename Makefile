@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(BIN)/python -m pcache.demo
+	$(BIN)/python -m ling_train.demo
 
 bench: setup
 	$(BIN)/python -m bench.run_all

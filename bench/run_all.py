@@ -42,7 +42,7 @@ from pcache.testing.seaweed import find_weed_binary
 
 #: Benchmark modules, run in this order. Later issues append theirs here.
 MODULES: list[str] = ["bench.pcache_bench", "bench.cluster_bench", "bench.loaders_bench", "bench.fusefs_bench",
-                       "bench.babel_bench"]
+                       "bench.babel_bench", "bench.ling_bench"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PACKAGES = ("ling-storage", "fsspec", "s3fs", "aiobotocore", "botocore", "aiohttp", "xxhash", "lmdb",

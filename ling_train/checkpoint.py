@@ -1,0 +1,342 @@
+"""Asynchronous checkpoints through pcache write-back: snapshot, persist in the background, commit, resume.
+
+Layout under the root (``pcache::s3://bucket/run`` or ``pcache::file:///dir``)::
+
+    step_000100/rank00000.pt   one torch.save file per rank (rank 0 also holds model and optimizer)
+    step_000100/_COMMITTED     pcache-commit/1 marker: every rank's file is durable at the origin
+    latest                     {"step": 100, "dir": "step_000100"}, written after the marker
+
+1. :meth:`CheckpointManager.save` blocks the training thread only while the state is copied into host
+   buffers (reused between saves, so the copy does not page-fault fresh memory).
+2. A background thread ``torch.save``\\s the copy into a pcache write-back file (fsynced locally), then
+   waits until it is durable at the origin (``flush``).
+3. Every rank reports "durable" through the torch.distributed store (not a collective, so the training
+   thread's collectives are untouched); rank 0 waits for all of them, then ``commit`` writes
+   ``_COMMITTED``, then ``latest`` is updated, then old checkpoints are deleted (keep-last-N).
+
+A checkpoint without ``_COMMITTED`` is never loaded: :meth:`latest_step` takes the newest directory
+with a marker, and :meth:`load` checks every file's size and xxh3-128 against the marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import io
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import fsspec
+import torch
+
+from pcache._util.checksum import content_hash
+from pcache._util.log import get_logger
+from pcache._util.retry import RetryPolicy, retry_call
+from pcache._util.storage import split_url, storage_options
+from pcache.fs import PCacheFileSystem
+
+log = get_logger(__name__)
+
+MARKER = "_COMMITTED"
+LATEST = "latest"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved, committed or loaded; names the URL."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(f"{url}: {message}")
+        self.url = url
+
+
+def step_dir(step: int) -> str:
+    """Directory name of ``step`` (``step_000100``)."""
+    return f"step_{step:06d}"
+
+
+def pcache_url(root: str) -> str:
+    """Route ``root`` through pcache: ``s3://b/r`` and local paths become ``pcache::...`` URLs."""
+    if root.startswith("pcache::"):
+        return root.rstrip("/")
+    protocol, path = split_url(root)
+    return f"pcache::{protocol}://{path}".rstrip("/")
+
+
+def open_pcache(root: str, cache_dir: str = "", endpoint_url: str = "",
+                extra_options: dict[str, Any] | None = None) -> tuple[PCacheFileSystem, str]:
+    """Return (pcache filesystem, path of ``root`` in it)."""
+    url = pcache_url(root)
+    protocol = split_url(url)[0]
+    opts: dict[str, Any] = {"pcache": {"cache_dir": cache_dir} if cache_dir else {}}
+    target = {**storage_options(protocol, endpoint_url or None), **(extra_options or {})}
+    if target:
+        opts[protocol] = target
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    if not isinstance(fs, PCacheFileSystem):
+        raise CheckpointError(root, f"expected a pcache filesystem, got {type(fs).__name__}")
+    return fs, path
+
+
+@dataclass
+class SaveStats:
+    """Timings of one checkpoint, in seconds (``durable`` and ``committed`` filled by the persist thread)."""
+
+    step: int
+    stall: float = 0.0  # training thread blocked: waiting for the previous persist + host snapshot
+    snapshot: float = 0.0
+    nbytes: int = 0
+    staged: float = 0.0  # from the end of the snapshot until torch.save's file is fsynced in the local cache
+    durable: float = 0.0  # from the end of the snapshot until this rank's file is durable at the origin
+    committed: float = 0.0  # from the end of the snapshot until _COMMITTED and latest exist
+    started_at: float = 0.0  # perf_counter at the end of the snapshot (the persist starts)
+    finished_at: float = 0.0  # perf_counter when the persist ended
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class CheckpointManager:
+    """Save, commit, list and load checkpoints under one root.
+
+    Args:
+        root: Checkpoint root URL (routed through pcache write-back).
+        rank: This process's rank.
+        world_size: Number of ranks.
+        keep_last: Committed checkpoints kept at the origin (older ones are deleted by rank 0).
+        cache_dir: pcache directory ('' for pcache's default).
+        endpoint_url: S3 endpoint ('' for ``$AWS_ENDPOINT_URL``).
+        store: torch.distributed store used to gather "durable" reports (needed when ``world_size > 1``).
+        timeout: Seconds a persist waits for durability or for the other ranks.
+        storage_options: Extra origin options (credentials for tests and demos).
+    """
+
+    def __init__(self, root: str, *, rank: int = 0, world_size: int = 1, keep_last: int = 3, cache_dir: str = "",
+                 endpoint_url: str = "", store: Any = None, timeout: float = 600.0,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        if world_size > 1 and store is None:
+            raise CheckpointError(root, "a distributed store is needed to commit across ranks")
+        self.root, self.rank, self.world_size, self.keep_last = root, rank, world_size, keep_last
+        self.fs, self.path = open_pcache(root, cache_dir, endpoint_url, storage_options)
+        self.store, self.timeout = store, timeout
+        self.policy = RetryPolicy()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.history: list[SaveStats] = []
+        self.on_commit: Callable[[int], None] | None = None
+
+    # -- saving ------------------------------------------------------------------------------------
+    def save(self, step: int, state: dict[str, Any]) -> SaveStats:
+        """Snapshot ``state`` into host memory and persist it in the background; return the stall.
+
+        Raises:
+            CheckpointError: if the previous checkpoint's persist failed.
+        """
+        t0 = time.perf_counter()
+        self.wait()
+        t1 = time.perf_counter()
+        snapshot = self._snapshot(state, "")
+        copied = None
+        if torch.cuda.is_available():  # the persist waits for these copies only, not for later steps
+            copied = torch.cuda.Event()
+            copied.record()
+        stats = SaveStats(step=step, snapshot=time.perf_counter() - t1)
+        stats.started_at = time.perf_counter()
+        stats.stall = stats.started_at - t0
+        self.history.append(stats)
+        self._thread = threading.Thread(target=self._persist, args=(step, snapshot, stats, copied),
+                                        name=f"ckpt-persist-{step}", daemon=True)
+        self._thread.start()
+        return stats
+
+    def save_sync(self, step: int, state: dict[str, Any]) -> SaveStats:
+        """Save and wait until committed (the end of a run)."""
+        stats = self.save(step, state)
+        self.wait()
+        return stats
+
+    def save_synchronously(self, name: str, state: dict[str, Any]) -> tuple[float, int]:
+        """The baseline an async save is measured against: ``torch.save`` of ``state`` to
+        ``<root>/<name>/`` through the same write-back, blocking until durable; return (seconds, bytes).
+        The directory is deleted afterwards and is never committed."""
+        prefix = self._url(name)
+        t0 = time.perf_counter()
+        with self.fs.open(f"{prefix}/rank{self.rank:05d}.pt", "wb") as f:
+            torch.save(state, f)
+            nbytes = f.tell()
+        self.fs.flush(prefix, timeout=self.timeout)
+        seconds = time.perf_counter() - t0
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.fs.rm(self.fs._target_path(prefix), recursive=True)
+        return seconds, nbytes
+
+    def wait(self) -> None:
+        """Wait for the running persist; re-raise its failure in the caller.
+
+        Raises:
+            CheckpointError: naming the checkpoint that failed.
+        """
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err if isinstance(err, CheckpointError) else CheckpointError(self.root, repr(err)) from err
+
+    def _snapshot(self, obj: Any, key: str) -> Any:
+        """Copy tensors into reused host buffers (pinned when the source is on a GPU); deep-copy the rest."""
+        if isinstance(obj, torch.Tensor):
+            src = obj.detach()
+            if hasattr(src, "to_local"):  # DTensor (FSDP2): this rank's shard
+                src = src.to_local()
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+                self._buffers[key] = buf
+            buf.copy_(src, non_blocking=src.is_cuda)
+            return buf
+        if isinstance(obj, dict):
+            return {k: self._snapshot(v, f"{key}/{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            items = [self._snapshot(v, f"{key}/{i}") for i, v in enumerate(obj)]
+            return type(obj)(items) if isinstance(obj, list) else tuple(items)
+        return copy.deepcopy(obj)
+
+    def _url(self, *parts: str) -> str:
+        return "/".join([self.path.rstrip("/"), *parts])
+
+    def _persist(self, step: int, snapshot: dict[str, Any], stats: SaveStats, copied: Any = None) -> None:
+        if copied is not None:
+            copied.synchronize()  # the non_blocking copies into pinned buffers
+        t0 = time.perf_counter()
+        prefix = self._url(step_dir(step))
+        try:
+            with self.fs.open(f"{prefix}/rank{self.rank:05d}.pt", "wb") as f:
+                torch.save(snapshot, f)
+                stats.nbytes = f.tell()
+            stats.staged = time.perf_counter() - t0
+            self.fs.flush(prefix, timeout=self.timeout)
+            stats.durable = time.perf_counter() - t0
+            self._report(step, "ok")
+            if self.rank == 0:
+                self._gather(step)
+                self.fs.commit(prefix, timeout=self.timeout)
+                self._write_latest(step)
+                self._retain()
+                if self.on_commit is not None:
+                    self.on_commit(step)
+            stats.committed = time.perf_counter() - t0
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
+            with contextlib.suppress(Exception):
+                self._report(step, f"failed: {exc!r}")
+            self._error = exc if isinstance(exc, CheckpointError) else CheckpointError(prefix, repr(exc))
+            log.error("checkpoint %s failed: %r", prefix, exc)
+        finally:
+            stats.finished_at = time.perf_counter()
+            stats.done.set()
+
+    def _key(self, step: int, rank: int) -> str:
+        return f"ling_train/ckpt/{step}/{rank}"
+
+    def _report(self, step: int, status: str) -> None:
+        if self.world_size > 1:
+            self.store.set(self._key(step, self.rank), status)
+
+    def _gather(self, step: int) -> None:
+        """Rank 0: wait until every rank's file for ``step`` is durable (or one failed)."""
+        if self.world_size == 1:
+            return
+        keys = [self._key(step, r) for r in range(self.world_size)]
+        self.store.wait(keys, datetime.timedelta(seconds=self.timeout))
+        for r, k in enumerate(keys):
+            status = self.store.get(k).decode()
+            if status != "ok":
+                raise CheckpointError(self._url(step_dir(step)), f"rank {r} did not persist: {status}")
+
+    def _write_latest(self, step: int) -> None:
+        body = json.dumps({"step": step, "dir": step_dir(step), "time": time.time()}).encode()
+        target = self.fs._target_path(self._url(LATEST))
+        retry_call(lambda: self.fs.fs.pipe_file(target, body), url=self._url(LATEST), policy=self.policy)
+
+    def _retain(self) -> None:
+        """Delete checkpoints older than the newest ``keep_last`` committed ones (marker first)."""
+        committed = self.committed_steps()
+        if len(committed) <= self.keep_last:
+            return
+        cutoff = committed[-self.keep_last]
+        origin = self.fs.fs
+        for step in self.all_steps():
+            if step >= cutoff:
+                continue
+            base = self.fs._target_path(self._url(step_dir(step)))
+            # The marker goes first: a half-deleted directory must never look committed.
+            with contextlib.suppress(FileNotFoundError):
+                retry_call(partial(origin.rm_file, f"{base}/{MARKER}"), url=base, policy=self.policy)
+            with contextlib.suppress(FileNotFoundError):
+                retry_call(partial(origin.rm, base, recursive=True), url=base, policy=self.policy)
+            log.info("retention: deleted %s", base)
+
+    # -- listing and loading -------------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """Steps with a directory at the origin (committed or not), ascending."""
+        target = self.fs._target_path(self.path)
+        self.fs.fs.invalidate_cache(target)
+        try:
+            names = retry_call(lambda: self.fs.fs.ls(target, detail=False), url=self.root, policy=self.policy)
+        except FileNotFoundError:
+            return []
+        steps = []
+        for name in names:
+            match = _STEP_RE.match(str(name).rstrip("/").rsplit("/", 1)[-1])
+            if match:
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose ``_COMMITTED`` marker exists, ascending."""
+        origin = self.fs.fs
+        out = []
+        for step in self.all_steps():
+            marker = self.fs._target_path(self._url(step_dir(step), MARKER))
+            if retry_call(partial(origin.exists, marker), url=marker, policy=self.policy):
+                out.append(step)
+        return out
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None. The ``latest`` file is only a hint: a crash between the
+        marker and ``latest`` leaves it one behind, so the markers decide."""
+        committed = self.committed_steps()
+        return committed[-1] if committed else None
+
+    def load(self, step: int, rank: int | None = None) -> dict[str, Any]:
+        """Load ``rank``'s file (default: own) of committed ``step``, verified against the marker.
+
+        Raises:
+            CheckpointError: when the step is not committed or a file differs from the marker.
+        """
+        rank = self.rank if rank is None else rank
+        prefix = self._url(step_dir(step))
+        try:
+            marker = json.loads(self.fs.fs.cat_file(self.fs._target_path(f"{prefix}/{MARKER}")))
+        except FileNotFoundError:
+            raise CheckpointError(prefix, "not committed (no _COMMITTED marker)") from None
+        name = f"rank{rank:05d}.pt"
+        entry = next((e for e in marker.get("files", []) if e.get("path") == name), None)
+        if entry is None:
+            raise CheckpointError(f"{prefix}/{name}", "not listed in the commit marker")
+        with self.fs.open(f"{prefix}/{name}", "rb") as f:
+            data = f.read()
+        if len(data) != entry.get("size") or (entry.get("xxh3_128") and content_hash(data) != entry["xxh3_128"]):
+            raise CheckpointError(f"{prefix}/{name}", "size or xxh3-128 differs from the commit marker (torn)")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+    def bytes_at_origin(self, step: int) -> int:
+        """Total size of the files of ``step`` at the origin."""
+        base = self.fs._target_path(self._url(step_dir(step)))
+        return sum(int(v.get("size") or 0) for v in self.fs.fs.find(base, detail=True).values())

@@ -1,0 +1,211 @@
+"""Frozen configs: the model presets (``tiny``, ``ling-lite``, ``ling-plus``) and the trainer's settings.
+
+The trainer's settings load through the project's one config loader (defaults < TOML ``[ling_train]`` <
+``LING_TRAIN_*`` env < flags), so errors name the field and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from pcache._util.config import load_config
+from pcache.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and routing settings of a Ling (Bailing) MoE decoder.
+
+    Attributes:
+        vocab_size: Embedding and lm_head rows.
+        hidden_size: Model width.
+        num_layers: Decoder blocks.
+        num_heads: Query heads.
+        num_kv_heads: Key/value heads (GQA); must divide ``num_heads``.
+        head_dim: Per-head width (``hidden_size // num_heads`` when 0).
+        intermediate_size: SwiGLU width of the dense layers.
+        moe_intermediate_size: SwiGLU width of one routed expert.
+        num_experts: Routed experts per MoE layer.
+        top_k: Experts per token.
+        num_shared_experts: Shared experts; they form one SwiGLU of width ``moe_intermediate_size * n``.
+        first_k_dense_replace: The first k layers are dense (no experts).
+        rope_theta: RoPE base.
+        rms_eps: RMSNorm epsilon.
+        tie_embeddings: Share the embedding matrix with the lm_head.
+        norm_head: Normalize the lm_head weight as Ling's ``modeling_bailing_moe.py`` does.
+        balance_coef: Switch load-balance loss coefficient (alpha).
+        z_coef: Router z-loss coefficient.
+        routing_warmup_steps: W of the stochastic routing warmup (0 disables it).
+        routing_stats_momentum: EMA momentum of the router logits' running mean and std.
+    """
+
+    vocab_size: int = 259
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0
+    intermediate_size: int = 512
+    moe_intermediate_size: int = 128
+    num_experts: int = 8
+    top_k: int = 2
+    num_shared_experts: int = 1
+    first_k_dense_replace: int = 1
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = False
+    norm_head: bool = True
+    balance_coef: float = 0.015
+    z_coef: float = 1e-4
+    routing_warmup_steps: int = 0
+    routing_stats_momentum: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        if not 0 < self.top_k <= self.num_experts:
+            raise ConfigError("top_k", f"must be in 1..num_experts={self.num_experts}, got {self.top_k}")
+        if self.head_dim % 2:
+            raise ConfigError("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """Return a copy with ``changes`` (None values ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # A few million parameters: CPU tests and the demo (byte tokenizer, vocab 259).
+    "tiny": ModelConfig(),
+    # ~15M parameters (about 180 MB of model + AdamW state): benchmarks of checkpointing on CPU.
+    "small": ModelConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=1024,
+                         moe_intermediate_size=256, num_experts=16, top_k=2),
+    # Ling-lite (inclusionAI/Ling-lite config.json): every layer is MoE.
+    "ling-lite": ModelConfig(vocab_size=126464, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=4,
+                             intermediate_size=5632, moe_intermediate_size=1408, num_experts=64, top_k=6,
+                             num_shared_experts=2, first_k_dense_replace=0, rope_theta=600000.0),
+    # Ling-plus: the configs disagree on heads (42/6 vs 56/8). 42 heads of 128 (q width = hidden) and
+    # 6 KV heads reproduce 290B / 28.8B; 56/8 with head_dim 128 overshoots active params by ~7%.
+    "ling-plus": ModelConfig(vocab_size=126464, hidden_size=5376, num_layers=88, num_heads=42, num_kv_heads=6,
+                             head_dim=128, intermediate_size=12288, moe_intermediate_size=3072, num_experts=64,
+                             top_k=4, num_shared_experts=1, first_k_dense_replace=1, rope_theta=600000.0),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """Return the named preset.
+
+    Raises:
+        ConfigError: naming ``preset`` and the valid names.
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run (TOML table ``[ling_train]``, env ``LING_TRAIN_*``, or flags).
+
+    Attributes:
+        preset: Model preset name.
+        data: Corpus URLs or paths (comma-separated in env/flags): local, FUSE, ``pcache::s3://...``.
+        ckpt: Checkpoint root URL (``pcache::s3://bucket/run`` or ``pcache::file:///dir``); empty: none.
+        steps: Optimizer steps of the whole run (the LR schedule spans them); a resumed run continues.
+        stop_at: Stop this job at this step (0: at ``steps``), checkpointing there; resume later.
+        ckpt_every: Save every K steps (0: only at the end).
+        keep_last: Committed checkpoints kept at the origin.
+        resume: Continue from the newest committed checkpoint under ``ckpt``, if any.
+        batch_size: Sequences per rank per step.
+        seq_len: Tokens per sequence.
+        lr: Peak learning rate.
+        min_lr_ratio: LR at the end of the decay, relative to ``lr``.
+        warmup_steps: Linear warmup steps of the WSD schedule.
+        decay_frac: Fraction of ``steps`` spent in the final linear decay.
+        weight_decay: AdamW weight decay.
+        grad_clip: Global gradient-norm clip.
+        seed: Seed of the model init, data order and routing noise.
+        parallel: ``ddp`` or ``fsdp`` (FSDP2 ``fully_shard``) when launched by torchrun.
+        log_every: Console log interval in steps (JSONL gets every step).
+        log_file: JSONL metrics file (empty: none).
+        spike_window: Losses in the running window of the spike detector.
+        spike_k: A loss above mean + k * std of the window is a spike.
+        spike_patience: This many spikes within ``spike_window`` steps multiply the LR by ``spike_lr_factor``.
+        spike_lr_factor: LR multiplier applied after repeated spikes.
+        reinject_after: Steps after which a skipped batch is fed again.
+        routing_warmup_steps: Stochastic routing warmup W (overrides the preset when >= 0).
+        balance_coef: Balance-loss alpha (overrides the preset when >= 0).
+        z_coef: z-loss coefficient (overrides the preset when >= 0).
+        cache_dir: pcache directory for checkpoint write-back and data reads (empty: pcache default).
+        endpoint_url: S3 endpoint (default: ``$AWS_ENDPOINT_URL``).
+        threads: torch intra-op threads (0: torch default).
+        peak_tflops: Accelerator peak for the MFU estimate (0: known GPUs only).
+        commit_timeout: Seconds a background persist may wait for durability before it fails.
+    """
+
+    preset: str = "tiny"
+    data: tuple[str, ...] = ()
+    ckpt: str = ""
+    steps: int = 100
+    stop_at: int = 0
+    ckpt_every: int = 0
+    keep_last: int = 3
+    resume: bool = False
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    decay_frac: float = 0.2
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    parallel: str = "ddp"
+    log_every: int = 10
+    log_file: str = ""
+    spike_window: int = 20
+    spike_k: float = 4.0
+    spike_patience: int = 3
+    spike_lr_factor: float = 0.5
+    reinject_after: int = 5
+    routing_warmup_steps: int = -1
+    balance_coef: float = -1.0
+    z_coef: float = -1.0
+    cache_dir: str = ""
+    endpoint_url: str = ""
+    threads: int = 0
+    peak_tflops: float = 0.0
+    commit_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        preset(self.preset)
+        object.__setattr__(self, "data", tuple(self.data))
+        for name in ("steps", "batch_size", "seq_len", "keep_last", "spike_window", "spike_patience"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("ckpt_every", "warmup_steps", "threads", "reinject_after", "stop_at"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError("parallel", f"must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if not 0 <= self.decay_frac <= 1:
+            raise ConfigError("decay_frac", f"must be within [0, 1], got {self.decay_frac}")
+        if self.resume and not self.ckpt:
+            raise ConfigError("resume", "--resume needs --ckpt")
+
+    def model_config(self) -> ModelConfig:
+        """The preset with this run's routing overrides applied."""
+        overrides = {"routing_warmup_steps": self.routing_warmup_steps if self.routing_warmup_steps >= 0 else None,
+                     "balance_coef": self.balance_coef if self.balance_coef >= 0 else None,
+                     "z_coef": self.z_coef if self.z_coef >= 0 else None}
+        return preset(self.preset).replace(**overrides)
+
+    @classmethod
+    def load(cls, toml_path: str | None = None, **overrides: Any) -> TrainConfig:
+        """Defaults < ``toml_path`` ``[ling_train]`` < ``LING_TRAIN_*`` env < ``overrides``."""
+        return load_config(cls, toml_path=toml_path, section="ling_train", env_prefix="LING_TRAIN_",
+                           overrides=overrides)

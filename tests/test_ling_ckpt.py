@@ -1,0 +1,192 @@
+"""ling_train checkpoints: kill -9 during asynchronous saves, commit-only-when-durable, retention, torn files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ling_train import CheckpointError, CheckpointManager, TrainConfig
+from ling_train.corpus import sample_texts, write_text_corpus
+from ling_train.trainer import Trainer
+from pcache._util.checksum import content_hasher
+
+STEPS = 150
+ARGS = ["--steps", str(STEPS), "--batch-size", "2", "--seq-len", "32", "--threads", "1", "--ckpt-every", "1",
+        "--keep-last", "3", "--log-every", "1", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = str(tmp_path_factory.mktemp("ling-ckpt-corpus") / "corpus")
+    write_text_corpus(path, sample_texts(600, seed=2))
+    return path
+
+
+def state_hash(model: dict[str, torch.Tensor], optim: dict[str, Any]) -> str:
+    """xxh3-128 over every model tensor and every optimizer state tensor, in a fixed order."""
+    h = content_hasher()
+    for name in sorted(model):
+        h.update(name.encode())
+        h.update(model[name].contiguous().numpy().tobytes())
+    for pid in sorted(optim["state"]):
+        for key in sorted(optim["state"][pid]):
+            h.update(optim["state"][pid][key].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Recorder(Trainer):
+    """The uninterrupted reference run: records the hash of the state after every step."""
+
+    hashes: dict[int, str]
+
+    def _step(self, batch: dict[str, torch.Tensor], autocast: Any) -> dict[str, Any]:
+        record = super()._step(batch, autocast)
+        self.hashes[self.step + 1] = state_hash(self.model.state_dict(), self.opt.state_dict())
+        return record
+
+
+def _reference(corpus: str) -> dict[int, str]:
+    cfg = TrainConfig.load(data=(corpus,), steps=STEPS, batch_size=2, seq_len=32, threads=1, seed=5,
+                           log_every=1000)
+    rec = _Recorder(cfg)
+    rec.hashes = {}
+    rec.run()
+    return rec.hashes
+
+
+def _run_until_killed(cmd: list[str], env: dict[str, str], delay: float) -> tuple[bool, int]:
+    """Start the trainer, wait for its first step, then kill -9 it after ``delay``.
+
+    Returns (killed, last step it printed); the trainer prints step S after starting the save of S.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    started = threading.Event()
+    tail: list[str] = []
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            tail.append(line)
+            if line.startswith("step "):
+                started.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        if not started.wait(120):
+            raise AssertionError("trainer never reached a step:\n" + "".join(tail[-30:]))
+        time.sleep(delay)
+        if proc.poll() is not None:
+            assert proc.returncode == 0, "".join(tail[-30:])
+            return False, STEPS
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        reader.join(10)
+        steps = [int(line.split()[1].split("/")[0]) for line in tail if line.startswith("step ")]
+        return True, max(steps)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def test_kill9_during_async_saves_always_resumes_the_newest_committed_step(corpus: str, tmp_path: Path) -> None:
+    reference = _reference(corpus)
+    root = f"pcache::file://{tmp_path}/ckpt"
+    cmd = [sys.executable, "-m", "ling_train.cli", "--data", corpus, "--ckpt", root, "--resume",
+           "--cache-dir", str(tmp_path / "cache"), *ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PCACHE_UPLOADER_IDLE_EXIT": "1"}
+    rng = random.Random(1234)
+    checker = CheckpointManager(root, cache_dir=str(tmp_path / "verify-cache"))
+    newest_seen, in_flight_kills, rounds = 0, 0, 0
+    while in_flight_kills < 10 and rounds < 14:
+        rounds += 1
+        killed, printed = _run_until_killed(cmd, env, rng.uniform(0.05, 1.0))
+        committed = checker.committed_steps()
+        assert committed, "no committed checkpoint after a kill"
+        newest = checker.latest_step()
+        assert newest == committed[-1] and newest >= newest_seen
+        newest_seen = newest
+        state = checker.load(newest)
+        assert state["step"] == newest
+        assert state_hash(state["model"], state["optim"]) == reference[newest], f"step {newest} differs"
+        # Newer directories are saves the kill interrupted: never committed, never loadable.
+        torn = [s for s in checker.all_steps() if s > newest]
+        for step in torn:
+            with pytest.raises(CheckpointError, match="not committed"):
+                checker.load(step)
+        latest_file = tmp_path / "ckpt" / "latest"
+        if latest_file.exists():
+            assert json.loads(latest_file.read_text())["step"] <= newest
+        if killed and printed > newest:  # the save of step `printed` had started and was not committed
+            in_flight_kills += 1
+        if not killed:
+            break
+    assert in_flight_kills >= 10, f"only {in_flight_kills} kills landed during a save in {rounds} rounds"
+    assert len(checker.committed_steps()) <= 3 + 1  # retention (one more may be committed mid-delete)
+
+
+def test_commit_waits_for_every_rank_and_retention_keeps_last_n(tmp_path: Path) -> None:
+    root = f"pcache::file://{tmp_path}/ckpt"
+
+    # One real TCPStore client per rank, as torchrun gives each process.
+    store0 = torch.distributed.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
+    store1 = torch.distributed.TCPStore("127.0.0.1", store0.port, 2, False)
+    rank0 = CheckpointManager(root, rank=0, world_size=2, keep_last=2, cache_dir=str(tmp_path / "c0"), store=store0,
+                              timeout=30)
+    rank1 = CheckpointManager(root, rank=1, world_size=2, keep_last=2, cache_dir=str(tmp_path / "c1"), store=store1,
+                              timeout=30)
+    for step in (1, 2, 3):
+        rank0.save(step, {"w": torch.full((4,), float(step))})
+        time.sleep(0.3)
+        # Rank 1 has not persisted yet: rank 0's file is durable, but nothing may be committed.
+        assert not (tmp_path / "ckpt" / f"step_{step:06d}" / "_COMMITTED").exists()
+        rank1.save(step, {"w": torch.full((4,), -float(step))})
+        rank1.wait()
+        rank0.wait()
+        assert (tmp_path / "ckpt" / f"step_{step:06d}" / "_COMMITTED").exists()
+    assert rank0.committed_steps() == [2, 3]
+    assert torch.equal(rank0.load(3, rank=1)["w"], torch.full((4,), -3.0))
+    assert json.loads((tmp_path / "ckpt" / "latest").read_text())["step"] == 3
+
+
+def test_a_file_changed_after_commit_is_refused_as_torn(tmp_path: Path) -> None:
+    mgr = CheckpointManager(f"pcache::file://{tmp_path}/ckpt", cache_dir=str(tmp_path / "cache"))
+    mgr.save_sync(7, {"w": torch.arange(1000)})
+    path = tmp_path / "ckpt" / "step_000007" / "rank00000.pt"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    fresh = CheckpointManager(f"pcache::file://{tmp_path}/ckpt", cache_dir=str(tmp_path / "cache2"))
+    with pytest.raises(CheckpointError, match="torn"):
+        fresh.load(7)
+
+
+def test_persist_failure_surfaces_in_the_training_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PCACHE_RETRY_ATTEMPTS", "1")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    mgr = CheckpointManager(f"pcache::file://{blocker}/ckpt", cache_dir=str(tmp_path / "cache"), timeout=3)
+    mgr.save(1, {"w": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match="not-a-dir/ckpt/step_000001"):
+        mgr.wait()
+    assert not (blocker.parent / "ckpt").exists()
+
+
+def test_synchronous_baseline_save_is_durable_then_removed(tmp_path: Path) -> None:
+    mgr = CheckpointManager(f"pcache::file://{tmp_path}/ckpt", cache_dir=str(tmp_path / "cache"))
+    seconds, nbytes = mgr.save_synchronously("sync-baseline", {"w": torch.arange(10_000)})
+    assert seconds > 0 and nbytes > 80_000
+    assert not (tmp_path / "ckpt" / "sync-baseline").exists()
+    assert mgr.committed_steps() == []
