@@ -104,7 +104,10 @@ def summary_markdown(results: Sequence[dict[str, Any]], machine: dict[str, Any],
                 else " (unchanged during the run).")
         out += ["", f"pcache source xxh3-128: `{code.get('start')}`{tail}"]
     for result in results:
-        out += ["", f"## {result['module']}", "", markdown_table(result["module"], result["rows"])]
+        out += ["", f"## {result['module']}", ""]
+        if result.get("earlier"):
+            out += [f"(measured in an earlier run, started {result['earlier']}; this run did not include it)", ""]
+        out.append(markdown_table(result["module"], result["rows"]))
         notes = []
         for r in result["rows"]:
             if r.get("error"):

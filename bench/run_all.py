@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -128,6 +129,32 @@ def run_module(name: str, server: SeaweedServer, workroot: Path) -> tuple[str, l
         return short, [error_row(short, "module", f"{short} (whole module)", tb)]
 
 
+SUMMARY_ORDER = ("pcache", "cluster", "loaders", "fusefs", "babel", "ling")
+
+
+def with_earlier_results(out: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This run's results plus, for modules it did not run (BENCH_ONLY), their last results in ``out``.
+
+    So ``summary.md`` always covers every module; an earlier module's table says when it was measured.
+    """
+    ran = {r["module"] for r in results}
+    merged = list(results)
+    for path in sorted(out.glob("*.json")):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(saved, dict) or saved.get("module") in ran or not saved.get("rows"):
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(saved.get("started_unix", 0)))
+        merged.append({"module": saved["module"], "rows": saved["rows"], "earlier": when})
+
+    def rank(r: dict[str, Any]) -> int:
+        return SUMMARY_ORDER.index(r["module"]) if r["module"] in SUMMARY_ORDER else len(SUMMARY_ORDER)
+
+    return sorted(merged, key=rank)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start SeaweedFS, run :data:`MODULES`, write the results; return 1 if any measure errored.
 
@@ -182,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         })
         plot_throughput(out / f"{module}_throughput.png", module, rows)
         plot_ratios(out / f"{module}_ratios.png", module, rows)
-    write_atomic(out / "summary.md", summary_markdown(results, machine, wall_s, settings).encode())
+    write_atomic(out / "summary.md", summary_markdown(with_earlier_results(out, results), machine, wall_s,
+                                                      settings).encode())
     log(f"done in {wall_s:.0f}s; results in {out}")
     for result in results:
         print(f"\n## {result['module']}\n\n{markdown_table(result['module'], result['rows'])}")
