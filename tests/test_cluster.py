@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import s3fs
+import xxhash
 
 from pcache import ConfigError
 from pcache.cluster.auth import sign_request
@@ -288,21 +289,34 @@ def test_uploaded_write_drops_its_replica_and_never_replicates_to_its_own_node(
         tmp_path, s3_server, s3_options, bucket, start_nodes, token_file) -> None:
     peers = start_nodes(3, s3_server.endpoint_url)
     url, size = f"{bucket}/ckpt/step400/rank0.distcp", 2 * MiB
-    # Every node ranks first for some URL; a writer sharing node0's cache_dir must skip node0 (409).
+    # A writer sharing node0's cache_dir must skip node0 (409) for a URL that ranks node0 first: pick
+    # such URLs on purpose, so the test never passes because the hashing happened to avoid node0.
+    from pcache.cluster import Placement
+
+    def ranked(k: int) -> list[str]:
+        return list(Placement(tuple(peers)).ranked(xxhash.xxh3_128_digest(f"s3://{url}.{k}".encode())))
+
+    def ranks_node0_first(k: int) -> bool:
+        return ranked(k)[0] == peers[0]
+
+    suffixes = [k for k in range(200) if ranks_node0_first(k)][:2] + [k for k in range(200) if not ranks_node0_first(k)][:2]
+    assert len(suffixes) == 4
     writers = []
-    for k in range(4):
+    for k in suffixes:
         w = subprocess.Popen([PY, "-c", REPLICA_WRITER, str(tmp_path / "node0"), f"{url}.{k}",
                               json.dumps(s3_options), ",".join(peers), token_file, str(size), "flush"],
                              stdout=subprocess.PIPE, text=True)
         assert w.stdout is not None
         replica = json.loads(w.stdout.readline())
         assert replica["peer"] != peers[0], "replicated onto the writer's own cache_dir"
+        # the owner, or the next owner when the owner is node0 itself (409): checks the ranking used above
+        assert replica["peer"] == [p for p in ranked(k) if p != peers[0]][0]
         assert w.stdout.readline().strip() == "flushed"
         w.kill()
         w.wait()
         writers.append(replica["peer"])
     s3 = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options)
-    assert all(s3.cat_file(f"{url}.{k}") == bytes(range(256)) * (size // 256) for k in range(4))
+    assert all(s3.cat_file(f"{url}.{k}") == bytes(range(256)) * (size // 256) for k in suffixes)
     for node in set(writers):  # the uploader told each holder to drop its standby copy
         assert _metric(node, token_file, "pcache_standby_replicas") == 0
 
