@@ -99,3 +99,19 @@ def test_secrets_are_split_out_of_storage_options() -> None:
     assert "s3cr3t" not in repr(public) and "AKIA" not in repr(public) and "x" not in repr(public.values())
     assert public == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}}
     assert merge_options(public, secret) == options
+
+
+def test_debug_logging_never_lets_credential_bearing_libraries_through(capsys) -> None:
+    import logging
+
+    from pcache._util.log import SECRET_BEARING_LOGGERS, setup_logging
+
+    setup_logging("DEBUG")
+    try:
+        for name in SECRET_BEARING_LOGGERS:
+            logging.getLogger(name).debug("Authorization: AWS4-HMAC-SHA256 Credential=AKIA/secret")
+        logging.getLogger("pcache.test").debug("our own debug line")
+        err = capsys.readouterr().err
+        assert "our own debug line" in err and "AKIA" not in err
+    finally:
+        setup_logging("INFO")

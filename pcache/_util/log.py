@@ -48,6 +48,14 @@ def setup_logging(level: str | None = None, json_format: bool | None = None) -> 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # At DEBUG these libraries log request headers and presigned URLs (signatures, session tokens):
+    # secrets never reach our logs, whatever level the user asks for.
+    for name in SECRET_BEARING_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).getEffectiveLevel()))
+
+
+#: Third-party loggers that print credentials at DEBUG; :func:`setup_logging` keeps them at WARNING.
+SECRET_BEARING_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3", "s3fs", "fsspec")
 
 
 def get_logger(name: str) -> logging.Logger:
