@@ -35,6 +35,7 @@ from ling_train.config import TrainConfig
 from ling_train.corpus import sample_texts, write_jsonl
 from ling_train.trainer import Trainer, TrainResult
 from loaders.formats.pack import pack
+from pcache._util.files import write_private
 from pcache.testing import SeaweedServer
 
 BUCKET = "data"
@@ -50,9 +51,8 @@ def _use_cluster(server: SeaweedServer) -> None:
 
 
 def _credentials_file(path: Path, server: SeaweedServer) -> str:
-    path.write_text(f"[default]\naws_access_key_id = {server.access_key}\n"
-                    f"aws_secret_access_key = {server.secret_key}\n")
-    path.chmod(0o600)
+    write_private(path, f"[default]\naws_access_key_id = {server.access_key}\n"
+                        f"aws_secret_access_key = {server.secret_key}\n".encode())
     return str(path)
 
 

@@ -115,3 +115,17 @@ def test_debug_logging_never_lets_credential_bearing_libraries_through(capsys) -
         assert "our own debug line" in err and "AKIA" not in err
     finally:
         setup_logging("INFO")
+
+
+def test_write_private_is_owner_only_even_when_replacing_a_readable_file(tmp_path) -> None:
+    import stat
+
+    from pcache._util.files import write_private
+
+    path = tmp_path / "creds"
+    path.write_text("old")
+    path.chmod(0o644)
+    write_private(path, b"secret")
+    assert path.read_bytes() == b"secret" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    write_private(tmp_path / "new", b"x")
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o600

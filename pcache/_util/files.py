@@ -27,3 +27,17 @@ def write_all(fd: int, data: Any) -> None:
     view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view):]
+
+
+def write_private(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create or replace ``path`` with ``data``, readable by its owner only from the first byte.
+
+    For secrets (tokens, credentials): writing first and ``chmod`` after leaves a window in which the
+    file is world-readable.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+        write_all(fd, data)
+    finally:
+        os.close(fd)

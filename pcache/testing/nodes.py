@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
+
+from pcache._util.files import write_private
 
 
 def write_token(path: str | os.PathLike[str]) -> str:
     """Write a fresh random shared secret (mode 600) and return the path."""
-    path = Path(path)
-    path.write_bytes(os.urandom(32).hex().encode())
-    path.chmod(0o600)
+    write_private(path, os.urandom(32).hex().encode())
     return str(path)
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import botocore.config
 import botocore.session
 
+from pcache._util.files import write_private
+
 __all__ = ["SeaweedServer", "SeaweedStartError", "find_weed_binary"]
 
 REGION = "us-east-1"
@@ -369,9 +371,7 @@ class SeaweedServer:
                 }
             ]
         }
-        cfg = self.data_dir / "s3.json"
-        cfg.write_text(json.dumps(ident, indent=2))
-        cfg.chmod(0o600)
+        write_private(self.data_dir / "s3.json", json.dumps(ident, indent=2).encode())
         (self.data_dir / "master.toml").write_text(_MASTER_TOML)
 
     def _make_client(self, *, attempts: int, timeout_s: float) -> Any:
