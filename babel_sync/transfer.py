@@ -163,7 +163,7 @@ class Transfer:
         return upload_id, {}, None
 
     def _part(self, info: ObjectInfo, upload_id: str, n: int, start: int, end: int,
-              durable: str | None) -> tuple[bytes | None, str]:
+              durable: str | None) -> tuple[bytes | bytearray | None, str]:
         if self.server_side:
             if durable is not None:
                 return None, durable
@@ -188,7 +188,7 @@ class Transfer:
         upload_id, durable, completed = self._start_upload(info, psize)
         hasher = content_hasher()
         etags: list[str] = []
-        window: deque[Future[tuple[bytes | None, str]]] = deque()
+        window: deque[Future[tuple[bytes | bytearray | None, str]]] = deque()
         bounds = [(i + 1, off, min(off + psize, info.size)) for i, off in enumerate(range(0, info.size, psize))]
         try:
             for n, start, end in bounds:

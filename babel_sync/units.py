@@ -81,14 +81,21 @@ def discover(listing: Mapping[str, ObjectInfo], rule: Rule, manifest_name: str) 
         head, _, base = key.rpartition("/")
         if base == rule.unit_marker:
             units[head] = Unit(head, obj)
-    # Deepest unit first, so a nested unit's files are not claimed by its parent.
-    order = sorted(units, key=len, reverse=True)
     orphan = 0
     for key, obj in matched.items():
-        base = key.rpartition("/")[2]
-        if base == rule.unit_marker and key.rpartition("/")[0] in units or base == manifest_name:
+        head, _, base = key.rpartition("/")
+        if base == rule.unit_marker and head in units or base == manifest_name:
             continue
-        owner = next((u for u in order if key.startswith(u + "/") or u == ""), None)
+        # The nearest enclosing unit (a nested unit's files are not its parent's): walk up the
+        # directories, a dict lookup per level instead of a scan over every unit per file.
+        owner = None
+        while True:
+            if head in units:
+                owner = head
+                break
+            if not head:
+                break
+            head = head.rpartition("/")[0]
         if owner is None:
             orphan += obj.size
         else:
