@@ -243,12 +243,17 @@ class WriteBack:
             if rel == MARKER:
                 continue
             rec = hashes.get(f"{prefix.rstrip('/')}/{rel}", {})
-            files.append({"path": rel, "size": info.get("size"), "etag": str(info.get("ETag", "")).strip('"'),
-                          "xxh3_128": rec.get("xxh3_128")})
+            etag = str(info.get("ETag", "")).strip('"')
+            # The journal remembers the last upload of this URL *from this node*: its hash describes the
+            # object only if the object is still that upload (same size, and same ETag where there is one).
+            same = rec.get("size") == info.get("size") and (not etag or not rec.get("etag")
+                                                            or str(rec["etag"]).strip('"') == etag)
+            files.append({"path": rel, "size": info.get("size"), "etag": etag,
+                          "xxh3_128": rec.get("xxh3_128") if same else None})
         marker = json.dumps({"format": "pcache-commit/1", "prefix": prefix, "committed": time.time(),
                              "files": files}, indent=1).encode()
         marker_path = f"{base}/{MARKER}"
-        retry_call(lambda: fs.pipe_file(marker_path, marker), url=f"{prefix.rstrip('/')}/{MARKER}", policy=policy)
+        retry_call(lambda: _put_whole(fs, marker_path, marker), url=f"{prefix.rstrip('/')}/{MARKER}", policy=policy)
         return f"{prefix.rstrip('/')}/{MARKER}"
 
     def is_pending(self, url: str) -> bool:
@@ -260,3 +265,17 @@ class WriteBack:
         entry = self.journal.pending_for_url(url)
         return self.journal.data_path(entry["id"]) if entry else None
 
+
+def _put_whole(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see all of it or nothing (a marker must never be torn).
+
+    Object stores replace an object in one PUT. A local file system truncates and then writes, so a
+    kill in between would leave an empty marker: write a sibling and rename it over instead.
+    """
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in ("file", "local"):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)

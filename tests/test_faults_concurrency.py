@@ -180,3 +180,23 @@ def test_dangling_queue_slots_are_repaired(tmp_path) -> None:
         assert fs.cat_file(str(p)) == p.read_bytes()
         fs.engine.drain_writes()
     assert fs.engine.disk.stats()["evictions"] > 0
+
+
+def test_commit_marker_is_whole_and_never_carries_a_stale_hash(tmp_path) -> None:
+    import json
+
+    fs = local_fs(tmp_path / "c")
+    origin = tmp_path / "origin" / "step_1"
+    origin.mkdir(parents=True)
+    with fs.open(str(origin / "rank0.pt"), "wb") as f:
+        f.write(b"first write")
+    with fs.open(str(origin / "rank1.pt"), "wb") as f:
+        f.write(b"kept")
+    fs.flush(timeout=60)
+    (origin / "rank0.pt").write_bytes(b"rewritten elsewhere, not through this cache")
+    with open(pcache.commit(str(origin), timeout=60)) as fh:
+        marker = json.load(fh)
+    hashes = {f["path"]: f["xxh3_128"] for f in marker["files"]}
+    assert hashes["rank0.pt"] is None  # this node's journal describes an older object: no hash at all
+    assert hashes["rank1.pt"] is not None
+    assert sorted(os.listdir(origin)) == ["_COMMITTED", "rank0.pt", "rank1.pt"]  # no temporary left

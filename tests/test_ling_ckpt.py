@@ -109,18 +109,23 @@ def test_kill9_during_async_saves_always_resumes_the_newest_committed_step(corpu
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PCACHE_UPLOADER_IDLE_EXIT": "1"}
     rng = random.Random(1234)
     checker = CheckpointManager(root, cache_dir=str(tmp_path / "verify-cache"))
-    newest_seen, in_flight_kills, rounds = 0, 0, 0
+    newest_seen, in_flight_kills, rounds, verified = 0, 0, 0, set()
     while in_flight_kills < 10 and rounds < 14:
         rounds += 1
         killed, printed = _run_until_killed(cmd, env, rng.uniform(0.05, 1.0))
         committed = checker.committed_steps()
-        assert committed, "no committed checkpoint after a kill"
-        newest = checker.latest_step()
-        assert newest == committed[-1] and newest >= newest_seen
+        newest = checker.latest_step() or 0
+        if committed:
+            assert newest == committed[-1] and newest >= newest_seen
+            state = checker.load(newest)
+            assert state["step"] == newest
+            assert state_hash(state["model"], state["optim"]) == reference[newest], f"step {newest} differs"
+            verified.add(newest)
+        else:
+            # The kill landed before the first save was durable (the first round's save also waits for
+            # the uploader process to start, which a busy machine delays): nothing may look committed.
+            assert newest_seen == 0, f"committed step {newest_seen} disappeared"
         newest_seen = newest
-        state = checker.load(newest)
-        assert state["step"] == newest
-        assert state_hash(state["model"], state["optim"]) == reference[newest], f"step {newest} differs"
         # Newer directories are saves the kill interrupted: never committed, never loadable.
         torn = [s for s in checker.all_steps() if s > newest]
         for step in torn:
@@ -129,11 +134,15 @@ def test_kill9_during_async_saves_always_resumes_the_newest_committed_step(corpu
         latest_file = tmp_path / "ckpt" / "latest"
         if latest_file.exists():
             assert json.loads(latest_file.read_text())["step"] <= newest
+        else:
+            assert not committed or committed == [newest]  # latest comes right after the first marker
         if killed and printed > newest:  # the save of step `printed` had started and was not committed
             in_flight_kills += 1
         if not killed:
             break
     assert in_flight_kills >= 10, f"only {in_flight_kills} kills landed during a save in {rounds} rounds"
+    # Resumed runs committed newer steps, and each was bit-equal to the uninterrupted run.
+    assert len(verified) >= 2, f"only steps {sorted(verified)} were committed and checked"
     assert len(checker.committed_steps()) <= 3 + 1  # retention (one more may be committed mid-delete)
 
 
@@ -173,6 +182,20 @@ def test_a_file_changed_after_commit_is_refused_as_torn(tmp_path: Path) -> None:
         fresh.load(7)
 
 
+def test_a_torn_commit_marker_is_not_committed(tmp_path: Path) -> None:
+    """On a file:// origin the marker is written in place: a kill mid-write leaves it empty or cut."""
+    mgr = CheckpointManager(f"pcache::file://{tmp_path}/ckpt", cache_dir=str(tmp_path / "cache"))
+    mgr.save_sync(1, {"w": torch.arange(10)})
+    mgr.save_sync(2, {"w": torch.arange(20)})
+    marker = tmp_path / "ckpt" / "step_000002" / "_COMMITTED"
+    marker.write_bytes(marker.read_bytes()[:40])
+    assert mgr.committed_steps() == [1] and mgr.latest_step() == 1
+    with pytest.raises(CheckpointError, match="step_000002: not committed"):
+        mgr.load(2)
+    assert json.loads((tmp_path / "ckpt" / "latest").read_text())["step"] == 2
+    assert not list((tmp_path / "ckpt").glob("latest.tmp-*"))  # written aside, then renamed over
+
+
 def test_persist_failure_surfaces_in_the_training_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PCACHE_RETRY_ATTEMPTS", "1")
     blocker = tmp_path / "not-a-dir"
@@ -190,3 +213,16 @@ def test_synchronous_baseline_save_is_durable_then_removed(tmp_path: Path) -> No
     assert seconds > 0 and nbytes > 80_000
     assert not (tmp_path / "ckpt" / "sync-baseline").exists()
     assert mgr.committed_steps() == []
+
+
+def test_housekeeping_failure_after_a_commit_is_logged_not_raised(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    mgr = CheckpointManager(f"pcache::file://{tmp_path}/ckpt", cache_dir=str(tmp_path / "cache"))
+
+    def broken_retention() -> None:
+        raise OSError("retention could not list the root")
+
+    monkeypatch.setattr(mgr, "_retain", broken_retention)
+    mgr.save(3, {"w": torch.arange(10)})
+    mgr.wait()  # raising here on rank 0 alone would strand the other ranks in their next collective
+    assert mgr.housekeeping_errors == 1 and mgr.committed_steps() == [3] and mgr.latest_step() == 3
