@@ -8,7 +8,8 @@ Public API:
   summary that ``babel-sync once`` prints; :func:`verify` re-hashes destination content; :func:`daemon`
   is the loop behind ``babel-sync run``.
 - Errors: :class:`ConfigError`, :class:`UnknownSiteError`, :class:`SiteUnreachableError`,
-  :class:`SiteAuthError`, :class:`SourceChangedError`, :class:`IntegrityError`, :class:`LockedError`.
+  :class:`SiteAuthError`, :class:`SourceChangedError`, :class:`IntegrityError`, :class:`LockedError`,
+  :class:`DeleteError`, :class:`ListingError`.
 """
 
 from babel_sync.config import Rule, Site, SyncConfig, SyncOptions
@@ -16,7 +17,9 @@ from babel_sync.config import load as load_config
 from babel_sync.engine import Syncer
 from babel_sync.errors import (
     ConfigError,
+    DeleteError,
     IntegrityError,
+    ListingError,
     LockedError,
     SiteAuthError,
     SiteUnreachableError,
@@ -27,7 +30,9 @@ from babel_sync.runner import daemon, sync_once, verify
 
 __all__ = [
     "ConfigError",
+    "DeleteError",
     "IntegrityError",
+    "ListingError",
     "LockedError",
     "Rule",
     "Site",

@@ -118,6 +118,8 @@ class SyncOptions:
     bandwidth_limit_bytes: int = 0
     listing_workers: int = 16
     listing_depth: int = 2
+    #: A unit whose marker is newer than (listing start - this) waits a pass: listings are no snapshot.
+    listing_settle_seconds: float = 2.0
     retry_attempts: int = 6
     retry_base_delay: float = 0.2
     connect_timeout: float = 10.0
@@ -295,6 +297,8 @@ def load(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None,
     if options.min_part_size < 5 * 1024 * 1024 or options.max_part_size < options.min_part_size:
         raise ConfigError("min_part_size", "S3 needs parts of at least 5MiB and max_part_size >= min_part_size",
                           source)
+    if options.listing_settle_seconds < 0:
+        raise ConfigError("listing_settle_seconds", f"must be >= 0, got {options.listing_settle_seconds}", source)
     if not 0.0 <= options.verify_sample <= 1.0:
         raise ConfigError("verify_sample", f"must be within 0..1, got {options.verify_sample}", source)
     raw_sites = data.get("sites", {})

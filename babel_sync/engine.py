@@ -19,8 +19,10 @@ Per (rule, destination):
 from __future__ import annotations
 
 import itertools
+import posixpath
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from typing import Any
 
 from babel_sync import metrics
 from babel_sync.config import Rule, SyncConfig
+from babel_sync.errors import ListingError
 from babel_sync.journal import Journal
 from babel_sync.store import ObjectInfo, RateLimiter, S3Store
 from babel_sync.transfer import Stats, Transfer
@@ -59,18 +62,28 @@ class UnitJob:
     was_published: bool
     remaining: int = 0
     failed: bool = False
+    published: bool = False
+    unpublished: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Held while the unit is unpublished, so no copy of the unit starts before its marker is gone.
+    unpublish_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
 class Plan:
-    """What one (rule, destination) needs: unit jobs, unit removals and what is in sync already."""
+    """What one (rule, destination) needs: unit jobs, unit removals and what is in sync already.
+
+    ``remove_units`` are gone at the source (``delete = true``): nothing replaces them, they go
+    whatever else happens. ``retire_units`` are beyond ``keep_last``: they go only once every kept unit
+    is published at the destination, so a failed or stopped pass never leaves fewer complete units.
+    """
 
     rule: Rule
     dest: str
     jobs: list[UnitJob]
     remove_units: list[str]
     dest_listing: dict[str, ObjectInfo]
+    retire_units: list[str] = field(default_factory=list)
     in_sync_objects: int = 0
     in_sync_bytes: int = 0
     orphan_bytes: int = 0
@@ -136,19 +149,35 @@ class Syncer:
         """List both sides and work out what (rule, dest) needs. Copies and deletes nothing."""
         src, dst = self.store(rule.source), self.store(dest)
         prefixes = [list_prefix(p) for p in rule.include]
+        started = time.time()
         with ThreadPoolExecutor(2) as pool:
             fs, fd = pool.submit(src.list_tree, prefixes), pool.submit(dst.list_tree, prefixes)
             src_listing, dst_listing = fs.result(), fd.result()
-        units, orphan = discover(src_listing, rule, self.options.manifest_name)
-        if rule.keep_last:
-            units = {u: units[u] for u in sorted(units, key=natural_key)[-rule.keep_last:]}
+        found, orphan = discover(src_listing, rule, self.options.manifest_name)
+        # A listing is no snapshot: its pages are read at different times. A marker written after the
+        # listing began may sit over files listed before they existed, so such a unit waits a pass.
+        settle = started - self.options.listing_settle_seconds
+        for found_unit in found.values():
+            if found_unit.marker.mtime <= 0:
+                raise ListingError(src.url(found_unit.marker.key), "the listing has no LastModified for the marker")
+        units = {u: unit for u, unit in found.items() if unit.marker.mtime <= settle}
+        orphan += sum(found[u].bytes for u in found if u not in units)
+        oldest: dict[str, str] = {}
+        if rule.keep_last:  # per parent directory: run1/ and run2/ each keep their own last N
+            groups: dict[str, list[str]] = {}
+            for u in units:
+                groups.setdefault(posixpath.dirname(u), []).append(u)
+            kept = {d: sorted(g, key=natural_key)[-rule.keep_last:] for d, g in groups.items()}
+            oldest = {d: k[0] for d, k in kept.items()}
+            units = {u: units[u] for k in kept.values() for u in k}
         dest_units = published(dst_listing, rule)
         plan = Plan(rule, dest, [], [], dst_listing, orphan_bytes=orphan)
-        removable = dest_units - set(units)
-        if rule.keep_last and not rule.delete:  # retention only drops units older than the ones kept
-            oldest = min(units, key=natural_key) if units else None
-            removable = {u for u in removable if oldest is not None and natural_key(u) < natural_key(oldest)}
-        plan.remove_units = sorted(removable) if (rule.delete or rule.keep_last) else []
+        gone = dest_units - set(found)
+        plan.remove_units = sorted(gone) if rule.delete else []
+        if rule.keep_last:  # retention only drops units older than the ones kept in their directory
+            plan.retire_units = sorted(
+                u for u in dest_units - set(units) - set(plan.remove_units) if posixpath.dirname(u) in oldest
+                and natural_key(u) < natural_key(oldest[posixpath.dirname(u)]))
         did = self.dest_id(dest)
         for name in sorted(units, key=natural_key):
             unit = units[name]
@@ -207,6 +236,7 @@ class Syncer:
         self.journal.put(Journal.manifest_key(did, job.unit.path), {
             "marker_etag": marker_etag, "manifest_etag": man_etag, "files": {f["path"]: f for f in files}})
         self.journal.clear_done(did, job.unit.path)
+        job.published = True
         stats.add("units_published")
         metrics.UNITS.labels(job.rule.name, job.dest).inc()
         log.info("published unit", extra={"rule": job.rule.name, "dest": job.dest, "unit": dst.url(job.unit.path),
@@ -216,6 +246,7 @@ class Syncer:
                    errors: list[dict[str, Any]]) -> None:
         base = f"{job.unit.path}/" if job.unit.path else ""
         try:
+            self._unpublish(job)
             if not job.failed:
                 rec = transfer.copy(obj)
                 self.journal.put(Journal.done_key(self.dest_id(job.dest), obj.key), rec)
@@ -238,6 +269,30 @@ class Syncer:
                 self._publish(job, stats)
             except Exception as exc:  # noqa: BLE001
                 self._error(errors, job, transfer.dst.url(job.unit.path), exc)
+
+    def _unpublish(self, job: UnitJob) -> None:
+        """Take a published unit's marker (then manifest) away just before its first file changes.
+
+        The records of its unchanged files are journaled first (``done:``, as verify's repair does), so
+        a crash between here and the publish costs only the files that changed, not a full re-copy.
+        Raises (and no file of the unit is touched) when the marker cannot be deleted.
+        """
+        with job.unpublish_lock:  # the unit's other copies wait here until the marker is gone
+            if not job.was_published or job.unpublished or job.failed:
+                return
+            dst, did = self.store(job.dest), self.dest_id(job.dest)
+            base = f"{job.unit.path}/" if job.unit.path else ""
+            with job.lock:
+                unchanged = dict(job.records)
+            for rel, rec in unchanged.items():
+                self.journal.put(Journal.done_key(did, base + rel), rec)
+            try:
+                dst.delete([base + job.rule.unit_marker])
+                dst.delete([base + self.options.manifest_name])
+            except BaseException:
+                job.failed = True
+                raise
+            job.unpublished = True
 
     def _error(self, errors: list[dict[str, Any]], job: UnitJob, url: str, exc: BaseException) -> None:
         metrics.ERRORS.labels(job.rule.name, job.dest).inc()
@@ -292,12 +347,8 @@ class Syncer:
                                                           self.dest_id(p.dest), self.journal, self.options,
                                                           stats, parts) for p in plans}
             for plan in sorted(plans, key=lambda p: -p.rule.priority):
-                dst, transfer = self.store(plan.dest), transfers[(plan.rule.name, plan.dest)]
-                for job in plan.jobs:
-                    base = f"{job.unit.path}/" if job.unit.path else ""
-                    if job.was_published:  # unpublish before touching any of its files
-                        dst.delete([base + plan.rule.unit_marker])
-                        dst.delete([base + self.options.manifest_name])
+                transfer = transfers[(plan.rule.name, plan.dest)]
+                for job in plan.jobs:  # a published unit is unpublished by its first task (_unpublish)
                     job.remaining = len(job.copy)
                     if not job.copy:
                         job.remaining = 1
@@ -324,7 +375,15 @@ class Syncer:
             for t in threads:
                 t.join()
         for plan in plans:
-            for unit in plan.remove_units:
+            if self.stopping.is_set():  # a stopped pass removes nothing; the next pass decides again
+                continue
+            removals = list(plan.remove_units)
+            if plan.retire_units and all(j.published for j in plan.jobs):
+                removals += plan.retire_units  # every kept unit is published: the old ones may go
+            elif plan.retire_units:
+                log.warning("keep_last removals deferred: not every kept unit was published",
+                            extra={"rule": plan.rule.name, "dest": plan.dest, "units": plan.retire_units})
+            for unit in removals:
                 try:
                     self._remove_unit(plan, unit, stats)
                 except Exception as exc:  # noqa: BLE001
@@ -335,6 +394,7 @@ class Syncer:
     def _finish_empty(self, job: UnitJob, stats: Stats, errors: list[dict[str, Any]]) -> None:
         job.remaining = 0
         try:
+            self._unpublish(job)
             self._publish(job, stats)
         except Exception as exc:  # noqa: BLE001
             self._error(errors, job, self.store(job.dest).url(job.unit.path), exc)

@@ -12,7 +12,9 @@ from pcache.errors import ConfigError, OriginUnavailableError, StaleObjectError
 
 __all__ = [
     "ConfigError",
+    "DeleteError",
     "IntegrityError",
+    "ListingError",
     "LockedError",
     "OriginUnavailableError",
     "SiteAuthError",
@@ -74,3 +76,27 @@ class LockedError(OSError):
     def __init__(self, path: str) -> None:
         self.path = path
         super().__init__(errno.EBUSY, f"another babel-sync process is using the state directory {path}")
+
+
+class DeleteError(OSError):
+    """A DeleteObjects call answered 200 but listed per-key errors: the named objects are still there.
+
+    Raised after the shared retry loop gave up on transient codes (``InternalError``, ``SlowDown``, ...),
+    at once for the others (``AccessDenied``): a marker that could not be deleted must stop the caller
+    before it touches the files below it.
+    """
+
+    def __init__(self, url: str, code: str, detail: str, transient: bool = False) -> None:
+        self.url = url
+        self.code = code
+        # EINVAL makes the shared retry helper treat it as permanent; EAGAIN is retried.
+        super().__init__(errno.EAGAIN if transient else errno.EINVAL,
+                         f"could not delete {url}: {code} {detail}".rstrip())
+
+
+class ListingError(OSError):
+    """A listing lacks what a pass needs to trust it (e.g. ``LastModified`` on a unit marker)."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        self.url = url
+        super().__init__(errno.EINVAL, f"{url}: {detail}")

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import urllib3
 
 from babel_sync.config import Site, SyncOptions
-from babel_sync.errors import SiteAuthError, SiteUnreachableError, SourceChangedError
+from babel_sync.errors import DeleteError, SiteAuthError, SiteUnreachableError, SourceChangedError
 from babel_sync.s3http import HttpS3
 from babel_sync.sigv4 import Signer
 from pcache._util.retry import RetryPolicy, retry_call
@@ -36,6 +36,7 @@ from pcache.errors import OriginUnavailableError
 T = TypeVar("T")
 _CHUNK = 1 << 20
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
+_TRANSIENT_CODES = {"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout", "OperationAborted"}
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchUpload", "NotFound", "404"}
 
 
@@ -319,12 +320,35 @@ class S3Store:
         return str(resp.get("ETag", "")).strip('"')
 
     def delete(self, rels: Iterable[str]) -> None:
-        """Delete objects, 1000 per request."""
+        """Delete objects, 1000 per request.
+
+        Raises:
+            DeleteError: naming the first object S3 could not delete. DeleteObjects answers 200 even
+                when keys failed; those are listed in ``Errors``. Transient codes are retried (only the
+                keys that failed) through the shared retry helper.
+        """
         batch = list(rels)
         for i in range(0, len(batch), 1000):
-            objs = [{"Key": self.key(r)} for r in batch[i:i + 1000]]
-            self.call(lambda o=objs: self.client.delete_objects(  # type: ignore[misc]
-                Bucket=self.bucket, Delete={"Objects": o, "Quiet": True}), batch[i])
+            todo = [self.key(r) for r in batch[i:i + 1000]]
+            try:
+                self.call(lambda t=todo: self._delete_batch(t), batch[i])  # type: ignore[misc]
+            except OriginUnavailableError as exc:  # transient codes until the last attempt
+                if isinstance(exc.__cause__, DeleteError):
+                    raise exc.__cause__ from None  # the typed error names the URL and code
+                raise
+
+    def _delete_batch(self, todo: list[str]) -> None:
+        """One DeleteObjects call; ``todo`` shrinks to the keys that failed, so a retry sends only those."""
+        resp = self.client.delete_objects(
+            Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in todo], "Quiet": True})
+        errs = resp.get("Errors") or []
+        if not errs:
+            return
+        todo[:] = [str(e["Key"]) for e in errs if e.get("Key")] or todo
+        first = errs[0]
+        url = self.url(str(first.get("Key", ""))[len(self.prefix):])
+        code = str(first.get("Code", ""))
+        raise DeleteError(url, code, str(first.get("Message", "")), code in _TRANSIENT_CODES)
 
     def copy_from(self, src: S3Store, rel: str, dest_rel: str, etag: str,
                   part: tuple[str, int, int, int] | None = None) -> str:

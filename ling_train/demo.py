@@ -88,7 +88,12 @@ def _train(cfg: TrainConfig) -> tuple[TrainResult, Trainer]:
 
 def _babel_toml(work: Path, a: SeaweedServer, b: SeaweedServer) -> Path:
     path = work / "babel.toml"
-    path.write_text(f"""[sites.a]
+    # Both clusters run on this machine (one clock) and training has stopped: no need to let fresh
+    # markers settle for a pass (listing_settle_seconds guards against listing pages read while writing).
+    path.write_text(f"""[sync]
+listing_settle_seconds = 0
+
+[sites.a]
 url = "s3://{BUCKET}"
 endpoint_url = "{a.endpoint_url}"
 credentials_file = "{_credentials_file(work / 'creds-a', a)}"

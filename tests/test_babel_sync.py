@@ -82,6 +82,8 @@ endpoint_url = "{endpoint_b or self.b.endpoint_url}"
 credentials_file = "cred_b"
 {rules}
 """
+        if "listing_settle_seconds" not in sync:  # tests sync what they just wrote (one clock, no skew)
+            text = text.replace("[sync]\n", "[sync]\nlisting_settle_seconds = 0\n", 1)
         path = self.tmp / "babel.toml"
         path.write_text(text)
         return path
@@ -150,6 +152,18 @@ def make_units(env: Env, units: int, small: int, small_size: int = 64 * 1024, bi
         made[f"{prefix}{u}/_COMMITTED"] = json.dumps({"unit": u}).encode()
     for key, data in made.items():
         env.put(key, data)
+    return made
+
+
+def make_steps(env: Env, run: str, steps: range, small: int = 2) -> dict[str, bytes]:
+    """Checkpoint units ``checkpoints/<run>/step_<n>/`` (files, then the marker, as a trainer writes them)."""
+    made: dict[str, bytes] = {}
+    for step in steps:
+        files = {f"checkpoints/{run}/step_{step}/part-{i}": os.urandom(1024) for i in range(small)}
+        files[f"checkpoints/{run}/step_{step}/_COMMITTED"] = b"{}"
+        for key, data in files.items():
+            env.put(key, data)
+        made.update(files)
     return made
 
 
@@ -443,8 +457,7 @@ def test_unauthorized_endpoint_is_a_typed_error_without_the_secret(env: Env) -> 
 
 # ---------------------------------------------------------------------- rules and commands
 def test_keep_last_and_priority(env: Env, caplog: pytest.LogCaptureFixture) -> None:
-    for step in range(1, 6):
-        make_units(env, units=1, small=2, prefix=f"checkpoints/run1/step_{step}/", seed=step)
+    make_steps(env, "run1", range(1, 6))
     make_units(env, units=2, small=3)
     rules = DATASETS.replace('unit_marker = "_COMMITTED"', 'priority = "low"') + """
 [[rules]]
@@ -462,7 +475,7 @@ keep_last = 3
     assert "checkpoints" in order[0] and "checkpoints" in order[2] and "datasets" in order[-1]
     steps = lambda: sorted({k.split("/")[2] for k in env.dst() if k.startswith("checkpoints/")})  # noqa: E731
     assert steps() == ["step_3", "step_4", "step_5"]
-    make_units(env, units=1, small=2, prefix="checkpoints/run1/step_6/", seed=6)
+    make_steps(env, "run1", range(6, 7))
     assert sync_once(syncer)["ok"]
     assert steps() == ["step_4", "step_5", "step_6"]
 
@@ -509,7 +522,8 @@ unit_marker = "_COMMITTED"   # optional: what makes a directory a complete unit
 """)
     environ = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
                "AWS_ENDPOINT_URL": s3_server.endpoint_url, "BABEL_STATE_DIR": str(tmp_path / "state"),
-               "BABEL_MULTIPART_THRESHOLD_SIZE": "8MiB", "BABEL_MIN_PART_SIZE": "5MiB"}
+               "BABEL_MULTIPART_THRESHOLD_SIZE": "8MiB", "BABEL_MIN_PART_SIZE": "5MiB",
+               "BABEL_LISTING_SETTLE_SECONDS": "0"}
     proc = _cli(config, "once", "--log-format", "json", env_extra=environ)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -602,3 +616,117 @@ def test_no_delete_after_a_listing_error(env: Env) -> None:
     assert not summary["ok"] and summary["objects_deleted"] == 0
     assert summary["errors"][0]["type"] == "SiteUnreachableError"
     assert "datasets/v0/_COMMITTED" in env.dst()
+
+
+# ---------------------------------------------------------------------- review fixes
+CKPT = """
+[[rules]]
+name = "ckpt"
+source = "a"
+destinations = ["b"]
+include = ["checkpoints/**"]
+keep_last = 3
+"""
+
+
+def _markers(env: Env) -> list[str]:
+    return sorted(k.rpartition("/")[0] for k in env.dst() if k.endswith("/_COMMITTED"))
+
+
+def test_keep_last_keeps_old_units_when_the_new_ones_fail_or_the_pass_stops(env: Env) -> None:
+    from babel_sync.transfer import Stats
+
+    make_steps(env, "run1", range(1, 4))
+    syncer = Syncer(load_config(env.write_config(CKPT)))
+    assert sync_once(syncer)["ok"]
+    make_steps(env, "run1", range(4, 7))
+    plan = syncer.plan(syncer.config.rule("ckpt"), "b")
+    assert plan.retire_units == [f"checkpoints/run1/step_{s}" for s in (1, 2, 3)]
+    for step in (4, 5, 6):  # every new unit's copy fails: its source moves after the listing
+        env.put(f"checkpoints/run1/step_{step}/part-0", b"rewritten")
+    errors: list[dict[str, Any]] = []
+    syncer.execute([plan], Stats(), errors)
+    assert {e["type"] for e in errors} == {"SourceChangedError"}
+    assert _markers(env) == [f"checkpoints/run1/step_{s}" for s in (1, 2, 3)]
+    syncer.stopping.set()  # a stopped pass removes nothing either
+    syncer.execute([syncer.plan(syncer.config.rule("ckpt"), "b")], Stats(), [])
+    assert _markers(env) == [f"checkpoints/run1/step_{s}" for s in (1, 2, 3)]
+    syncer.stopping.clear()
+    assert sync_once(syncer)["ok"]
+    assert _markers(env) == [f"checkpoints/run1/step_{s}" for s in (4, 5, 6)]
+
+
+def test_keep_last_applies_per_parent_directory(env: Env) -> None:
+    make_steps(env, "run1", range(1, 6), small=1)
+    make_steps(env, "run2", range(1, 3), small=1)
+    assert sync_once(Syncer(load_config(env.write_config(CKPT))))["ok"]
+    assert _markers(env) == [*(f"checkpoints/run1/step_{s}" for s in (3, 4, 5)),
+                             *(f"checkpoints/run2/step_{s}" for s in (1, 2))]
+
+
+def _failing_deletes(syncer: Syncer, key: str, code: str, times: int) -> list[int]:
+    """Make the destination's DeleteObjects report ``key`` in ``Errors`` (not deleting it) ``times`` times.
+
+    SeaweedFS never answers per-key errors for an admin identity, so the real call is made for the other
+    keys and the failure of ``key`` is injected into its real response.
+    """
+    client, calls = syncer.store("b").client, [0]
+    client.__dict__.pop("delete_objects", None)  # an earlier injection
+    real = client.delete_objects
+
+    def delete_objects(**kwargs: Any) -> Any:
+        objs = kwargs["Delete"]["Objects"]
+        hit = [o for o in objs if o["Key"].endswith(key)]
+        if not hit or calls[0] >= times:
+            return real(**kwargs)
+        calls[0] += 1
+        rest = [o for o in objs if o not in hit]
+        resp = real(**{**kwargs, "Delete": {**kwargs["Delete"], "Objects": rest}}) if rest else {}
+        return {**resp, "Errors": [{"Key": hit[0]["Key"], "Code": code, "Message": "injected"}]}
+
+    client.delete_objects = delete_objects
+    return calls
+
+
+def test_failed_marker_delete_is_a_typed_error_and_no_file_changes(env: Env) -> None:
+    made = make_units(env, units=1, small=3)
+    syncer = Syncer(load_config(env.write_config(DATASETS, sync="retry_attempts = 3")))
+    assert sync_once(syncer)["ok"]
+    env.put("datasets/v0/part-0001", b"new content")
+    calls = _failing_deletes(syncer, "datasets/v0/_COMMITTED", "AccessDenied", times=99)
+    summary = sync_once(syncer)
+    assert not summary["ok"] and calls[0] == 1  # permanent: not retried
+    [err] = summary["errors"]
+    assert err["type"] == "DeleteError" and f"{env.bucket_b}/mirror/datasets/v0/_COMMITTED" in err["error"]
+    assert_identical(env, made)  # the marker stayed, so nothing under it was touched
+    calls = _failing_deletes(syncer, "datasets/v0/_COMMITTED", "InternalError", times=1)
+    assert sync_once(syncer)["ok"] and calls[0] == 1  # transient: retried
+    assert_identical(env, {**made, "datasets/v0/part-0001": b"new content"})
+
+
+def test_interrupted_update_of_a_published_unit_recopies_only_changed_files(env: Env) -> None:
+    from babel_sync.transfer import Stats
+
+    made = make_units(env, units=1, small=4)
+    syncer = Syncer(load_config(env.write_config(DATASETS)))
+    assert sync_once(syncer)["ok"]
+    env.put("datasets/v0/part-0001", b"edit 1")
+    plan = syncer.plan(syncer.config.rule("datasets"), "b")
+    env.put("datasets/v0/part-0001", b"edit 2")  # the copy fails after the unit was unpublished
+    errors: list[dict[str, Any]] = []
+    syncer.execute([plan], Stats(), errors)
+    assert [e["type"] for e in errors] == ["SourceChangedError"]
+    assert "datasets/v0/_COMMITTED" not in env.dst() and "datasets/v0/_BABEL_MANIFEST.json" not in env.dst()
+    summary = sync_once(Syncer(load_config(env.write_config(DATASETS))))  # a fresh process: journal only
+    assert summary["ok"], summary["errors"]
+    assert summary["bytes_sent"] == len(b"edit 2") + len(made["datasets/v0/_COMMITTED"])
+    assert_identical(env, {**made, "datasets/v0/part-0001": b"edit 2"})
+
+
+def test_unit_whose_marker_is_newer_than_the_listing_waits_a_pass(env: Env) -> None:
+    made = make_units(env, units=1, small=2)
+    settle = env.write_config(DATASETS, sync="listing_settle_seconds = 3600")
+    summary = sync_once(Syncer(load_config(settle)))
+    assert summary["ok"] and summary["objects_copied"] == 0 and env.dst() == {}
+    assert sync_once(Syncer(load_config(env.write_config(DATASETS))))["ok"]
+    assert_identical(env, made)
