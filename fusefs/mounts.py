@@ -52,12 +52,17 @@ def check_mountpoint(mountpoint: str) -> str:
     except NotADirectoryError:
         raise MountpointError(path, "mountpoint is not a directory") from None
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
+        if exc.errno in STALE_ERRNOS:
             raise MountpointError(path, "is a stale mount; run `fusefs umount` on it") from None
         raise MountpointError(path, f"cannot use as a mountpoint: {exc.strerror}") from None
     if entries:
         raise MountpointError(path, f"mountpoint is not empty ({len(entries)} entries); use an empty directory")
     return path
+
+
+#: What the kernel answers for a mount whose daemon died: ENOTCONN, or ECONNABORTED on the first access
+#: after the connection was torn down.
+STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 def set_read_ahead(mountpoint: str, nbytes: int) -> None:

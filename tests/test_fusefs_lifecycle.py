@@ -150,7 +150,7 @@ def test_umount_cleans_up_after_kill_9(src: Path, mnt: Path, tmp_path: Path) -> 
     wait_gone(pid)
     with pytest.raises(OSError) as info:
         os.listdir(mnt)
-    assert info.value.errno == errno.ENOTCONN
+    assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # the kernel answers either for a dead daemon
     proc = fusefs("mount", f"file://{src}", str(mnt))
     assert proc.returncode == 2 and "fusefs umount" in proc.stderr  # a stale mount is named as such
     proc = fusefs("umount", str(mnt))
