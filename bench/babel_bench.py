@@ -188,7 +188,9 @@ def bench_noop(a: SeaweedServer, b: SeaweedServer, workdir: Path, repeat: int) -
     b.make_bucket("babel-noop-dst")
     b.make_bucket("rclone-noop-dst")
     config = _config(workdir / "noop.toml", a, b, "babel-noop", "babel-noop-dst", workdir / "state-noop", "noop/**")
-    _babel(config)
+    time.sleep(2.5)  # past listing_settle_seconds (2 s): the initial sync must take every unit just written
+    _, first = _babel(config)
+    assert first["bytes_copied"] == sum(len(v) for _, v in items), first
     _rclone(a, b, "babel-noop", "rclone-noop-dst", "noop")
     babel_s, rclone_s, sent, pass_s = [], [], [], []
     for _ in range(repeat):
@@ -196,6 +198,7 @@ def bench_noop(a: SeaweedServer, b: SeaweedServer, workdir: Path, repeat: int) -
         babel_s.append(s)
         pass_s.append(summary["seconds"])
         sent.append(summary["bytes_sent"] + summary["bytes_copied"])
+        assert sent[-1] == 0, f"the no-op pass moved {sent[-1]} bytes"
         rclone_s.append(_rclone(a, b, "babel-noop", "rclone-noop-dst", "noop"))
     log(f"babel: no-op of {len(items)} objects: babel {median(babel_s):.2f}s, rclone {median(rclone_s):.2f}s, "
         f"bytes {max(sent)}")
