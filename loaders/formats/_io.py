@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from loaders.errors import TruncatedDataError
@@ -196,6 +197,23 @@ class CachedHandleMixin:
         state.pop("_h", None)  # open files and mappings never travel; the receiver reopens lazily
         state.pop("_h_pid", None)
         return state
+
+
+class HeaderDtypeMixin:
+    """``dtype`` of a shard whose header is read when it opens (``_handle()`` sets ``_dtype``)."""
+
+    _dtype: Any = None
+
+    def _handle(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        if self._dtype is None:
+            self._handle()
+        if self._dtype is None:
+            raise RuntimeError("opening the shard did not set its dtype")
+        return np.dtype(self._dtype)
 
 
 class RangeReader:

@@ -37,7 +37,7 @@ from loaders.errors import (
     TruncatedDataError,
     UnknownDtypeError,
 )
-from loaders.formats._io import CachedHandleMixin, Location
+from loaders.formats._io import CachedHandleMixin, HeaderDtypeMixin, Location
 from loaders.formats.megatron import DTYPE_CODES
 from pcache._util.checksum import content_hash
 from pcache._util.log import get_logger
@@ -211,7 +211,7 @@ def local_copy(data: Location) -> str:
     return target
 
 
-class LmdbShard(CachedHandleMixin):
+class LmdbShard(HeaderDtypeMixin, CachedHandleMixin):
     """Reads one LMDB shard; opens lazily, per process, through the handle cache.
 
     Args:
@@ -230,13 +230,6 @@ class LmdbShard(CachedHandleMixin):
         self._lengths: np.ndarray | None = None
         self._checked = False
         self.skipped = 0
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        if self._dtype is None:
-            self._handle()
-        assert self._dtype is not None
-        return self._dtype
 
     @property
     def lengths(self) -> np.ndarray:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from loaders.errors import CorruptIndexError, CorruptMemberError, EmptyShardError, TruncatedDataError
-from loaders.formats._io import CachedHandleMixin, Location, RangeReader
+from loaders.formats._io import CachedHandleMixin, HeaderDtypeMixin, Location, RangeReader
 from loaders.formats._tar import (
     BLOCK,
     MAX_NPY_HEADER,
@@ -128,7 +128,7 @@ class _Handle:
         self.data = None
 
 
-class WdsShard(CachedHandleMixin):
+class WdsShard(HeaderDtypeMixin, CachedHandleMixin):
     """Reads one tar shard with random access; opens lazily, per process, through the handle cache.
 
     Args:
@@ -156,13 +156,6 @@ class WdsShard(CachedHandleMixin):
         self._checked: np.ndarray | None = None
         self._token = uuid.uuid4().hex  # handles are per reader: a re-opened corpus never sees stale maps
         self.skipped = 0
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        if self._dtype is None:
-            self._handle()
-        assert self._dtype is not None
-        return self._dtype
 
     @property
     def lengths(self) -> np.ndarray:
