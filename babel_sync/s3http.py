@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus as unquote  # S3 url-encodes a space as "+"
@@ -82,7 +83,7 @@ class HttpS3:
             resp = self._http.request(method, url, headers=headers, body=body,  # type: ignore[arg-type]
                                       retries=False, timeout=self._timeout, preload_content=False)
         except urllib3.exceptions.HTTPError as exc:
-            raise ConnectionError(f"{where}: {exc}") from exc
+            raise ConnectionError(f"{where}: {_scrub(exc)}") from exc
         if resp.status >= 300:
             try:
                 data = resp.read()
@@ -96,7 +97,7 @@ class HttpS3:
         try:
             return bytes(resp.read())
         except urllib3.exceptions.HTTPError as exc:
-            raise ConnectionError(f"{where}: {exc}") from exc
+            raise ConnectionError(f"{where}: {_scrub(exc)}") from exc
         finally:
             resp.release_conn()
 
@@ -129,7 +130,7 @@ class HttpS3:
                 self.limiter.acquire(n)
                 pos += n
         except urllib3.exceptions.HTTPError as exc:
-            raise ConnectionError(f"{where}: {exc}") from exc
+            raise ConnectionError(f"{where}: {_scrub(exc)}") from exc
         finally:
             resp.release_conn()
         return buf if pos == len(buf) else buf[:pos]
@@ -172,3 +173,12 @@ class HttpS3:
         return {"Uploads": uploads, "IsTruncated": (root.findtext(f"{ns}IsTruncated") or "").lower() == "true",
                 "NextKeyMarker": unquote(root.findtext(f"{ns}NextKeyMarker") or ""),
                 "NextUploadIdMarker": root.findtext(f"{ns}NextUploadIdMarker") or ""}
+
+
+_QUERY = re.compile(r"\?[^\s'\")]*")
+
+
+def _scrub(exc: BaseException) -> str:
+    """The error's text without query strings: urllib3 puts the request URL in its messages, and a
+    presigned URL carries the signature and any session token."""
+    return _QUERY.sub("?<query removed>", str(exc))

@@ -139,3 +139,13 @@ def test_globs_units_and_part_sizes(tmp_path: Path) -> None:
     assert part_size(256 << 20, cfg) == 16 << 20
     assert part_size(100 << 30, cfg) == 256 << 20
     assert part_size(1 << 20, cfg) == cfg.min_part_size
+
+
+def test_connection_errors_never_carry_presigned_query_strings() -> None:
+    import urllib3
+
+    from babel_sync.s3http import _scrub
+
+    url = "/b?list-type=2&X-Amz-Credential=AKIAX%2F&X-Amz-Security-Token=SESSION&X-Amz-Signature=abc"
+    text = _scrub(urllib3.exceptions.MaxRetryError(None, url, "refused"))  # type: ignore[arg-type]
+    assert "SESSION" not in text and "Signature" not in text and "/b?" in text
