@@ -24,7 +24,7 @@ from fusefs.mounts import check_mountpoint, unmount
 from pcache._util.config import read_toml_section
 from pcache._util.log import setup_logging
 from pcache._util.storage import split_url, storage_options
-from pcache.cli import add_cache_options, cache_config
+from pcache.cli import add_cache_options, cache_config, run_command
 from pcache.config import CacheConfig
 from pcache.errors import ConfigError
 
@@ -183,14 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_format:  # also for the daemon child, which sets its logging up again after the fork
         os.environ["PCACHE_LOG_FORMAT"] = args.log_format
     setup_logging(json_format=(args.log_format == "json") if args.log_format else None)
-    try:
-        return COMMANDS[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as exc:
-        print(f"fusefs {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"fusefs {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    return run_command("fusefs", COMMANDS, args, (ConfigError, ValueError, FileNotFoundError, PermissionError))
 
 
 if __name__ == "__main__":

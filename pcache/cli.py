@@ -314,13 +314,24 @@ COMMANDS = {"stat": cmd_stat, "warm": cmd_warm, "flush": cmd_flush, "verify": cm
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(json_format=(args.log_format == "json") if args.log_format else None)
+    return run_command("pcache", COMMANDS, args,
+                       (ConfigError, ValueError, FileNotFoundError, PermissionError, TimeoutError))
+
+
+def run_command(prog: str, commands: dict[str, Any], args: argparse.Namespace,
+                usage_errors: tuple[type[BaseException], ...]) -> int:
+    """Run ``commands[args.command]``; map errors to exit codes (2: ``usage_errors``, 1: other OSError).
+
+    The one exit-code convention of the project's CLIs; the message names the command and the cause.
+    """
     try:
-        return COMMANDS[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError, TimeoutError) as exc:
-        print(f"pcache {args.command}: error: {exc}", file=sys.stderr)
+        code: int = commands[args.command](args)
+        return code
+    except usage_errors as exc:
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"pcache {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
 
