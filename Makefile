@@ -32,7 +32,7 @@ bench: setup
 	$(BIN)/python -m bench.run_all
 
 lint: setup
-	$(BIN)/ruff check pcache fusefs babel_sync loaders ling_train tests bench
+	$(BIN)/ruff check lingcore pcache fusefs babel_sync loaders ling_train tests bench
 	$(BIN)/mypy
 
 clean:

@@ -24,7 +24,7 @@ from babel_sync.engine import Syncer
 from babel_sync.errors import ConfigError
 from babel_sync.journal import Journal
 from babel_sync.runner import daemon, sync_once, verify
-from pcache._util.log import get_logger, setup_logging
+from lingcore.log import get_logger, setup_logging
 
 log = get_logger("babel_sync")
 

@@ -13,7 +13,7 @@ Layout::
     destinations = ["b"]
     include = ["datasets/**"]
 
-``[sync]`` goes through the project's one loader (:func:`pcache._util.config.load_config`), so
+``[sync]`` goes through the project's one loader (:func:`lingcore.config.load_config`), so
 precedence (defaults < TOML < env < flags) and error messages match every other CLI. Sites and rules
 are validated here; every error names the field (``sites.a.url``, ``rules[0].source``) and the file.
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from babel_sync.errors import ConfigError, UnknownSiteError
-from pcache._util.config import load_config, read_toml_section
-from pcache._util.storage import split_url
+from lingcore.config import load_config, read_toml_section
+from lingcore.storage import split_url
 
 PRIORITIES = {"high": 10, "normal": 0, "low": -10}
 _SITE_KEYS = {"url", "endpoint_url", "region", "credentials_file", "credentials_profile", "addressing_style"}

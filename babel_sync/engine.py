@@ -43,8 +43,8 @@ from babel_sync.units import (
     parse_manifest,
     published,
 )
-from pcache._util.checksum import content_hasher
-from pcache._util.log import get_logger
+from lingcore.checksum import content_hasher
+from lingcore.log import get_logger
 
 log = get_logger("babel_sync")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 
-from pcache.errors import ConfigError, OriginUnavailableError, StaleObjectError
+from lingcore.errors import ConfigError, OriginUnavailableError, StaleObjectError
 
 __all__ = [
     "ConfigError",

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from babel_sync.errors import LockedError
-from pcache._util.lmdb_env import open_env
+from lingcore.lmdb_env import open_env
 
 
 def _k(*parts: str) -> bytes:

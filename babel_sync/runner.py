@@ -12,8 +12,8 @@ from babel_sync import metrics
 from babel_sync.engine import Plan, Syncer
 from babel_sync.transfer import Stats
 from babel_sync.units import list_prefix, parse_manifest, published
-from pcache._util.checksum import content_hasher
-from pcache._util.log import get_logger
+from lingcore.checksum import content_hasher
+from lingcore.log import get_logger
 
 log = get_logger("babel_sync")
 _COUNTERS = ("objects_copied", "bytes_copied", "bytes_sent", "bytes_resumed", "objects_skipped",

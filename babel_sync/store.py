@@ -30,8 +30,8 @@ from babel_sync.config import Site, SyncOptions
 from babel_sync.errors import DeleteError, SiteAuthError, SiteUnreachableError, SourceChangedError
 from babel_sync.s3http import HttpS3
 from babel_sync.sigv4 import Signer
-from pcache._util.retry import RetryPolicy, retry_call
-from pcache.errors import OriginUnavailableError
+from lingcore.errors import OriginUnavailableError
+from lingcore.retry import RetryPolicy, retry_call
 
 T = TypeVar("T")
 _CHUNK = 1 << 20

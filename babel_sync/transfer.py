@@ -21,7 +21,7 @@ from babel_sync.config import SyncOptions
 from babel_sync.errors import IntegrityError, SourceChangedError
 from babel_sync.journal import Journal
 from babel_sync.store import ObjectInfo, S3Store
-from pcache._util.checksum import content_hasher
+from lingcore.checksum import content_hasher
 
 MiB = 1 << 20
 _MD5 = re.compile(r"^[0-9a-f]{32}$")

@@ -38,8 +38,8 @@ from bench.report import (
     write_atomic,
     write_json,
 )
+from pcache.s3server import find_weed_binary
 from pcache.testing import SeaweedServer
-from pcache.testing.seaweed import find_weed_binary
 
 #: Benchmark modules, run in this order. Later issues append theirs here.
 MODULES: list[str] = ["bench.pcache_bench", "bench.cluster_bench", "bench.loaders_bench", "bench.fusefs_bench",

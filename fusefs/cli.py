@@ -21,12 +21,13 @@ from collections.abc import Callable
 
 from fusefs.config import MountConfig
 from fusefs.mounts import check_mountpoint, unmount
-from pcache._util.config import read_toml_section
-from pcache._util.log import setup_logging
-from pcache._util.storage import split_url, storage_options
-from pcache.cli import add_cache_options, cache_config, run_command
+from lingcore.cli import run_command
+from lingcore.config import read_toml_section
+from lingcore.errors import ConfigError
+from lingcore.log import setup_logging
+from lingcore.storage import split_url, storage_options
+from pcache.cli import add_cache_options, cache_config
 from pcache.config import CacheConfig
-from pcache.errors import ConfigError
 
 EXAMPLES = """examples:
   fusefs mount --endpoint-url http://127.0.0.1:8333 s3://datasets/pile/v1 /mnt/pile

@@ -1,7 +1,7 @@
 """Mount settings (one frozen dataclass), loaded like every other config in the project.
 
 Precedence is defaults < TOML ``[fusefs]`` table < ``FUSEFS_*`` environment < flags, through the shared
-:func:`pcache._util.config.load_config`. Cache settings (``cache_dir``, ``peers``, ...) are a separate
+:func:`lingcore.config.load_config`. Cache settings (``cache_dir``, ``peers``, ...) are a separate
 :class:`pcache.CacheConfig` read from the ``[pcache]`` table and ``PCACHE_*`` variables.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pcache._util.config import load_config
-from pcache.errors import ConfigError
+from lingcore.config import load_config
+from lingcore.errors import ConfigError
 
 MiB = 1024 * 1024
 

@@ -24,8 +24,8 @@ from fusefs.errors import MountError
 from fusefs.mounts import check_mountpoint, set_read_ahead
 from fusefs.namespace import Changes, Namespace, list_origin
 from fusefs.ops import ReadOnlyOperations
-from pcache._util.log import get_logger
-from pcache._util.retry import RetryPolicy
+from lingcore.log import get_logger
+from lingcore.retry import RetryPolicy
 from pcache.config import CacheConfig
 from pcache.fs import PCacheFileSystem, strip_url
 

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 
 from fusefs.errors import MountError, MountpointError, NotMountedError
-from pcache._util.log import get_logger
+from lingcore.log import get_logger
 
 log = get_logger(__name__)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pcache._util.log import get_logger
-from pcache._util.retry import RetryPolicy, retry_call
-from pcache.origin import object_version
+from lingcore.log import get_logger
+from lingcore.retry import RetryPolicy, retry_call
+from lingcore.versions import object_version
 
 log = get_logger(__name__)
 

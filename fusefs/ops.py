@@ -14,7 +14,7 @@ import trio
 from fusefs import metrics
 from fusefs.config import MountConfig
 from fusefs.namespace import Namespace, Node
-from pcache._util.log import get_logger
+from lingcore.log import get_logger
 from pcache.engine import ObjectRef, block_key
 from pcache.fs import PCacheFile, PCacheFileSystem
 

@@ -38,10 +38,10 @@ from typing import Any
 import fsspec
 import torch
 
-from pcache._util.checksum import content_hash
-from pcache._util.log import get_logger
-from pcache._util.retry import RetryPolicy, retry_call
-from pcache._util.storage import split_url, storage_options
+from lingcore.checksum import content_hash
+from lingcore.log import get_logger
+from lingcore.retry import RetryPolicy, retry_call
+from lingcore.storage import split_url, storage_options
 from pcache.fs import PCacheFileSystem
 
 log = get_logger(__name__)

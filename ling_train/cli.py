@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from ling_train.config import PRESETS, TrainConfig, preset
 from ling_train.model import count_params
+from lingcore.errors import ConfigError
+from lingcore.log import setup_logging
 from loaders.errors import FormatError, InvalidParameterError
-from pcache._util.log import setup_logging
-from pcache.errors import ConfigError
 
 EXAMPLES = """examples:
   ling-train params --preset ling-lite

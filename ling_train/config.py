@@ -10,8 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pcache._util.config import load_config
-from pcache.errors import ConfigError
+from lingcore.config import load_config
+from lingcore.errors import ConfigError
 
 
 @dataclass(frozen=True)

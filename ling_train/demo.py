@@ -34,9 +34,9 @@ from ling_train.checkpoint import MARKER, CheckpointManager
 from ling_train.config import TrainConfig
 from ling_train.corpus import sample_texts, write_jsonl
 from ling_train.trainer import Trainer, TrainResult
+from lingcore.files import write_private
 from loaders.formats.pack import pack
-from pcache._util.files import write_private
-from pcache.testing import SeaweedServer
+from pcache.s3server import SeaweedServer
 
 BUCKET = "data"
 DATASET = "datasets/demo-v1"

@@ -24,9 +24,9 @@ from ling_train.checkpoint import CheckpointManager, SaveStats
 from ling_train.config import TrainConfig
 from ling_train.metrics import MetricsLog, flops_per_token, peak_flops
 from ling_train.model import LingModel, count_params
+from lingcore.log import get_logger
+from lingcore.storage import split_url, storage_options
 from loaders import TokenDataset, TokenLoader
-from pcache._util.log import get_logger
-from pcache._util.storage import split_url, storage_options
 
 log = get_logger(__name__)
 

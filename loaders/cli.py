@@ -14,14 +14,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lingcore.errors import ConfigError
+from lingcore.log import setup_logging
+from lingcore.storage import split_url, storage_options
 from loaders.errors import FormatError, InvalidParameterError, MissingDependencyError
 from loaders.formats.corpus import FORMATS
 from loaders.formats.inspect import inspect_corpus
 from loaders.formats.pack import TXT_MODES, pack
 from loaders.formats.writer import DEFAULT_SHARD_SIZE
-from pcache._util.log import setup_logging
-from pcache._util.storage import split_url, storage_options
-from pcache.errors import ConfigError
 
 EXAMPLES = """examples:
   loaders pack data/*.jsonl --out corpus/ --format megatron --workers 8

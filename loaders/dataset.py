@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lingcore.log import get_logger
 from loaders.errors import InvalidParameterError
 from loaders.formats import open_corpus
 from loaders.order import MixSchedule, normalize_weights
 from loaders.packing import SourceView
-from pcache._util.log import get_logger
 
 log = get_logger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from lingcore.log import get_logger
 from loaders.errors import FormatError, InvalidParameterError
 from loaders.formats import Corpus
 from loaders.order import document_order
-from pcache._util.log import get_logger
 
 log = get_logger(__name__)
 

@@ -12,9 +12,9 @@ Public API:
 from __future__ import annotations
 
 from pcache.config import CacheConfig
-from pcache.engine import ObjectRef
 from pcache.errors import CacheFullError, ConfigError, OriginUnavailableError, UploadError
 from pcache.fs import PCacheFile, PCacheFileSystem, all_filesystems, all_writebacks, get_writeback
+from pcache.keys import ObjectRef
 
 __all__ = [
     "CacheConfig",

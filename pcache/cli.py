@@ -13,8 +13,9 @@ import os
 import sys
 from typing import Any
 
-from pcache._util.log import setup_logging
-from pcache._util.storage import split_url, storage_options
+from lingcore.cli import run_command
+from lingcore.log import setup_logging
+from lingcore.storage import split_url, storage_options
 from pcache.config import CacheConfig
 from pcache.errors import ConfigError
 
@@ -317,22 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("pcache", COMMANDS, args,
                        (ConfigError, ValueError, FileNotFoundError, PermissionError, TimeoutError))
 
-
-def run_command(prog: str, commands: dict[str, Any], args: argparse.Namespace,
-                usage_errors: tuple[type[BaseException], ...]) -> int:
-    """Run ``commands[args.command]``; map errors to exit codes (2: ``usage_errors``, 1: other OSError).
-
-    The one exit-code convention of the project's CLIs; the message names the command and the cause.
-    """
-    try:
-        code: int = commands[args.command](args)
-        return code
-    except usage_errors as exc:
-        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

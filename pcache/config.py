@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from pcache._util.config import load_config
+from lingcore.config import load_config
 from pcache.errors import ConfigError
 
 MiB = 1024 * 1024

@@ -22,8 +22,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 import pcache
-from pcache._util.checksum import content_hasher
-from pcache.testing import SeaweedServer
+from lingcore.checksum import content_hasher
+from pcache.s3server import SeaweedServer
 
 MiB = 1024 * 1024
 

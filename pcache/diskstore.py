@@ -23,10 +23,10 @@ from typing import Any, NamedTuple
 
 import lmdb
 
-from pcache._util.checksum import block_checksum
-from pcache._util.files import unlink_quiet, write_all
-from pcache._util.lmdb_env import open_env
-from pcache._util.log import get_logger
+from lingcore.checksum import block_checksum
+from lingcore.files import unlink_quiet, write_all
+from lingcore.lmdb_env import open_env
+from lingcore.log import get_logger
 from pcache.errors import CacheFullError
 from pcache.eviction import S3Fifo
 

@@ -14,19 +14,16 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
-import xxhash
-
-from pcache._util.log import get_logger
+from lingcore.log import get_logger
 from pcache.config import CacheConfig
 from pcache.diskstore import DiskStore
 from pcache.errors import CacheFullError
+from pcache.keys import ObjectRef, block_key
 from pcache.locks import SingleFlight, StripeLocks
 from pcache.memory import MemoryLRU
 
 log = get_logger(__name__)
-
 
 
 class PeerBlock:
@@ -49,25 +46,6 @@ Fetch = Callable[[int, int], "bytes | PeerBlock"]
 # Reads of up to this many blocks from disk use per-thread scratch buffers (32 MiB at 4 MiB blocks).
 _MAX_SCRATCH_BLOCKS = 8
 
-
-@dataclass(frozen=True)
-class ObjectRef:
-    """One version of one origin object.
-
-    Attributes:
-        url: Origin identity (protocol, endpoint and path), part of every block key.
-        version: ETag, or ``size:mtime`` when the store has no ETag; a new version means new keys.
-        size: Object size in bytes.
-    """
-
-    url: str
-    version: str
-    size: int
-
-
-def block_key(obj: ObjectRef, index: int, block_size: int) -> bytes:
-    """Return the 16-byte key of block ``index`` of ``obj`` (block size included: it sets boundaries)."""
-    return xxhash.xxh3_128_digest(f"{obj.url}\0{obj.version}\0{block_size}\0{index}".encode())
 
 
 class BlockCache:
@@ -189,7 +167,7 @@ class BlockCache:
 
     def forget_after_fork(self) -> None:
         """In a forked child: release what the parent's threads held; the child builds a new engine."""
-        self.locks.forget_after_fork()  # (LMDB handles are dropped by pcache._util.lmdb_env)
+        self.locks.forget_after_fork()  # (LMDB handles are dropped by lingcore.lmdb_env)
 
     def contains(self, obj: ObjectRef, index: int) -> bool:
         """Return True if the block is in memory or on disk (no checksum verification)."""

@@ -1,4 +1,4 @@
-"""Typed errors raised by pcache.
+"""Typed errors raised by pcache (the base ones come from the kernel, :mod:`lingcore.errors`).
 
 Each subclasses the built-in exception a caller would already catch (``OSError``, ``ValueError``), in
 the fsspec tradition, and its message names the URL, path or config field involved.
@@ -8,26 +8,9 @@ from __future__ import annotations
 
 import errno
 
+from lingcore.errors import ConfigError, OriginUnavailableError, StaleObjectError
 
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the field and where it came from."""
-
-    def __init__(self, field: str, message: str, source: str = "") -> None:
-        self.field = field
-        self.source = source
-        where = f" (from {source})" if source else ""
-        super().__init__(f"invalid config field {field!r}{where}: {message}")
-
-
-class OriginUnavailableError(OSError):
-    """The origin store could not be reached after all retries."""
-
-    def __init__(self, url: str, attempts: int, cause: BaseException | None) -> None:
-        self.url = url
-        self.attempts = attempts
-        super().__init__(
-            errno.EIO, f"origin unavailable for {url} after {attempts} attempts: {cause!r}"
-        )
+__all__ = ["CacheFullError", "ConfigError", "OriginUnavailableError", "StaleObjectError", "UploadError"]
 
 
 class CacheFullError(OSError):
@@ -45,11 +28,3 @@ class UploadError(OSError):
     def __init__(self, url: str, detail: str) -> None:
         self.url = url
         super().__init__(errno.EIO, f"upload of {url} failed (still pending in the journal): {detail}")
-
-
-class StaleObjectError(OSError):
-    """The object changed at the origin while a reader held an older version open."""
-
-    def __init__(self, url: str, version: str) -> None:
-        self.url = url
-        super().__init__(errno.ESTALE, f"{url} changed at the origin (was version {version}); reopen it")

@@ -17,13 +17,14 @@ from typing import Any
 import fsspec
 from fsspec.implementations.chained import ChainedFileSystem
 
-from pcache._util.log import get_logger
-from pcache._util.retry import RetryPolicy
+from lingcore.log import get_logger
+from lingcore.retry import RetryPolicy
 from pcache.cluster.auth import load_token
 from pcache.cluster.client import PeerTier
 from pcache.cluster.replica import node_id, replicate
 from pcache.config import CacheConfig
-from pcache.engine import BlockCache, Fetch, ObjectRef, PeerBlock, get_engine
+from pcache.engine import BlockCache, Fetch, PeerBlock, get_engine
+from pcache.keys import ObjectRef
 from pcache.origin import Origin
 from pcache.writeback import WriteBack, WriteBackFile
 
@@ -67,7 +68,7 @@ def all_filesystems() -> list[PCacheFileSystem]:
 
 def build_target_fs(protocol: str, options: dict[str, Any], skip_instance_cache: bool = False) -> Any:
     """Build the origin filesystem. For S3, s3fs and botocore try each call once, so
-    :func:`pcache._util.retry.retry_call` is the one retry layer (stacked retries multiply: s3fs's 5 tries
+    :func:`lingcore.retry.retry_call` is the one retry layer (stacked retries multiply: s3fs's 5 tries
     x botocore's attempts x ours). Explicit user ``config_kwargs`` win."""
     if protocol not in ("s3", "s3a"):
         return fsspec.filesystem(protocol, skip_instance_cache=skip_instance_cache, **options)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pcache._util.lmdb_env import open_env
+from lingcore.lmdb_env import open_env
 
 # Over-matching is the safe side: an option wrongly treated as secret is only kept out of the journal
 # (the uploader then takes it from the environment), while a missed one would land on disk.

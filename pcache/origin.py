@@ -12,21 +12,10 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from pcache._util.retry import RetryPolicy, retry_call
-from pcache.engine import ObjectRef
+from lingcore.retry import RetryPolicy, retry_call
+from lingcore.versions import object_version
+from pcache.keys import ObjectRef
 from pcache.s3range import S3RangeReader
-
-
-def object_version(info: dict[str, Any]) -> str:
-    """Return a version string for an ``info()`` dict: the ETag, else ``size:mtime``."""
-    for key in ("ETag", "etag", "md5Hash", "VersionId"):
-        value = info.get(key)
-        if value:
-            return str(value).strip('"')
-    mtime: Any = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
-    if hasattr(mtime, "timestamp"):
-        mtime = mtime.timestamp()
-    return f"{info.get('size')}:{mtime}"
 
 
 class Origin:

@@ -22,10 +22,10 @@ from typing import Any
 import xxhash
 from fsspec.asyn import sync
 
-from pcache._util.checksum import hash_stream
-from pcache._util.files import unlink_quiet
-from pcache._util.log import get_logger, setup_logging
-from pcache._util.retry import RetryPolicy, retry_call
+from lingcore.checksum import hash_stream
+from lingcore.files import unlink_quiet
+from lingcore.log import get_logger, setup_logging
+from lingcore.retry import RetryPolicy, retry_call
 from pcache.cluster.auth import load_token
 from pcache.cluster.replica import drop_remote, origin_mtime
 from pcache.config import CacheConfig

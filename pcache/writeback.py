@@ -19,10 +19,11 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
-from pcache._util.checksum import content_hasher
-from pcache._util.files import fsync_dir, unlink_quiet, write_all
-from pcache._util.log import get_logger
-from pcache._util.retry import RetryPolicy, retry_call
+from lingcore.checksum import content_hasher
+from lingcore.files import fsync_dir, put_whole, unlink_quiet, write_all
+from lingcore.log import get_logger
+from lingcore.marker import MARKER_NAME, build_marker
+from lingcore.retry import RetryPolicy, retry_call
 from pcache.config import CacheConfig
 from pcache.errors import CacheFullError, UploadError
 from pcache.journal import Journal, options_fingerprint, split_secrets
@@ -30,7 +31,7 @@ from pcache.journal import Journal, options_fingerprint, split_secrets
 log = get_logger(__name__)
 
 _BUFFER = 8 * 1024 * 1024
-MARKER = "_COMMITTED"
+MARKER = MARKER_NAME
 
 
 class WriteBackFile(io.RawIOBase):
@@ -250,10 +251,9 @@ class WriteBack:
                                                             or str(rec["etag"]).strip('"') == etag)
             files.append({"path": rel, "size": info.get("size"), "etag": etag,
                           "xxh3_128": rec.get("xxh3_128") if same else None})
-        marker = json.dumps({"format": "pcache-commit/1", "prefix": prefix, "committed": time.time(),
-                             "files": files}, indent=1).encode()
+        marker = build_marker(prefix, files)
         marker_path = f"{base}/{MARKER}"
-        retry_call(lambda: _put_whole(fs, marker_path, marker), url=f"{prefix.rstrip('/')}/{MARKER}", policy=policy)
+        retry_call(lambda: put_whole(fs, marker_path, marker), url=f"{prefix.rstrip('/')}/{MARKER}", policy=policy)
         return f"{prefix.rstrip('/')}/{MARKER}"
 
     def is_pending(self, url: str) -> bool:
@@ -264,18 +264,3 @@ class WriteBack:
         """Local path of the newest pending copy of ``url``, or None if it is not pending."""
         entry = self.journal.pending_for_url(url)
         return self.journal.data_path(entry["id"]) if entry else None
-
-
-def _put_whole(fs: Any, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see all of it or nothing (a marker must never be torn).
-
-    Object stores replace an object in one PUT. A local file system truncates and then writes, so a
-    kill in between would leave an empty marker: write a sibling and rename it over instead.
-    """
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol not in ("file", "local"):
-        fs.pipe_file(path, data)
-        return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)

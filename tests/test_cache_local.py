@@ -11,7 +11,7 @@ import pytest
 
 from pcache import CacheFullError, PCacheFileSystem
 from pcache.diskstore import HEADER
-from pcache.engine import block_key
+from pcache.keys import block_key
 
 KiB = 1024
 

@@ -90,7 +90,7 @@ def test_token_file_errors_name_the_file(tmp_path) -> None:
 def _replica(journal, data: bytes, url: str, path: str, created: float) -> str:
     import uuid
 
-    from pcache._util.checksum import content_hash
+    from lingcore.checksum import content_hash
 
     rid = uuid.uuid4().hex
     with open(journal.data_path(rid), "wb") as fh:

@@ -161,7 +161,7 @@ def test_hits_of_a_read_only_process_reach_the_shared_index(tmp_path) -> None:
             f"cache_dir={str(tmp_path / 'c')!r}, block_size={BLOCK}, memory_bytes=0)\n"
             f"for _ in range(3): fs.cat_file({str(src)!r}, 0, 100)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # reads only, then exits
-    from pcache.engine import block_key
+    from pcache.keys import block_key
 
     key = block_key(fs.ref(str(src)), 0, BLOCK)
     with fs.engine.disk.env.begin() as txn:

@@ -11,7 +11,7 @@ import s3fs
 
 from fusefs.cli import build_parser, load_configs
 from fusefs.namespace import ROOT_INODE, FileEntry, Namespace, list_origin
-from pcache._util.retry import RetryPolicy
+from lingcore.retry import RetryPolicy
 from pcache.errors import ConfigError, OriginUnavailableError
 from pcache.fs import build_target_fs
 from pcache.testing import ChaosProxy, SeaweedServer

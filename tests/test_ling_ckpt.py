@@ -19,7 +19,7 @@ import torch
 from ling_train import CheckpointError, CheckpointManager, TrainConfig
 from ling_train.corpus import sample_texts, write_text_corpus
 from ling_train.trainer import Trainer
-from pcache._util.checksum import content_hasher
+from lingcore.checksum import content_hasher
 
 STEPS = 150
 ARGS = ["--steps", str(STEPS), "--batch-size", "2", "--seq-len", "32", "--threads", "1", "--ckpt-every", "1",

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
+from lingcore.config import load_config, parse_size
+from lingcore.retry import RetryPolicy, retry_call
 from pcache import CacheConfig, ConfigError, OriginUnavailableError
-from pcache._util.config import load_config, parse_size
-from pcache._util.retry import RetryPolicy, retry_call
 from pcache.journal import merge_options, split_secrets
 
 
@@ -104,7 +104,7 @@ def test_secrets_are_split_out_of_storage_options() -> None:
 def test_debug_logging_never_lets_credential_bearing_libraries_through(capsys) -> None:
     import logging
 
-    from pcache._util.log import SECRET_BEARING_LOGGERS, setup_logging
+    from lingcore.log import SECRET_BEARING_LOGGERS, setup_logging
 
     setup_logging("DEBUG")
     try:
@@ -120,7 +120,7 @@ def test_debug_logging_never_lets_credential_bearing_libraries_through(capsys) -
 def test_write_private_is_owner_only_even_when_replacing_a_readable_file(tmp_path) -> None:
     import stat
 
-    from pcache._util.files import write_private
+    from lingcore.files import write_private
 
     path = tmp_path / "creds"
     path.write_text("old")

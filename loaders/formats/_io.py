@@ -23,8 +23,8 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from lingcore.checksum import hash_stream
 from loaders.errors import TruncatedDataError
-from pcache._util.checksum import hash_stream
 
 #: Remote reads fetch at least this many bytes and keep them for the following reads.
 READ_AHEAD_BYTES = 8 << 20

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from lingcore.log import get_logger
 from loaders.errors import CorruptMemberError, TruncatedDataError
-from pcache._util.log import get_logger
 
 log = get_logger(__name__)
 

@@ -23,13 +23,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lingcore.checksum import content_hash
+from lingcore.versions import object_version
 from loaders.errors import CorpusNotFoundError, CorruptIndexError, FormatError, InvalidParameterError
 from loaders.formats._io import Location
 from loaders.formats.lmdbfmt import LmdbShard
 from loaders.formats.megatron import MegatronShard
 from loaders.formats.wds import WdsShard
-from pcache._util.checksum import content_hash
-from pcache.origin import object_version
 
 INDEX_NAME = "index.json"
 INDEX_SCHEMA = "loaders.corpus"

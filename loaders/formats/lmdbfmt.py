@@ -30,6 +30,9 @@ from typing import Any
 import lmdb
 import numpy as np
 
+from lingcore.checksum import content_hash
+from lingcore.log import get_logger
+from lingcore.versions import object_version
 from loaders.errors import (
     CorruptIndexError,
     CorruptMemberError,
@@ -39,9 +42,6 @@ from loaders.errors import (
 )
 from loaders.formats._io import CachedHandleMixin, HeaderDtypeMixin, Location
 from loaders.formats.megatron import DTYPE_CODES
-from pcache._util.checksum import content_hash
-from pcache._util.log import get_logger
-from pcache.origin import object_version
 
 log = get_logger(__name__)
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from lingcore.checksum import content_hash
 from loaders.errors import InvalidParameterError, MissingDependencyError
 from loaders.formats._io import Location
-from pcache._util.checksum import content_hash
 
 PAD_ID = 0
 EOS_ID = 1

@@ -32,14 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from lingcore.config import parse_size
+from lingcore.log import get_logger
 from loaders.errors import InvalidParameterError
 from loaders.formats._io import Location, hash_file
 from loaders.formats.corpus import FORMATS, INDEX_NAME, INDEX_SCHEMA, INDEX_VERSION
 from loaders.formats.lmdbfmt import LmdbShardWriter
 from loaders.formats.megatron import MegatronShardWriter, dtype_code
 from loaders.formats.wds import WdsShardWriter
-from pcache._util.config import parse_size
-from pcache._util.log import get_logger
 
 log = get_logger(__name__)
 

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import xxhash
 
-from pcache._util.checksum import block_checksum
-from pcache._util.log import get_logger
+from lingcore.checksum import block_checksum
+from lingcore.log import get_logger
 from pcache.cluster.auth import sign_request
 from pcache.cluster.placement import Placement
 from pcache.cluster.protocol import CHECKSUM_HEADER, block_query

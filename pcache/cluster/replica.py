@@ -28,7 +28,7 @@ from urllib.parse import urlencode, urlsplit
 
 import xxhash
 
-from pcache._util.log import get_logger
+from lingcore.log import get_logger
 from pcache.cluster.auth import sign_request
 from pcache.cluster.placement import Placement
 

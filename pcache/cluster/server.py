@@ -20,14 +20,14 @@ from typing import Any
 
 from aiohttp import web
 
-from pcache._util.checksum import block_checksum, content_hasher
-from pcache._util.files import fsync_dir, unlink_quiet, write_all
-from pcache._util.log import get_logger
+from lingcore.checksum import block_checksum, content_hasher
+from lingcore.files import fsync_dir, unlink_quiet, write_all
+from lingcore.log import get_logger
 from pcache.cluster.auth import AuthError, verify_request
 from pcache.cluster.metrics import render
 from pcache.cluster.protocol import BLOCK_PATH, CHECKSUM_HEADER
 from pcache.cluster.replica import REPLICA_PATH, node_id
-from pcache.engine import ObjectRef, block_key
+from pcache.keys import ObjectRef, block_key
 
 log = get_logger(__name__)
 

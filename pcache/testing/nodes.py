@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from pcache._util.files import write_private
+from lingcore.files import write_private
 
 
 def write_token(path: str | os.PathLike[str]) -> str:

@@ -1,9 +1,11 @@
-"""Small POSIX file helpers shared by the disk tier, the journal and the uploader."""
+"""Small file helpers shared by every package: full writes, fsync of a directory, owner-only secrets,
+and whole-or-nothing puts to any fsspec filesystem."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from typing import Any
 
 
@@ -41,3 +43,19 @@ def write_private(path: str | os.PathLike[str], data: bytes) -> None:
         write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def put_whole(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` on an fsspec filesystem so readers see all of it or nothing.
+
+    Object stores replace an object in one PUT. A local file system truncates and then writes, so a
+    kill in between would leave a torn file (an empty marker, a half ``latest`` pointer): write a
+    sibling and rename it over instead.
+    """
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in ("file", "local"):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)

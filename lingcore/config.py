@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
-from pcache.errors import ConfigError
+from lingcore.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

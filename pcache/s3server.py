@@ -1,4 +1,5 @@
-"""A real, throwaway SeaweedFS S3 endpoint for tests and benchmarks.
+"""The embedded S3 endpoint: a real SeaweedFS on loopback, for `make demo`, tests, benchmarks and users
+(`pcache dev-s3`).
 
 SeaweedFS is used instead of a fake S3 (moto etc.) because pcache's correctness depends on real HTTP
 semantics: SigV4 auth, ranged GETs, multipart uploads, ETags and server-side failures.
@@ -27,7 +28,7 @@ from typing import Any
 import botocore.config
 import botocore.session
 
-from pcache._util.files import write_private
+from lingcore.files import write_private
 
 __all__ = ["SeaweedServer", "SeaweedStartError", "find_weed_binary"]
 
@@ -204,7 +205,7 @@ class SeaweedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._write_configs()
         with open(self.log_path, "ab") as log:
-            log.write(f"\n==== pcache.testing: starting weed at {time.ctime()} ====\n".encode())
+            log.write(f"\n==== pcache.s3server: starting weed at {time.ctime()} ====\n".encode())
             log.flush()
             self._proc = subprocess.Popen(
                 self._command(),

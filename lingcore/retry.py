@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pcache.errors import OriginUnavailableError, StaleObjectError
+from lingcore.errors import OriginUnavailableError, StaleObjectError
 
 T = TypeVar("T")
 
