@@ -55,11 +55,21 @@ def marker_entry(marker: Mapping[str, Any], path: str) -> dict[str, Any] | None:
     return next((dict(f) for f in marker.get("files", []) if f.get("path") == path), None)
 
 
-def verify_bytes(entry: Mapping[str, Any], data: bytes | memoryview) -> str | None:
-    """Check ``data`` against a marker record; return why it differs, or None when it matches."""
-    if len(data) != entry.get("size"):
-        return f"size {len(data)} differs from the marker's {entry.get('size')}"
+def verify_digest(entry: Mapping[str, Any], size: int, digest: str | None) -> str | None:
+    """Check a file's ``size`` and xxh3-128 hex ``digest`` against a marker record.
+
+    Returns why it differs, or None when it matches. The digest is compared only when the marker carries
+    one (``digest`` may be None then: a caller need not hash what nobody vouched for).
+    """
+    if size != entry.get("size"):
+        return f"size {size} differs from the marker's {entry.get('size')}"
     expected = entry.get("xxh3_128")
-    if expected and content_hash(data) != expected:
+    if expected and digest != expected:
         return "xxh3-128 differs from the marker's"
     return None
+
+
+def verify_bytes(entry: Mapping[str, Any], data: bytes | memoryview) -> str | None:
+    """Check ``data`` against a marker record; return why it differs, or None when it matches."""
+    hashed = entry.get("xxh3_128") and len(data) == entry.get("size")
+    return verify_digest(entry, len(data), content_hash(data) if hashed else None)

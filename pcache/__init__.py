@@ -1,30 +1,59 @@
 """pcache: a tiered, checksummed block cache and durable checkpoint write-back for any fsspec store.
 
-Public API:
+Public API (other packages use pcache through these names only):
 
-- :class:`PCacheFileSystem` (fsspec protocol ``pcache``) and :class:`PCacheFile`
+- :class:`PCacheFileSystem` (fsspec protocol ``pcache``) and :class:`PCacheFile`. Besides fsspec's
+  methods, the filesystem offers:
+
+  - ``origin_path(path)``: the origin filesystem's path of a ``pcache::``/origin URL or path;
+    ``url(path)``: its origin URL; ``fs``: the origin fsspec filesystem (listing, bulk reads)
+  - ``ref_for(path, version=None, size=None)``: the versioned :class:`ObjectRef` block keys come from
+  - ``in_memory(ref, start, end)``: whether a byte range is all in this process's memory tier
+  - ``put_atomic(path, data)``: a small file straight to the origin, whole or not at all
+  - ``rm(path, recursive=False)``: delete at the origin, dropping cached metadata
+  - ``flush(prefix)``, ``commit(prefix)``: write-back durability and the ``_COMMITTED`` marker
+  - ``read_commit(prefix)``, ``read_committed(prefix, name)``, ``verify_commit(prefix)``: read and
+    check a commit through the kernel's marker format (:mod:`lingcore.marker`)
+- :class:`ObjectRef` and :func:`block_key`: the identity of every cached byte (:mod:`pcache.keys`)
 - :class:`CacheConfig`
-- :func:`flush` and :func:`commit` for write-back durability
-- typed errors: :class:`ConfigError`, :class:`OriginUnavailableError`, :class:`CacheFullError`,
-  :class:`UploadError`
+- :func:`flush` and :func:`commit` for write-back durability across the process's filesystems
+- typed errors: :class:`ConfigError`, :class:`OriginUnavailableError`, :class:`StaleObjectError`,
+  :class:`CacheFullError`, :class:`UploadError`, :class:`CommitMismatchError`
+
+Public modules, imported on their own because they pull in more:
+
+- :mod:`pcache.admin`: stat, warm, flush, verify, gc and the node client, as a library
+- :mod:`pcache.options`: the cache flags every CLI shares (``add_cache_options``, ``cache_config``)
+- :mod:`pcache.s3server`: an embedded SeaweedFS S3 server (demos, ``dev-s3``)
+- :mod:`pcache.testing`: test-only helpers (chaos proxy, node processes); shipped code never imports it
 """
 
 from __future__ import annotations
 
 from pcache.config import CacheConfig
-from pcache.errors import CacheFullError, ConfigError, OriginUnavailableError, UploadError
+from pcache.errors import (
+    CacheFullError,
+    CommitMismatchError,
+    ConfigError,
+    OriginUnavailableError,
+    StaleObjectError,
+    UploadError,
+)
 from pcache.fs import PCacheFile, PCacheFileSystem, all_filesystems, all_writebacks, get_writeback
-from pcache.keys import ObjectRef
+from pcache.keys import ObjectRef, block_key
 
 __all__ = [
     "CacheConfig",
     "CacheFullError",
+    "CommitMismatchError",
     "ConfigError",
     "ObjectRef",
     "OriginUnavailableError",
     "PCacheFile",
     "PCacheFileSystem",
+    "StaleObjectError",
     "UploadError",
+    "block_key",
     "commit",
     "flush",
 ]

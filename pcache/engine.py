@@ -174,6 +174,17 @@ class BlockCache:
         key = block_key(obj, index, self.block_size)
         return key in self.memory or os.path.exists(self.disk.block_path(key))
 
+    def in_memory(self, obj: ObjectRef, start: int, end: int) -> bool:
+        """Return True if every block of bytes ``[start, end)`` of ``obj`` is in the memory tier.
+
+        A read of such a range cannot block on I/O (a block may still be evicted right after the check).
+        """
+        end = min(end, obj.size)
+        if start >= end:
+            return True
+        bs = self.block_size
+        return all(block_key(obj, i, bs) in self.memory for i in range(start // bs, (end - 1) // bs + 1))
+
     # -- ranges and readahead -------------------------------------------------------------------
     def get_range(self, obj: ObjectRef, start: int, end: int, fetch: Fetch) -> bytes:
         """Return bytes ``[start, end)`` of ``obj``, fetching missing blocks in parallel."""

@@ -10,7 +10,8 @@ import errno
 
 from lingcore.errors import ConfigError, OriginUnavailableError, StaleObjectError
 
-__all__ = ["CacheFullError", "ConfigError", "OriginUnavailableError", "StaleObjectError", "UploadError"]
+__all__ = ["CacheFullError", "CommitMismatchError", "ConfigError", "OriginUnavailableError", "StaleObjectError",
+           "UploadError"]
 
 
 class CacheFullError(OSError):
@@ -28,3 +29,15 @@ class UploadError(OSError):
     def __init__(self, url: str, detail: str) -> None:
         self.url = url
         super().__init__(errno.EIO, f"upload of {url} failed (still pending in the journal): {detail}")
+
+
+class CommitMismatchError(OSError):
+    """A file of a committed prefix is not listed in its ``_COMMITTED`` marker, or differs from it.
+
+    The file is torn or was changed after the commit; the reader must not use it.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(errno.EIO, f"{url} does not match its commit marker: {reason}")

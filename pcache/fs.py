@@ -8,24 +8,28 @@ Both spellings work::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
 import weakref
+from functools import partial
 from typing import Any
 
-import fsspec
 from fsspec.implementations.chained import ChainedFileSystem
 
+from lingcore.files import put_whole
 from lingcore.log import get_logger
-from lingcore.retry import RetryPolicy
+from lingcore.retry import RetryPolicy, retry_call
 from pcache.cluster.auth import load_token
 from pcache.cluster.client import PeerTier
 from pcache.cluster.replica import node_id, replicate
+from pcache.commits import read_commit, read_committed, verify_commit
 from pcache.config import CacheConfig
 from pcache.engine import BlockCache, Fetch, PeerBlock, get_engine
 from pcache.keys import ObjectRef
 from pcache.origin import Origin
+from pcache.targets import build_target_fs, endpoint_of, strip_url
 from pcache.writeback import WriteBack, WriteBackFile
 
 log = get_logger(__name__)
@@ -66,35 +70,6 @@ def all_filesystems() -> list[PCacheFileSystem]:
     return list(_INSTANCES.values())
 
 
-def build_target_fs(protocol: str, options: dict[str, Any], skip_instance_cache: bool = False) -> Any:
-    """Build the origin filesystem. For S3, s3fs and botocore try each call once, so
-    :func:`lingcore.retry.retry_call` is the one retry layer (stacked retries multiply: s3fs's 5 tries
-    x botocore's attempts x ours). Explicit user ``config_kwargs`` win."""
-    if protocol not in ("s3", "s3a"):
-        return fsspec.filesystem(protocol, skip_instance_cache=skip_instance_cache, **options)
-    config = dict(options.get("config_kwargs") or {})
-    config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
-    fs = fsspec.filesystem(protocol, skip_instance_cache=skip_instance_cache,
-                           **{**options, "config_kwargs": config})
-    fs.retries = 1  # s3fs keeps this as a class attribute, not a constructor option
-    return fs
-
-
-def _endpoint_of(target_options: dict[str, Any]) -> str:
-    client = target_options.get("client_kwargs") or {}
-    return str(client.get("endpoint_url") or target_options.get("endpoint_url") or "")
-
-
-def strip_url(path: str) -> str:
-    """Reduce ``pcache::s3://b/k``, ``pcache://b/k`` or ``s3://b/k`` to the target path ``b/k``."""
-    path = path.split("::")[-1]
-    if path.startswith("pcache://"):
-        path = path[len("pcache://"):]
-    if "://" in path:
-        path = path.split("://", 1)[1]
-    return path.rstrip("/") or path
-
-
 class PCacheFileSystem(ChainedFileSystem):
     """Cached, checksummed reads and durable write-back over a target fsspec filesystem.
 
@@ -123,7 +98,7 @@ class PCacheFileSystem(ChainedFileSystem):
         self.target_protocol = "s3" if proto in ("s3", "s3a") else proto
         self.config = CacheConfig.load(config_file, **cache_options)
         self._policy = RetryPolicy(attempts=self.config.retry_attempts, base_delay=self.config.retry_base_delay)
-        endpoint = _endpoint_of(self.target_options) or (os.environ.get("AWS_ENDPOINT_URL", "")
+        endpoint = endpoint_of(self.target_options) or (os.environ.get("AWS_ENDPOINT_URL", "")
                                                          if self.target_protocol == "s3" else "")
         self._identity = f"{endpoint}|" if endpoint else ""
         # What rebuilds the origin filesystem in a forked child (s3fs and its event loop are not
@@ -207,7 +182,7 @@ class PCacheFileSystem(ChainedFileSystem):
         return strip_url(str(path))
 
     def _target_path(self, path: str) -> str:
-        return self.fs._strip_protocol(strip_url(path))
+        return self.origin_path(path)
 
     def url(self, path: str) -> str:
         """Return the origin URL (``s3://bucket/key``) for ``path``."""
@@ -284,6 +259,78 @@ class PCacheFileSystem(ChainedFileSystem):
         """Flush ``prefix``, then write its ``_COMMITTED`` marker; return the marker's URL."""
         return self.writeback.commit(self.url(prefix), self.fs, self._target_path(prefix), timeout,
                                      others=all_writebacks())
+
+    # -- the surface other packages use (fusefs, loaders, ling_train) -----------------------------
+    def origin_path(self, path: str) -> str:
+        """Return the origin filesystem's path for ``path`` (``pcache::s3://b/k`` or ``s3://b/k`` -> ``b/k``)."""
+        return self.fs._strip_protocol(strip_url(path))
+
+    def ref_for(self, path: str, version: str | None = None, size: int | None = None) -> ObjectRef:
+        """Return the versioned reference block keys are made from.
+
+        With ``version`` and ``size`` (from a listing) no metadata request is made; without them the
+        origin's current version is asked for (answers are reused for ``metadata_ttl`` seconds).
+        """
+        target = self.origin_path(path)
+        if version is None or size is None:
+            return self.origin.ref(target)
+        # Origin.ref's identity: the endpoint, then the URL (equal paths on two stores never share blocks).
+        return ObjectRef(url=f"{self.origin.identity}{self.origin.url(target)}", version=version, size=size)
+
+    def in_memory(self, ref: ObjectRef, start: int, end: int) -> bool:
+        """Return True when bytes ``[start, end)`` of ``ref`` are all in this process's memory tier."""
+        return self.engine.in_memory(ref, start, end)
+
+    def put_atomic(self, path: str, data: bytes) -> None:
+        """Write a small file straight to the origin, so readers see all of it or nothing (pointers, markers).
+
+        It bypasses the write-back and returns once the origin has it; cached metadata of ``path`` is
+        dropped. Retried as a whole (on a local origin each try writes a fresh sibling and renames it).
+        """
+        target = self.origin_path(path)
+        try:
+            retry_call(lambda: put_whole(self.fs, target, data), url=self.origin.url(target), policy=self._policy)
+        finally:
+            self.origin.invalidate(target)
+
+    def rm(self, path: str | list[str], recursive: bool = False, maxdepth: int | None = None) -> None:
+        """Delete ``path`` at the origin (a directory needs ``recursive``) and drop its cached metadata.
+
+        Files still staged in the write-back are not affected. Raises FileNotFoundError when nothing is there.
+        """
+        for one in path if isinstance(path, list) else [path]:
+            target, url = self.origin_path(one), self.url(one)
+            gone = [target]
+            if recursive:  # every object below loses its cached metadata too
+                with contextlib.suppress(FileNotFoundError):
+                    gone += retry_call(partial(self.fs.find, target, withdirs=True), url=url, policy=self._policy)
+            try:
+                retry_call(partial(self.fs.rm, target, recursive=recursive, maxdepth=maxdepth), url=url,
+                           policy=self._policy)
+            finally:
+                for name in gone:
+                    self.origin.invalidate(name)
+
+    def read_commit(self, prefix: str) -> dict[str, Any] | None:
+        """Return ``<prefix>/_COMMITTED`` parsed (:mod:`lingcore.marker`); None if absent or torn."""
+        return read_commit(self, prefix)
+
+    def read_committed(self, prefix: str, name: str, marker: dict[str, Any] | None = None) -> bytes:
+        """Return file ``name`` of committed ``prefix``, checked against the marker (read if not given).
+
+        Raises:
+            FileNotFoundError: if ``prefix`` has no complete marker or the file is missing.
+            CommitMismatchError: if the marker does not list the file, or its size or xxh3-128 differ.
+        """
+        return read_committed(self, prefix, name, marker)
+
+    def verify_commit(self, prefix: str) -> dict[str, str]:
+        """Check every file the marker of ``prefix`` lists; return ``{path: what differs}`` (empty: intact).
+
+        Raises:
+            FileNotFoundError: if ``prefix`` has no complete marker.
+        """
+        return verify_commit(self, prefix)
 
 
 class PCacheFile(io.RawIOBase):
