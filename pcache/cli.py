@@ -1,4 +1,4 @@
-"""pcache: inspect, warm, flush, verify and garbage-collect a cache directory.
+"""pcache: inspect, warm, flush, verify and garbage-collect a cache directory; serve a cache node.
 
 Every option also comes from PCACHE_<NAME> env vars or a TOML file (--config, [pcache]
 table); flags win over env, env over the file. S3 endpoints and credentials follow the AWS tools:
@@ -15,9 +15,12 @@ from typing import Any
 
 from lingcore.cli import run_command
 from lingcore.log import setup_logging
-from lingcore.storage import split_url, storage_options
-from pcache.config import CacheConfig
+from lingcore.storage import storage_options
+from pcache import admin
 from pcache.errors import ConfigError
+from pcache.options import add_cache_options, cache_config
+
+__all__ = ["add_cache_options", "build_parser", "cache_config", "main"]  # the two helpers: pcache.options
 
 EXAMPLES = """examples:
   pcache stat --cache-dir /nvme/pcache
@@ -26,19 +29,6 @@ EXAMPLES = """examples:
   pcache verify --cache-dir /nvme/pcache
   pcache gc --cache-dir /nvme/pcache
 """
-
-
-def add_cache_options(p: argparse.ArgumentParser) -> None:
-    """Add pcache's cache and storage flags to ``p`` (shared by every command that reads through pcache)."""
-    p.add_argument("--cache-dir", help="cache directory (env PCACHE_CACHE_DIR; default ~/.cache/pcache)")
-    p.add_argument("--config", help="TOML file with a [pcache] table (env PCACHE_CONFIG)")
-    p.add_argument("--block-size", help="block size, e.g. 4MiB (env PCACHE_BLOCK_SIZE)")
-    p.add_argument("--disk-bytes", help="disk tier budget, e.g. 500GiB (env PCACHE_DISK_BYTES)")
-    p.add_argument("--memory-bytes", help="memory tier budget per process (env PCACHE_MEMORY_BYTES)")
-    p.add_argument("--compression", choices=["none", "zstd"], help="compress blocks on disk")
-    p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--log-format", choices=["text", "json"], help="log format (env PCACHE_LOG_FORMAT)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,14 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cache_config(args: argparse.Namespace) -> CacheConfig:
-    """Build the :class:`CacheConfig` from flags parsed by :func:`add_cache_options`, env and TOML."""
-    return CacheConfig.load(args.config, cache_dir=args.cache_dir, block_size=args.block_size,
-                            disk_bytes=args.disk_bytes, memory_bytes=args.memory_bytes,
-                            compression=args.compression, peers=getattr(args, "peers", None),
-                            token_file=getattr(args, "token_file", None) if getattr(args, "peers", None) else None)
-
-
 def _emit(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
     print(json.dumps(data, indent=1) if args.json else human)
 
@@ -101,77 +83,40 @@ def _human(n: float) -> str:
 
 def node_stat(args: argparse.Namespace) -> int:
     """Print a remote node's metrics in human form (``pcache stat --node URL``)."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from pcache.cluster.auth import load_token, sign_request
-
-    if not args.token_file:
-        raise ConfigError("token_file", "pcache stat --node needs --token-file (or PCACHE_TOKEN_FILE)", "arguments")
-    parts = urlsplit(args.node)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
-    conn.request("GET", "/metrics", headers=sign_request(load_token(args.token_file), "GET", "/metrics"))
-    resp = conn.getresponse()
-    body = resp.read().decode()
-    if resp.status != 200:
-        raise PermissionError(f"{args.node} answered {resp.status}: {body[:200]}")
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            label = "_".join(sample.labels.values())
-            values[sample.name.removesuffix("_total") + (f"_{label}" if label else "")] = sample.value
-    hits = sum(values.get(f"pcache_hits_{tier}", 0) for tier in ("memory", "disk", "peer"))
-    lookups = hits + values.get("pcache_misses", 0)
-    data = {"node": args.node, **values, "hit_ratio": hits / lookups if lookups else None}
+    data = admin.node_stat(args.node, args.token_file)
+    v = data.get
+    lookups = sum(v(f"pcache_hits_{tier}", 0) for tier in ("memory", "disk", "peer")) + v("pcache_misses", 0)
+    ratio = "n/a" if data["hit_ratio"] is None else f"{data['hit_ratio']:.1%}"
     human = "\n".join([
         f"node            {args.node}",
-        f"disk tier       {int(values.get('pcache_disk_blocks', 0))} blocks, {_human(values.get('pcache_disk_bytes', 0))}",
-        f"hit ratio       {f'{hits / lookups:.1%}' if lookups else 'n/a'} ({int(lookups)} lookups)",
-        f"origin reads    {_human(values.get('pcache_origin_bytes', 0))}",
-        f"served to peers {_human(values.get('pcache_served_bytes', 0))}",
-        f"request errors  {int(values.get('pcache_peer_request_errors', 0))}",
-        f"pending uploads {int(values.get('pcache_upload_queue_depth', 0))} "
-        f"({_human(values.get('pcache_upload_pending_bytes', 0))})",
-        f"standby replicas {int(values.get('pcache_standby_replicas', 0))} "
-        f"({_human(values.get('pcache_standby_replica_bytes', 0))})",
+        f"disk tier       {int(v('pcache_disk_blocks', 0))} blocks, {_human(v('pcache_disk_bytes', 0))}",
+        f"hit ratio       {ratio} ({int(lookups)} lookups)",
+        f"origin reads    {_human(v('pcache_origin_bytes', 0))}",
+        f"served to peers {_human(v('pcache_served_bytes', 0))}",
+        f"request errors  {int(v('pcache_peer_request_errors', 0))}",
+        f"pending uploads {int(v('pcache_upload_queue_depth', 0))} ({_human(v('pcache_upload_pending_bytes', 0))})",
+        f"standby replicas {int(v('pcache_standby_replicas', 0))} ({_human(v('pcache_standby_replica_bytes', 0))})",
     ])
     _emit(args, data, human)
     return 0
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
-    from pcache.diskstore import DiskStore
-    from pcache.journal import Journal
-
     if args.node:
         return node_stat(args)
-
     config = cache_config(args)
-    journal = Journal(config.cache_dir)
-    store = DiskStore(config.cache_dir, config.disk_bytes, reserved=journal.pending_bytes)
-    s = store.stats()
-    pending = journal.pending()
-    hits = s["hits_memory"] + s["hits_disk"] + s["hits_peer"]
-    lookups = hits + s["misses"]
-    data = {"cache_dir": config.cache_dir, "disk_blocks": s["blocks"], "disk_bytes": s["total"],
-            "disk_budget": config.disk_bytes, "memory_budget_per_process": config.memory_bytes,
-            "hits_memory": s["hits_memory"], "hits_disk": s["hits_disk"], "hits_peer": s["hits_peer"],
-            "misses": s["misses"], "peer_bytes": s["peer_bytes"],
-            "hit_ratio": (hits / lookups) if lookups else None, "origin_bytes": s["origin_bytes"],
-            "evictions": s["evictions"], "corrupt_blocks": s["corrupt_blocks"],
-            "pending_uploads": len(pending), "pending_bytes": sum(e["size"] for e in pending)}
-    ratio = f"{data['hit_ratio']:.1%}" if lookups else "n/a"
+    data = admin.stat(config)
+    pending = admin.pending_uploads(config) if data["pending_uploads"] else []
+    ratio = "n/a" if data["hit_ratio"] is None else f"{data['hit_ratio']:.1%}"
     human = "\n".join([
         f"cache dir       {config.cache_dir}",
-        f"disk tier       {s['blocks']} blocks, {_human(s['total'])} of {_human(config.disk_bytes)}",
+        f"disk tier       {data['disk_blocks']} blocks, {_human(data['disk_bytes'])} of {_human(config.disk_bytes)}",
         f"memory tier     budget {_human(config.memory_bytes)} per process",
-        f"hit ratio       {ratio} (memory {s['hits_memory']}, disk {s['hits_disk']}, peer {s['hits_peer']}, "
-        f"misses {s['misses']})",
-        f"origin reads    {_human(s['origin_bytes'])}; from peers {_human(s['peer_bytes'])}",
-        f"evictions       {s['evictions']}; corrupt blocks dropped {s['corrupt_blocks']}",
-        f"pending uploads {len(pending)} ({_human(data['pending_bytes'])})",
+        f"hit ratio       {ratio} (memory {data['hits_memory']}, disk {data['hits_disk']}, peer {data['hits_peer']}, "
+        f"misses {data['misses']})",
+        f"origin reads    {_human(data['origin_bytes'])}; from peers {_human(data['peer_bytes'])}",
+        f"evictions       {data['evictions']}; corrupt blocks dropped {data['corrupt_blocks']}",
+        f"pending uploads {data['pending_uploads']} ({_human(data['pending_bytes'])})",
     ] + [f"  {e['url']} ({_human(e['size'])}){'  last error: ' + e['last_error'] if e.get('last_error') else ''}"
          for e in pending[:20]])
     _emit(args, data, human)
@@ -179,107 +124,47 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
-    import fsspec
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    config = cache_config(args)
-    total_bytes = total_files = 0
+    tasks: dict[str, Any] = {}
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), disable=args.json or not sys.stderr.isatty()) as bar:
-        for url in args.urls:
-            protocol, path = split_url(url)
-            fs = fsspec.filesystem("pcache", target_protocol=protocol,
-                                   target_options=storage_options(protocol, args.endpoint_url),
-                                   **{k: v for k, v in vars(config).items()})
-            target = fs._target_path(path)
-            info = fs.info(target)
-            files = {target: info} if info["type"] == "file" else fs.find(target, detail=True)
-            task = bar.add_task(f"warm {url}", total=sum(i["size"] for i in files.values()))
-            for name, item in files.items():
-                ref = fs.ref(name)
-                if fs.peers is not None:
-                    _warm_on_owners(fs, name, ref, lambda n, task=task: bar.advance(task, n))
-                else:
-                    fetch = fs.fetcher_for(name, ref)
-                    step = config.block_size * config.fetch_workers
-                    for off in range(0, ref.size, step):
-                        chunk = fs.engine.get_range(ref, off, min(ref.size, off + step), fetch)
-                        bar.advance(task, len(chunk))
-                total_bytes += item["size"]
-                total_files += 1
-            fs.engine.disk.flush_hits()
-    _emit(args, {"files": total_files, "bytes": total_bytes},
-          f"warmed {total_files} file(s), {_human(total_bytes)}")
+
+        def progress(url: str, done: int, total: int) -> None:
+            if url not in tasks:
+                tasks[url] = bar.add_task(f"warm {url}", total=total)
+            bar.advance(tasks[url], done)
+
+        data = admin.warm(cache_config(args), args.urls, args.endpoint_url, progress)
+    _emit(args, data, f"warmed {data['files']} file(s), {_human(data['bytes'])}")
     return 0
 
 
-def _warm_on_owners(fs: Any, name: str, ref: Any, advance: Any) -> None:
-    """Cluster warm: each block is loaded by its owner node; nothing is copied to this machine."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    bs = fs.config.block_size
-    tier = fs.peers
-
-    def one(index: int) -> None:
-        if not tier.warm_block(name, ref.version, ref.size, index, bs):
-            raise OSError(f"no peer could warm block {index} of {fs.url(name)}")
-        advance(min(bs, ref.size - index * bs))
-
-    with ThreadPoolExecutor(fs.config.fetch_workers) as pool:
-        list(pool.map(one, range((ref.size + bs - 1) // bs)))
-
-
 def cmd_flush(args: argparse.Namespace) -> int:
-    from pcache.uploader import Uploader
-
-    config = cache_config(args)
-    uploader = Uploader(config, endpoint_url=args.endpoint_url)
-    replicas = {"adopted": 0, "dropped": 0, "failed": 0}
-    if args.adopt_replicas:
-        replicas = uploader.adopt_replicas()
-    before = uploader.journal.pending(args.prefix)
-    failed = uploader.drain(args.prefix, timeout=args.timeout)
-    done = len(before) - len(uploader.journal.pending(args.prefix))
-    data = {"uploaded": done, "failed": failed, "still_pending": len(uploader.journal.pending(args.prefix)),
-            "replicas_adopted": replicas["adopted"], "replicas_dropped": replicas["dropped"],
-            "replicas_failed": replicas["failed"]}
-    lines = [f"uploaded {done} file(s); {data['still_pending']} still pending"]
-    if any(replicas.values()):
-        lines.append(f"peer replicas: {replicas['adopted']} adopted, {replicas['dropped']} already at the origin, "
-                     f"{replicas['failed']} failed (kept)")
-    lines += [f"failed: {url}" for url in failed]
+    data = admin.flush(cache_config(args), args.endpoint_url, args.prefix, args.timeout, args.adopt_replicas)
+    lines = [f"uploaded {data['uploaded']} file(s); {data['still_pending']} still pending"]
+    if data["replicas_adopted"] or data["replicas_dropped"] or data["replicas_failed"]:
+        lines.append(f"peer replicas: {data['replicas_adopted']} adopted, {data['replicas_dropped']} already at the "
+                     f"origin, {data['replicas_failed']} failed (kept)")
+    lines += [f"failed: {url}" for url in data["failed"]]
     _emit(args, data, "\n".join(lines))
-    return 1 if data["still_pending"] or replicas["failed"] else 0
+    return 1 if data["still_pending"] or data["replicas_failed"] else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from pcache.diskstore import DiskStore
-
-    config = cache_config(args)
-    store = DiskStore(config.cache_dir, config.disk_bytes, config.compression)
-    n = sum(1 for _ in store.iter_block_files())
     with Progress(disable=args.json or not sys.stderr.isatty()) as bar:
-        task = bar.add_task("verify", total=n)
-        corrupt = store.verify(progress=lambda k: bar.advance(task, k))
-    store.flush_hits()
-    _emit(args, {"checked": n, "corrupt": corrupt},
-          f"checked {n} block(s); {len(corrupt)} corrupt (dropped, will be refetched)"
+        task = bar.add_task("verify", total=None)
+        data = admin.verify(cache_config(args), progress=lambda k, total: bar.update(task, total=total, advance=k))
+    corrupt = data["corrupt"]
+    _emit(args, data, f"checked {data['checked']} block(s); {len(corrupt)} corrupt (dropped, will be refetched)"
           + "".join(f"\n  {p}" for p in corrupt))
     return 1 if corrupt else 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from pcache.diskstore import DiskStore
-    from pcache.journal import Journal
-
-    config = cache_config(args)
-    journal = Journal(config.cache_dir)
-    store = DiskStore(config.cache_dir, config.disk_bytes, reserved=journal.pending_bytes)
-    result = store.gc()
-    result["orphan_staged"] = journal.remove_orphans()
-    result["done_records_pruned"] = journal.prune_done(args.keep_done_days * 86400)
+    result = admin.gc(cache_config(args), args.keep_done_days)
     _emit(args, result, ", ".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 
