@@ -26,8 +26,8 @@ from lingcore.config import read_toml_section
 from lingcore.errors import ConfigError
 from lingcore.log import setup_logging
 from lingcore.storage import split_url, storage_options
-from pcache.cli import add_cache_options, cache_config
-from pcache.config import CacheConfig
+from pcache import CacheConfig
+from pcache.options import add_cache_options, cache_config
 
 EXAMPLES = """examples:
   fusefs mount --endpoint-url http://127.0.0.1:8333 s3://datasets/pile/v1 /mnt/pile

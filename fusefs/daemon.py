@@ -26,8 +26,7 @@ from fusefs.namespace import Changes, Namespace, list_origin
 from fusefs.ops import ReadOnlyOperations
 from lingcore.log import get_logger
 from lingcore.retry import RetryPolicy
-from pcache.config import CacheConfig
-from pcache.fs import PCacheFileSystem, strip_url
+from pcache import CacheConfig, PCacheFileSystem
 
 log = get_logger(__name__)
 
@@ -62,7 +61,7 @@ class Mount:
         self.spec, self.config, self.cache = spec, config, cache
         self.pfs = PCacheFileSystem(target_protocol=spec.protocol, target_options=spec.storage_options,
                                     skip_instance_cache=True, **vars(cache))
-        self.root = self.pfs.fs._strip_protocol(strip_url(spec.path)).rstrip("/") if spec.path.strip("/") else ""
+        self.root = self.pfs.origin_path(spec.path).rstrip("/") if spec.path.strip("/") else ""
         self.policy = RetryPolicy(attempts=cache.retry_attempts, base_delay=cache.retry_base_delay)
         self.ns = Namespace()
         self.ops = ReadOnlyOperations(self.ns, self.pfs, self.root, config)

@@ -15,8 +15,7 @@ from fusefs import metrics
 from fusefs.config import MountConfig
 from fusefs.namespace import Namespace, Node
 from lingcore.log import get_logger
-from pcache.engine import ObjectRef, block_key
-from pcache.fs import PCacheFile, PCacheFileSystem
+from pcache import PCacheFile, PCacheFileSystem
 
 log = get_logger(__name__)
 
@@ -40,16 +39,10 @@ class Handle:
 
     def __init__(self, file: PCacheFile, url: str, node: Node) -> None:
         self.file, self.url, self.node = file, url, node
-        engine = file.fs.engine
-        self._memory, self._block_size = engine.memory, engine.block_size
 
     def in_memory(self, offset: int, size: int) -> bool:
         """True when every block of the range is in the memory tier: the read cannot block on I/O."""
-        ref, bs = self.file.ref, self._block_size
-        end = min(ref.size, offset + size)
-        if offset >= end:
-            return True
-        return all(block_key(ref, i, bs) in self._memory for i in range(offset // bs, (end - 1) // bs + 1))
+        return self.file.fs.in_memory(self.file.ref, offset, offset + size)
 
     def read(self, offset: int, size: int) -> bytes:
         return self.file.pread(offset, size)
@@ -174,8 +167,8 @@ class ReadOnlyOperations(pyfuse3.Operations):
         if node.entry is None:
             raise _fail(errno.EISDIR)
         target = self.target(node)
-        ref = ObjectRef(url=f"{self.pfs.origin.identity}{self.pfs.origin.url(target)}",
-                        version=node.entry.version, size=node.entry.size)
+        # The listing's version, not a HEAD: the inode is that version (a new version gets a new inode).
+        ref = self.pfs.ref_for(target, node.entry.version, node.entry.size)
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(PCacheFile(self.pfs, target, ref), self.url(node), node)

@@ -29,24 +29,21 @@ import os
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import fsspec
 import torch
 
-from lingcore.checksum import content_hash
 from lingcore.log import get_logger
+from lingcore.marker import MARKER_NAME
 from lingcore.retry import RetryPolicy, retry_call
 from lingcore.storage import split_url, storage_options
-from pcache.fs import PCacheFileSystem
+from pcache import CommitMismatchError, PCacheFileSystem
 
 log = get_logger(__name__)
 
-MARKER = "_COMMITTED"
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -180,7 +177,7 @@ class CheckpointManager:
         self.fs.flush(prefix, timeout=self.timeout)
         seconds = time.perf_counter() - t0
         with contextlib.suppress(FileNotFoundError):
-            self.fs.fs.rm(self.fs._target_path(prefix), recursive=True)
+            self.fs.rm(prefix, recursive=True)
         return seconds, nbytes
 
     def wait(self) -> None:
@@ -285,16 +282,9 @@ class CheckpointManager:
                 log.warning("checkpoint %s is committed, but %s failed: %r", prefix, name, exc)
 
     def _write_latest(self, step: int) -> None:
+        # Whole or nothing: a kill mid-write must never leave a torn pointer.
         body = json.dumps({"step": step, "dir": step_dir(step), "time": time.time()}).encode()
-        target = self.fs._target_path(self._url(LATEST))
-        origin = self.fs.fs
-        if self.fs.target_protocol == "s3":  # a PUT replaces the object atomically
-            retry_call(lambda: origin.pipe_file(target, body), url=self._url(LATEST), policy=self.policy)
-            return
-        # Elsewhere (file://) pipe_file truncates in place: a kill mid-write would leave a torn pointer.
-        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        retry_call(lambda: origin.pipe_file(tmp, body), url=self._url(LATEST), policy=self.policy)
-        retry_call(lambda: origin.mv(tmp, target), url=self._url(LATEST), policy=self.policy)
+        self.fs.put_atomic(self._url(LATEST), body)
 
     def _retain(self) -> None:
         """Delete checkpoints older than the newest ``keep_last`` committed ones (marker first)."""
@@ -302,22 +292,21 @@ class CheckpointManager:
         if len(committed) <= self.keep_last:
             return
         cutoff = committed[-self.keep_last]
-        origin = self.fs.fs
         for step in self.all_steps():
             if step >= cutoff:
                 continue
-            base = self.fs._target_path(self._url(step_dir(step)))
+            prefix = self._url(step_dir(step))
             # The marker goes first: a half-deleted directory must never look committed.
             with contextlib.suppress(FileNotFoundError):
-                retry_call(partial(origin.rm_file, f"{base}/{MARKER}"), url=base, policy=self.policy)
+                self.fs.rm(f"{prefix}/{MARKER_NAME}")
             with contextlib.suppress(FileNotFoundError):
-                retry_call(partial(origin.rm, base, recursive=True), url=base, policy=self.policy)
-            log.info("retention: deleted %s", base)
+                self.fs.rm(prefix, recursive=True)
+            log.info("retention: deleted %s", self.fs.url(prefix))
 
     # -- listing and loading -------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
         """Steps with a directory at the origin (committed or not), ascending."""
-        target = self.fs._target_path(self.path)
+        target = self.fs.origin_path(self.path)
         self.fs.fs.invalidate_cache(target)
         try:
             names = retry_call(lambda: self.fs.fs.ls(target, detail=False), url=self.root, policy=self.policy)
@@ -335,22 +324,8 @@ class CheckpointManager:
         return [step for step in self.all_steps() if self._marker(step) is not None]
 
     def _marker(self, step: int) -> dict[str, Any] | None:
-        """The parsed marker of ``step``; None when there is none or it is torn.
-
-        pcache writes the marker with ``pipe_file``, which on a ``file://`` origin truncates and then
-        writes: a kill in between leaves an empty or partial marker, and that commit never completed.
-        """
-        url = self._url(step_dir(step), MARKER)
-        try:
-            raw = retry_call(partial(self.fs.fs.cat_file, self.fs._target_path(url)), url=url, policy=self.policy)
-        except FileNotFoundError:
-            return None
-        try:
-            marker = json.loads(raw)
-        except ValueError:
-            log.warning("torn commit marker %s (%d bytes): step %d is not committed", url, len(raw), step)
-            return None
-        return marker if isinstance(marker, dict) and isinstance(marker.get("files"), list) else None
+        """The parsed marker of ``step``; None when there is none or it is torn (that commit never completed)."""
+        return self.fs.read_commit(self._url(step_dir(step)))
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None. The ``latest`` file is only a hint: a crash between the
@@ -368,18 +343,16 @@ class CheckpointManager:
         prefix = self._url(step_dir(step))
         marker = self._marker(step)
         if marker is None:
-            raise CheckpointError(prefix, "not committed (no complete _COMMITTED marker)")
+            raise CheckpointError(prefix, f"not committed (no complete {MARKER_NAME} marker)")
         name = f"rank{rank:05d}.pt"
-        entry = next((e for e in marker.get("files", []) if e.get("path") == name), None)
-        if entry is None:
-            raise CheckpointError(f"{prefix}/{name}", "not listed in the commit marker")
-        with self.fs.open(f"{prefix}/{name}", "rb") as f:
-            data = f.read()
-        if len(data) != entry.get("size") or (entry.get("xxh3_128") and content_hash(data) != entry["xxh3_128"]):
-            raise CheckpointError(f"{prefix}/{name}", "size or xxh3-128 differs from the commit marker (torn)")
+        try:
+            data = self.fs.read_committed(prefix, name, marker)
+        except CommitMismatchError as exc:
+            raise CheckpointError(f"{prefix}/{name}", f"does not match the commit marker (torn or changed): "
+                                                      f"{exc.reason}") from None
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
     def bytes_at_origin(self, step: int) -> int:
         """Total size of the files of ``step`` at the origin."""
-        base = self.fs._target_path(self._url(step_dir(step)))
+        base = self.fs.origin_path(self._url(step_dir(step)))
         return sum(int(v.get("size") or 0) for v in self.fs.fs.find(base, detail=True).values())

@@ -30,11 +30,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ling_train.checkpoint import MARKER, CheckpointManager
+from ling_train.checkpoint import CheckpointManager
 from ling_train.config import TrainConfig
 from ling_train.corpus import sample_texts, write_jsonl
 from ling_train.trainer import Trainer, TrainResult
 from lingcore.files import write_private
+from lingcore.marker import MARKER_NAME
 from loaders.formats.pack import pack
 from pcache.s3server import SeaweedServer
 
@@ -108,7 +109,7 @@ name = "checkpoints"
 source = "a"
 destinations = ["b"]
 include = ["checkpoints/**"]
-unit_marker = "{MARKER}"
+unit_marker = "{MARKER_NAME}"
 priority = 10
 
 [[rules]]
@@ -129,7 +130,7 @@ def _fallback_copy(a: SeaweedServer, b: SeaweedServer) -> int:
     dst = s3fs.S3FileSystem(skip_instance_cache=True, **b.storage_options())
     copied = 0
     files = sorted(src.find(f"{BUCKET}/datasets")) + sorted(src.find(f"{BUCKET}/checkpoints"))
-    last = {MARKER, "index.json", "latest"}
+    last = {MARKER_NAME, "index.json", "latest"}
     for path in [p for p in files if p.rsplit("/", 1)[-1] not in last] + \
                 [p for p in files if p.rsplit("/", 1)[-1] in last]:
         data = src.cat_file(path)
