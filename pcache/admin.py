@@ -100,6 +100,7 @@ def warm(config: CacheConfig, urls: Iterable[str], endpoint_url: str | None = No
                     advance(len(fs.engine.get_range(ref, off, min(ref.size, off + step), fetch)))
             total_bytes += item["size"]
             total_files += 1
+        fs.engine.drain_writes()  # warm means "on disk" once this returns, not only at process exit
         fs.engine.disk.flush_hits()
     return {"files": total_files, "bytes": total_bytes}
 

@@ -296,7 +296,8 @@ class PCacheFileSystem(ChainedFileSystem):
     def rm(self, path: str | list[str], recursive: bool = False, maxdepth: int | None = None) -> None:
         """Delete ``path`` at the origin (a directory needs ``recursive``) and drop its cached metadata.
 
-        Files still staged in the write-back are not affected. Raises FileNotFoundError when nothing is there.
+        Files still staged in the write-back are not affected. A missing path raises FileNotFoundError where
+        the origin filesystem checks (local files; S3 deletes are idempotent).
         """
         for one in path if isinstance(path, list) else [path]:
             target, url = self.origin_path(one), self.url(one)
