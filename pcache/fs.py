@@ -312,26 +312,10 @@ class PCacheFileSystem(ChainedFileSystem):
                 for name in gone:
                     self.origin.invalidate(name)
 
-    def read_commit(self, prefix: str) -> dict[str, Any] | None:
-        """Return ``<prefix>/_COMMITTED`` parsed (:mod:`lingcore.marker`); None if absent or torn."""
-        return read_commit(self, prefix)
-
-    def read_committed(self, prefix: str, name: str, marker: dict[str, Any] | None = None) -> bytes:
-        """Return file ``name`` of committed ``prefix``, checked against the marker (read if not given).
-
-        Raises:
-            FileNotFoundError: if ``prefix`` has no complete marker or the file is missing.
-            CommitMismatchError: if the marker does not list the file, or its size or xxh3-128 differ.
-        """
-        return read_committed(self, prefix, name, marker)
-
-    def verify_commit(self, prefix: str) -> dict[str, str]:
-        """Check every file the marker of ``prefix`` lists; return ``{path: what differs}`` (empty: intact).
-
-        Raises:
-            FileNotFoundError: if ``prefix`` has no complete marker.
-        """
-        return verify_commit(self, prefix)
+    # Commit markers (lingcore.marker's format), documented in pcache.commits.
+    read_commit = read_commit
+    read_committed = read_committed
+    verify_commit = verify_commit
 
 
 class PCacheFile(io.RawIOBase):
