@@ -29,6 +29,7 @@ from typing import Any
 
 from babel_sync.errors import ConfigError, UnknownSiteError
 from lingcore.config import load_config, read_toml_section
+from lingcore.marker import MARKER_NAME
 from lingcore.storage import split_url
 
 PRIORITIES = {"high": 10, "normal": 0, "low": -10}
@@ -98,7 +99,7 @@ class Rule:
     destinations: tuple[str, ...]
     include: tuple[str, ...] = ("**",)
     exclude: tuple[str, ...] = ()
-    unit_marker: str = "_COMMITTED"
+    unit_marker: str = MARKER_NAME
     priority: int = 0
     keep_last: int = 0
     delete: bool = False
@@ -249,7 +250,7 @@ def _rule(i: int, table: Any, sites: Mapping[str, Site], source: str) -> Rule:
             raise UnknownSiteError(f"{where}.destinations[{j}]", dest, list(sites), source)
         if dest == src:
             raise ConfigError(f"{where}.destinations[{j}]", f"site {dest!r} is also the source", source)
-    marker = table.get("unit_marker", "_COMMITTED")
+    marker = table.get("unit_marker", MARKER_NAME)
     if not isinstance(marker, str) or not marker or "/" in marker:
         raise ConfigError(f"{where}.unit_marker", f"expected a file name such as _COMMITTED, got {marker!r}", source)
     prio = table.get("priority", "normal")
