@@ -25,7 +25,7 @@ from ling_train.config import TrainConfig
 from ling_train.metrics import MetricsLog, flops_per_token, peak_flops
 from ling_train.model import LingModel, count_params
 from lingcore.log import get_logger
-from lingcore.storage import split_url, storage_options
+from lingcore.storage import url_storage_options
 from loaders import TokenDataset, TokenLoader
 
 log = get_logger(__name__)
@@ -79,14 +79,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def data_options(url: str, cfg: TrainConfig) -> dict[str, Any]:
     """fsspec options for a data URL: the pcache cache directory and S3 endpoint where they apply."""
-    protocol = split_url(url)[0]
-    target = storage_options(protocol, cfg.endpoint_url or None)
+    opts = url_storage_options(url, cfg.endpoint_url or None)
     if url.startswith("pcache::"):
-        opts: dict[str, Any] = {"pcache": {"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}}
-        if target:
-            opts[protocol] = target
-        return opts
-    return target
+        opts["pcache"] = {"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}
+    return opts
 
 
 def build_model(cfg: TrainConfig, device: torch.device, world: int) -> tuple[LingModel, nn.Module]:
