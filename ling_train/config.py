@@ -87,11 +87,13 @@ PRESETS: dict[str, ModelConfig] = {
     "ling-lite": ModelConfig(vocab_size=126464, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=4,
                              intermediate_size=5632, moe_intermediate_size=1408, num_experts=64, top_k=6,
                              num_shared_experts=2, first_k_dense_replace=0, rope_theta=600000.0),
-    # Ling-plus: the configs disagree on heads (42/6 vs 56/8). 42 heads of 128 (q width = hidden) and
-    # 6 KV heads reproduce 290B / 28.8B; 56/8 with head_dim 128 overshoots active params by ~7%.
-    "ling-plus": ModelConfig(vocab_size=126464, hidden_size=5376, num_layers=88, num_heads=42, num_kv_heads=6,
-                             head_dim=128, intermediate_size=12288, moe_intermediate_size=3072, num_experts=64,
-                             top_k=4, num_shared_experts=1, first_k_dense_replace=1, rope_theta=600000.0),
+    # Ling-plus, as released (inclusionAI's BailingMoeForCausalLM config): 56 query heads and 8 KV heads of
+    # head_dim 96 (q width = hidden 5376), every layer MoE. 290.6B total, 29.0B active (the report rounds
+    # to 290B / 28.8B). A 42/6 x 128 split has the same weight shapes but computes different attention,
+    # so released weights would give wrong outputs under it.
+    "ling-plus": ModelConfig(vocab_size=126464, hidden_size=5376, num_layers=88, num_heads=56, num_kv_heads=8,
+                             head_dim=96, intermediate_size=12288, moe_intermediate_size=3072, num_experts=64,
+                             top_k=4, num_shared_experts=1, first_k_dense_replace=0, rope_theta=600000.0),
 }
 
 
