@@ -115,6 +115,7 @@ class TrainConfig:
 
     Attributes:
         preset: Model preset name.
+        vocab_size: Embedding rows (0: the corpus's ``vocab_size`` from its ``index.json``, else the preset's).
         data: Corpus URLs or paths (comma-separated in env/flags): local, FUSE, ``pcache::s3://...``.
         ckpt: Checkpoint root URL (``pcache::s3://bucket/run`` or ``pcache::file:///dir``); empty: none.
         steps: Optimizer steps of the whole run (the LR schedule spans them); a resumed run continues.
@@ -150,6 +151,7 @@ class TrainConfig:
     """
 
     preset: str = "tiny"
+    vocab_size: int = 0
     data: tuple[str, ...] = ()
     ckpt: str = ""
     steps: int = 100
@@ -189,7 +191,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "keep_last", "spike_window", "spike_patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("ckpt_every", "warmup_steps", "threads", "reinject_after", "stop_at"):
+        for name in ("ckpt_every", "warmup_steps", "threads", "reinject_after", "stop_at", "vocab_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.parallel not in ("ddp", "fsdp"):
@@ -200,8 +202,8 @@ class TrainConfig:
             raise ConfigError("resume", "--resume needs --ckpt")
 
     def model_config(self) -> ModelConfig:
-        """The preset with this run's routing overrides applied."""
-        overrides = {"routing_warmup_steps": self.routing_warmup_steps if self.routing_warmup_steps >= 0 else None,
+        """The preset with this run's vocabulary and routing overrides applied."""
+        overrides = {"vocab_size": self.vocab_size or None,"routing_warmup_steps": self.routing_warmup_steps if self.routing_warmup_steps >= 0 else None,
                      "balance_coef": self.balance_coef if self.balance_coef >= 0 else None,
                      "z_coef": self.z_coef if self.z_coef >= 0 else None}
         return preset(self.preset).replace(**overrides)

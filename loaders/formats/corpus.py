@@ -87,6 +87,21 @@ class Corpus:
     root: Location | None = None
 
     @property
+    def vocab_size(self) -> int | None:
+        """Token ids are below this (from ``index.json``); None for foreign data that does not say."""
+        index = self.index or {}
+        value = index.get("vocab_size") or (index.get("tokenizer") or {}).get("vocab_size")
+        return int(value) if value else None
+
+    @property
+    def tokenizer_id(self) -> str | None:
+        """What tokenized the corpus: ``bytes``, ``hf:<xxh3-128 of tokenizer.json>``, or None (unknown)."""
+        tok = (self.index or {}).get("tokenizer") or {}
+        if tok.get("kind") == "hf":
+            return f"hf:{tok.get('xxh3_128')}"
+        return str(tok["kind"]) if tok.get("kind") else None
+
+    @property
     def skipped(self) -> int:
         """Corrupt members skipped so far across the shards (on_error="skip")."""
         return sum(shard.skipped for shard in self.shards)

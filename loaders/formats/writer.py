@@ -205,6 +205,8 @@ class CorpusWriter:
         index = {
             "schema": INDEX_SCHEMA, "schema_version": INDEX_VERSION, "format": self.format,
             "dtype": self.dtype.name, "tokenizer": self.tokenizer, "eos_id": self.eos_id,
+            # The model's embedding needs at least this many rows (trainers take it from here).
+            "vocab_size": (self.tokenizer or {}).get("vocab_size"),
             "documents": self.documents, "tokens": self.tokens, "shard_size": self.shard_size,
             "shards": self._shards,
         }
