@@ -126,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"loaders {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        hint = (f"; finished shards stay listed in {args.out}/_PACKING and the same command finishes the rest"
+                if args.command == "pack" else "")
+        print(f"loaders {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

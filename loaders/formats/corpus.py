@@ -32,6 +32,8 @@ from loaders.formats.megatron import MegatronShard
 from loaders.formats.wds import WdsShard
 
 INDEX_NAME = "index.json"
+# Present while `loaders pack` writes a corpus (and after it was interrupted); removed once index.json is.
+PACKING_NAME = "_PACKING"
 INDEX_SCHEMA = "loaders.corpus"
 INDEX_VERSION = 1
 FORMATS = ("megatron", "wds", "lmdb")
@@ -144,6 +146,9 @@ def open_corpus(url: str, *, storage_options: dict[str, Any] | None = None, on_e
     index_loc = loc.child(INDEX_NAME)
     if index_loc.exists():
         return _from_index(loc, index_loc, on_error)
+    if loc.child(PACKING_NAME).exists():
+        raise FormatError(loc.url, f"an interrupted or running `loaders pack` ({PACKING_NAME} and no {INDEX_NAME}), "
+                                   "not a corpus; re-run the same `loaders pack` to finish it")
     if loc.isdir():
         return _from_directory(loc, on_error)
     for suffix in (".idx", ".bin"):
