@@ -16,7 +16,7 @@ from ling_train.config import PRESETS, TrainConfig, preset
 from ling_train.model import count_params
 from lingcore.errors import ConfigError
 from lingcore.log import setup_logging
-from loaders.errors import FormatError, InvalidParameterError
+from loaders import FormatError, InvalidParameterError
 
 EXAMPLES = """examples:
   ling-train params --preset ling-lite

@@ -87,11 +87,13 @@ PRESETS: dict[str, ModelConfig] = {
     "ling-lite": ModelConfig(vocab_size=126464, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=4,
                              intermediate_size=5632, moe_intermediate_size=1408, num_experts=64, top_k=6,
                              num_shared_experts=2, first_k_dense_replace=0, rope_theta=600000.0),
-    # Ling-plus: the configs disagree on heads (42/6 vs 56/8). 42 heads of 128 (q width = hidden) and
-    # 6 KV heads reproduce 290B / 28.8B; 56/8 with head_dim 128 overshoots active params by ~7%.
-    "ling-plus": ModelConfig(vocab_size=126464, hidden_size=5376, num_layers=88, num_heads=42, num_kv_heads=6,
-                             head_dim=128, intermediate_size=12288, moe_intermediate_size=3072, num_experts=64,
-                             top_k=4, num_shared_experts=1, first_k_dense_replace=1, rope_theta=600000.0),
+    # Ling-plus, as released (inclusionAI's BailingMoeForCausalLM config): 56 query heads and 8 KV heads of
+    # head_dim 96 (q width = hidden 5376), every layer MoE. 290.6B total, 29.0B active (the report rounds
+    # to 290B / 28.8B). A 42/6 x 128 split has the same weight shapes but computes different attention,
+    # so released weights would give wrong outputs under it.
+    "ling-plus": ModelConfig(vocab_size=126464, hidden_size=5376, num_layers=88, num_heads=56, num_kv_heads=8,
+                             head_dim=96, intermediate_size=12288, moe_intermediate_size=3072, num_experts=64,
+                             top_k=4, num_shared_experts=1, first_k_dense_replace=0, rope_theta=600000.0),
 }
 
 
@@ -113,6 +115,7 @@ class TrainConfig:
 
     Attributes:
         preset: Model preset name.
+        vocab_size: Embedding rows (0: the corpus's ``vocab_size`` from its ``index.json``, else the preset's).
         data: Corpus URLs or paths (comma-separated in env/flags): local, FUSE, ``pcache::s3://...``.
         ckpt: Checkpoint root URL (``pcache::s3://bucket/run`` or ``pcache::file:///dir``); empty: none.
         steps: Optimizer steps of the whole run (the LR schedule spans them); a resumed run continues.
@@ -148,6 +151,7 @@ class TrainConfig:
     """
 
     preset: str = "tiny"
+    vocab_size: int = 0
     data: tuple[str, ...] = ()
     ckpt: str = ""
     steps: int = 100
@@ -187,7 +191,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "keep_last", "spike_window", "spike_patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("ckpt_every", "warmup_steps", "threads", "reinject_after", "stop_at"):
+        for name in ("ckpt_every", "warmup_steps", "threads", "reinject_after", "stop_at", "vocab_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.parallel not in ("ddp", "fsdp"):
@@ -198,8 +202,8 @@ class TrainConfig:
             raise ConfigError("resume", "--resume needs --ckpt")
 
     def model_config(self) -> ModelConfig:
-        """The preset with this run's routing overrides applied."""
-        overrides = {"routing_warmup_steps": self.routing_warmup_steps if self.routing_warmup_steps >= 0 else None,
+        """The preset with this run's vocabulary and routing overrides applied."""
+        overrides = {"vocab_size": self.vocab_size or None,"routing_warmup_steps": self.routing_warmup_steps if self.routing_warmup_steps >= 0 else None,
                      "balance_coef": self.balance_coef if self.balance_coef >= 0 else None,
                      "z_coef": self.z_coef if self.z_coef >= 0 else None}
         return preset(self.preset).replace(**overrides)

@@ -7,6 +7,7 @@ calls :func:`train` and :func:`setup_distributed` picks the process group up fro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import time
@@ -21,12 +22,12 @@ from torch import nn
 
 from ling_train.anomaly import AnomalyGuard, SpikeConfig
 from ling_train.checkpoint import CheckpointManager, SaveStats
-from ling_train.config import TrainConfig
+from ling_train.config import TrainConfig, preset
 from ling_train.metrics import MetricsLog, flops_per_token, peak_flops
 from ling_train.model import LingModel, count_params
 from lingcore.log import get_logger
-from lingcore.storage import split_url, storage_options
-from loaders import TokenDataset, TokenLoader
+from lingcore.storage import url_storage_options
+from loaders import InvalidParameterError, TokenDataset, TokenLoader
 
 log = get_logger(__name__)
 
@@ -79,14 +80,24 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def data_options(url: str, cfg: TrainConfig) -> dict[str, Any]:
     """fsspec options for a data URL: the pcache cache directory and S3 endpoint where they apply."""
-    protocol = split_url(url)[0]
-    target = storage_options(protocol, cfg.endpoint_url or None)
+    opts = url_storage_options(url, cfg.endpoint_url or None)
     if url.startswith("pcache::"):
-        opts: dict[str, Any] = {"pcache": {"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}}
-        if target:
-            opts[protocol] = target
-        return opts
-    return target
+        opts["pcache"] = {"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}
+    return opts
+
+
+def model_vocab(cfg: TrainConfig, corpus_vocab: int | None) -> int:
+    """The embedding rows of this run: ``--vocab-size``, else the corpus's, else the preset's.
+
+    Raises:
+        InvalidParameterError: when the corpus's ids can exceed the chosen vocabulary (one line naming it).
+    """
+    chosen = cfg.vocab_size or corpus_vocab or preset(cfg.preset).vocab_size
+    if corpus_vocab is not None and corpus_vocab > chosen:
+        raise InvalidParameterError("vocab_size", f"{', '.join(cfg.data)} has token ids up to {corpus_vocab - 1} "
+                                                  f"(vocab_size {corpus_vocab} in its index.json), more than the "
+                                                  f"model's vocabulary of {chosen}")
+    return chosen
 
 
 def build_model(cfg: TrainConfig, device: torch.device, world: int) -> tuple[LingModel, nn.Module]:
@@ -162,14 +173,15 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world, self.device = setup_distributed()
-        self.model, self.module = build_model(cfg, self.device, self.world)
-        self.sharded = self.world > 1 and cfg.parallel == "fsdp"
-        self.opt = build_optimizer(self.model, cfg)
         if not cfg.data:
             raise ValueError("no --data given: a corpus URL or path is needed to train")
         self.dataset = TokenDataset(list(cfg.data), cfg.seq_len, seed=cfg.seed, batch_size=cfg.batch_size,
                                     rank=self.rank, world_size=self.world,
                                     storage_options=data_options(cfg.data[0], cfg))
+        self.cfg = cfg = dataclasses.replace(cfg, vocab_size=model_vocab(cfg, self.dataset.vocab_size))
+        self.model, self.module = build_model(cfg, self.device, self.world)
+        self.sharded = self.world > 1 and cfg.parallel == "fsdp"
+        self.opt = build_optimizer(self.model, cfg)
         self.loader = TokenLoader(self.dataset)  # whole batches packed at once; it tracks its own position
         self.guard = AnomalyGuard(SpikeConfig(cfg.spike_window, cfg.spike_k, cfg.spike_patience,
                                               cfg.spike_lr_factor, cfg.reinject_after))
@@ -268,6 +280,10 @@ class Trainer:
         return result
 
     def _step(self, batch: dict[str, torch.Tensor], autocast: Any) -> dict[str, Any]:
+        top = int(batch["tokens"].max())  # on the host batch: no device sync
+        if top >= self.cfg.vocab_size:  # foreign data records no vocabulary: catch it before the embedding does
+            raise InvalidParameterError("vocab_size", f"{', '.join(self.cfg.data)} holds token id {top}, beyond the "
+                                        f"model's vocabulary of {self.cfg.vocab_size}; pass --vocab-size")
         tokens = batch["tokens"].to(self.device)
         doc_ids = batch["doc_ids"].to(self.device)
         self.model.set_step(self.step)

@@ -35,3 +35,18 @@ def storage_options(protocol: str, endpoint_url: str | None = None,
     if region:
         client["region_name"] = region
     return {"client_kwargs": client} if client else {}
+
+
+def url_storage_options(url: str, endpoint_url: str | None = None,
+                        env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Return the fsspec options to open ``url``, from flags and the standard environment.
+
+    A chained URL (``pcache::s3://b/k``) takes each layer's options under its protocol name
+    (``{"s3": {...}}``); at the top level fsspec would hand them to the outer layer, and pcache would
+    reject ``client_kwargs`` as a config field.
+    """
+    protocol = split_url(url)[0]
+    target = storage_options(protocol, endpoint_url, env)
+    if "::" in url and target:
+        return {protocol: target}
+    return target

@@ -16,7 +16,7 @@ from typing import Any
 
 from lingcore.errors import ConfigError
 from lingcore.log import setup_logging
-from lingcore.storage import split_url, storage_options
+from lingcore.storage import url_storage_options
 from loaders.errors import FormatError, InvalidParameterError, MissingDependencyError
 from loaders.formats.corpus import FORMATS
 from loaders.formats.inspect import inspect_corpus
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options_for(endpoint_url: str | None) -> Any:
     def options(url: str) -> dict[str, Any]:
-        return storage_options(split_url(url)[0], endpoint_url)
+        return url_storage_options(url, endpoint_url)
     return options
 
 
@@ -126,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"loaders {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        hint = (f"; finished shards stay listed in {args.out}/_PACKING and the same command finishes the rest"
+                if args.command == "pack" else "")
+        print(f"loaders {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -81,6 +81,7 @@ class TokenDataset(IterableDataset):
         self.on_error = on_error
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         corpora = [open_corpus(url, storage_options=storage_options, on_error=on_error) for url in sources]
+        _check_same_tokenizer(corpora)
         self.sources = [SourceView(c, i, seq_len, seed, shuffle, shuffle_window) for i, c in enumerate(corpora)]
         self.schedule = MixSchedule(self.weights)
         #: The narrowest dtype holding every source's tokens (what :meth:`fill` needs at least).
@@ -92,6 +93,12 @@ class TokenDataset(IterableDataset):
         self._forked = False  # set when workers forked from this process may have iterated it
         self._warmed = -1
         _UNWARMED.add(self)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Every token id is below this, as the sources' ``index.json`` record it; None if one does not say."""
+        sizes = [view.corpus.vocab_size for view in self.sources]
+        return None if any(size is None for size in sizes) else max(int(size or 0) for size in sizes)
 
     # -- order -------------------------------------------------------------------------------------
     @property
@@ -269,3 +276,12 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     if world_size <= 0 or not 0 <= rank < world_size:
         raise InvalidParameterError("rank", f"rank {rank} is not in a world of {world_size}")
     return rank, world_size
+
+
+def _check_same_tokenizer(corpora: Sequence[Any]) -> None:
+    """Mixed sources must share one tokenizer: the same id means different text in different vocabularies."""
+    known = [(c.url, c.tokenizer_id) for c in corpora if c.tokenizer_id is not None]
+    for url, tok in known[1:]:
+        if tok != known[0][1]:
+            raise InvalidParameterError("sources", f"{url} was tokenized with {tok}, but {known[0][0]} with "
+                                                   f"{known[0][1]}; mix only corpora of one tokenizer")

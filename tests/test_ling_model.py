@@ -50,9 +50,14 @@ def test_param_counts_match_published(name: str, total: float, active: float, to
     assert abs(got_active - active) / active <= tolerance
 
 
-def test_ling_plus_56_heads_of_128_overshoot_the_published_active_count() -> None:
-    _, active = count_params(preset("ling-plus").replace(num_heads=56, num_kv_heads=8, head_dim=128))
-    assert abs(active - 28.8e9) / 28.8e9 > 0.03
+def test_presets_carry_the_released_shapes_and_counts() -> None:
+    plus = preset("ling-plus")
+    assert (plus.num_heads, plus.num_kv_heads, plus.head_dim, plus.first_k_dense_replace) == (56, 8, 96, 0)
+    assert plus.num_heads * plus.head_dim == plus.hidden_size == 5376
+    total, active = count_params(plus)
+    assert (round(total / 1e9, 1), round(active / 1e9, 1)) == (290.6, 29.0)
+    total, active = count_params(preset("ling-lite"))
+    assert (round(total / 1e9, 1), round(active / 1e9, 2)) == (16.8, 2.75)
 
 
 def test_params_cli(capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,6 +32,8 @@ from loaders.formats.megatron import MegatronShard
 from loaders.formats.wds import WdsShard
 
 INDEX_NAME = "index.json"
+# Present while `loaders pack` writes a corpus (and after it was interrupted); removed once index.json is.
+PACKING_NAME = "_PACKING"
 INDEX_SCHEMA = "loaders.corpus"
 INDEX_VERSION = 1
 FORMATS = ("megatron", "wds", "lmdb")
@@ -87,6 +89,21 @@ class Corpus:
     root: Location | None = None
 
     @property
+    def vocab_size(self) -> int | None:
+        """Token ids are below this (from ``index.json``); None for foreign data that does not say."""
+        index = self.index or {}
+        value = index.get("vocab_size") or (index.get("tokenizer") or {}).get("vocab_size")
+        return int(value) if value else None
+
+    @property
+    def tokenizer_id(self) -> str | None:
+        """What tokenized the corpus: ``bytes``, ``hf:<xxh3-128 of tokenizer.json>``, or None (unknown)."""
+        tok = (self.index or {}).get("tokenizer") or {}
+        if tok.get("kind") == "hf":
+            return f"hf:{tok.get('xxh3_128')}"
+        return str(tok["kind"]) if tok.get("kind") else None
+
+    @property
     def skipped(self) -> int:
         """Corrupt members skipped so far across the shards (on_error="skip")."""
         return sum(shard.skipped for shard in self.shards)
@@ -129,6 +146,9 @@ def open_corpus(url: str, *, storage_options: dict[str, Any] | None = None, on_e
     index_loc = loc.child(INDEX_NAME)
     if index_loc.exists():
         return _from_index(loc, index_loc, on_error)
+    if loc.child(PACKING_NAME).exists():
+        raise FormatError(loc.url, f"an interrupted or running `loaders pack` ({PACKING_NAME} and no {INDEX_NAME}), "
+                                   "not a corpus; re-run the same `loaders pack` to finish it")
     if loc.isdir():
         return _from_directory(loc, on_error)
     for suffix in (".idx", ".bin"):

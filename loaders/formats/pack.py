@@ -36,6 +36,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from lingcore.checksum import content_hash
+from lingcore.versions import object_version
 from loaders.errors import FormatError, InvalidParameterError
 from loaders.formats._io import Location
 from loaders.formats.tokenize import Encoder, TokenizerSpec, encode_chunk, init_worker, load_tokenizer
@@ -57,6 +59,7 @@ class InputFile:
     kind: str
     compression: str | None
     size: int
+    version: str = ""  # ETag, else size:mtime: a re-run resumes only over unchanged inputs
 
 
 def _kind(path: str) -> tuple[str | None, str | None]:
@@ -96,7 +99,8 @@ def expand_inputs(inputs: Sequence[str], options_for: OptionsFor | None = None) 
                     raise InvalidParameterError("INPUT", f"{url}: expected {JSONL_SUFFIXES + TEXT_SUFFIXES} "
                                                          "(optionally compressed)")
                 continue
-            files.append(InputFile(sub, kind, compression, sub.size()))
+            info = sub.info()
+            files.append(InputFile(sub, kind, compression, int(info["size"]), object_version(info)))
             found += 1
         if not found:
             raise FileNotFoundError(f"input {url} holds no .jsonl or .txt files")
@@ -203,9 +207,15 @@ def pack(inputs: Sequence[str], out: str, *, format: str, tokenizer: str = "byte
     total = sum(f.size for f in files)
     columns = (TextColumn("[bold]pack"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TextColumn("{task.fields[docs]:,} docs, {task.fields[tokens]:,} tokens"), TimeRemainingColumn())
+    # A re-run of the same inputs (same versions) and options may keep the shards an interrupted run finished.
+    resume_key = content_hash(json.dumps({
+        "inputs": [(f.loc.url, f.size, f.version) for f in files], "format": format,
+        "tokenizer": spec.describe(), "text_field": text_field, "txt_mode": txt_mode,
+        "shard_size": shard_size}, sort_keys=True).encode())
     writer = CorpusWriter(out, format=format, dtype=token_dtype(spec.vocab_size, format), shard_size=shard_size,
                           tokenizer=spec.describe(), eos_id=spec.eos_id,
-                          storage_options=options_for(out) if options_for else None, overwrite=overwrite)
+                          storage_options=options_for(out) if options_for else None, overwrite=overwrite,
+                          resume_key=resume_key)
     with writer, Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task("pack", total=total, docs=0, tokens=0)
         done = 0

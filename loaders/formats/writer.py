@@ -36,7 +36,7 @@ from lingcore.config import parse_size
 from lingcore.log import get_logger
 from loaders.errors import InvalidParameterError
 from loaders.formats._io import Location, hash_file
-from loaders.formats.corpus import FORMATS, INDEX_NAME, INDEX_SCHEMA, INDEX_VERSION
+from loaders.formats.corpus import FORMATS, INDEX_NAME, INDEX_SCHEMA, INDEX_VERSION, PACKING_NAME
 from loaders.formats.lmdbfmt import LmdbShardWriter
 from loaders.formats.megatron import MegatronShardWriter, dtype_code
 from loaders.formats.wds import WdsShardWriter
@@ -67,13 +67,19 @@ class CorpusWriter:
         eos_id: End-of-document token id recorded in ``index.json`` (documents already end with it).
         storage_options: fsspec options for ``url``.
         overwrite: Replace an existing corpus at ``url`` instead of raising ``FileExistsError``.
+        resume_key: Identifies the inputs and options (``pack`` passes a hash of them). When ``url`` holds
+            an interrupted write with the same key, its finished shards that still verify are kept and
+            the documents they hold are skipped; None never resumes.
 
-    Used as a context manager, an exception leaves no ``index.json`` behind.
+    Until ``index.json`` exists, a ``_PACKING`` file in ``url`` marks the directory as unfinished, so no
+    reader takes the shards written so far for a (smaller) corpus. It lists the finished shards. Used as
+    a context manager, an exception leaves no ``index.json`` behind.
     """
 
     def __init__(self, url: str, *, format: str, dtype: Any = np.uint16, shard_size: int | str = DEFAULT_SHARD_SIZE,
                  tokenizer: Mapping[str, Any] | None = None, eos_id: int | None = None,
-                 storage_options: dict[str, Any] | None = None, overwrite: bool = False) -> None:
+                 storage_options: dict[str, Any] | None = None, overwrite: bool = False,
+                 resume_key: str | None = None) -> None:
         if format not in FORMATS:
             raise InvalidParameterError("format", f"expected one of {FORMATS}, got {format!r}")
         self.format = format
@@ -91,6 +97,10 @@ class CorpusWriter:
         index = self.out.child(INDEX_NAME)
         if index.exists() and not overwrite:
             raise FileExistsError(f"{index.url} exists; pass overwrite=True (--force) to replace the corpus")
+        self.resume_key = resume_key
+        kept = self._resumable(overwrite)
+        if index.exists():  # --force: the old index must never describe the new shards
+            index.fs.rm_file(index.path)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if self.out.local:
             os.makedirs(self.out.path, exist_ok=True)
@@ -99,11 +109,61 @@ class CorpusWriter:
             self._tmp = tempfile.TemporaryDirectory(prefix="loaders-pack-")
             self._stage = self._tmp.name
         self._writer: Any = None
-        self._shards: list[dict[str, Any]] = []
         self._pending: list[np.ndarray] = []
-        self.documents = 0
-        self.tokens = 0
+        self._shards: list[dict[str, Any]] = kept
+        self.documents = sum(s["documents"] for s in kept)
+        self.tokens = sum(s["tokens"] for s in kept)
+        self._skip = self.documents  # documents of kept shards: the re-run feeds them again
+        self.reused = len(kept)
         self._closed = False
+        self._write_packing()
+        if kept:
+            log.info("resuming an interrupted pack: %d finished shards verified and kept", len(kept),
+                     extra={"url": self.out.url})
+
+    def _resumable(self, overwrite: bool) -> list[dict[str, Any]]:
+        """Finished shards of an interrupted write of the same inputs that still verify (a prefix)."""
+        packing = self.out.child(PACKING_NAME)
+        if not packing.exists():
+            return []
+        try:
+            state = json.loads(packing.read_bytes())
+            shards = list(state["shards"]) if state.get("key") == self.resume_key and self.resume_key else None
+        except (ValueError, KeyError, TypeError):
+            shards = None
+        if shards is None:
+            if not overwrite:
+                raise FileExistsError(f"{self.out.url} holds an interrupted pack of other inputs or options; "
+                                      "pass overwrite=True (--force) to replace it")
+            return []
+        kept = []
+        for shard in shards:
+            try:
+                intact = all(hash_file(self.out.child(f["path"])) == (f["bytes"], f["xxh3_128"])
+                             for f in shard["files"].values())
+            except (OSError, KeyError, TypeError):
+                intact = False
+            if not intact:
+                break  # later shards start where this one ends: they cannot be kept without it
+            kept.append(shard)
+        return kept
+
+    def _write_packing(self) -> None:
+        """Record the finished shards in ``_PACKING`` (whole-or-nothing: a torn file would lose them)."""
+        data = json.dumps({"key": self.resume_key, "format": self.format, "shards": self._shards}).encode()
+        self._put(self.out.child(PACKING_NAME), data)
+
+    def _put(self, target: Location, data: bytes) -> None:
+        if self.out.local:
+            tmp = target.path + ".tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target.path)  # readers see the old file or the complete new one
+        else:
+            self.out.fs.makedirs(self.out.path, exist_ok=True)  # object stores: a no-op
+            self.out.fs.pipe_file(target.path, data)  # one PUT replaces an object whole
 
     def add(self, tokens: Any) -> None:
         """Append one document (a 1-D array or sequence of token ids)."""
@@ -120,6 +180,10 @@ class CorpusWriter:
             raise InvalidParameterError("lengths", f"{lengths.size} lengths summing to {int(lengths.sum())} "
                                                    f"for {flat.size} tokens")
         self._check_range(flat)
+        if self._skip:  # documents already in kept shards of an interrupted write
+            drop = min(self._skip, int(lengths.size))
+            self._skip -= drop
+            flat, lengths = flat[int(lengths[:drop].sum()):], lengths[drop:]
         flat = flat.astype(self.dtype, copy=False)
         nbytes = np.cumsum(lengths) * self.dtype.itemsize
         doc = tok = 0
@@ -186,6 +250,7 @@ class CorpusWriter:
             shutil.rmtree(os.path.join(self._stage, writer.name + ".lmdb"), ignore_errors=True)
         self._shards.append({"name": writer.name, "first_document": first, "documents": writer.documents,
                              "tokens": writer.tokens, "files": files})
+        self._write_packing()
         log.debug("shard written", extra={"url": self.out.url, "shard": writer.name})
 
     def close(self) -> dict[str, Any]:
@@ -205,26 +270,20 @@ class CorpusWriter:
         index = {
             "schema": INDEX_SCHEMA, "schema_version": INDEX_VERSION, "format": self.format,
             "dtype": self.dtype.name, "tokenizer": self.tokenizer, "eos_id": self.eos_id,
+            # The model's embedding needs at least this many rows (trainers take it from here).
+            "vocab_size": (self.tokenizer or {}).get("vocab_size"),
             "documents": self.documents, "tokens": self.tokens, "shard_size": self.shard_size,
             "shards": self._shards,
         }
-        data = (json.dumps(index, indent=1) + "\n").encode()
-        target = self.out.child(INDEX_NAME)
-        if self.out.local:
-            tmp = target.path + ".tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target.path)  # readers see the old index or the complete new one
-        else:
-            self.out.fs.pipe_file(target.path, data)
+        self._put(self.out.child(INDEX_NAME), (json.dumps(index, indent=1) + "\n").encode())
+        packing = self.out.child(PACKING_NAME)
+        packing.fs.rm_file(packing.path)
         self._cleanup()
         self._closed = True
         return index
 
     def abort(self) -> None:
-        """Stop without writing ``index.json`` (shards already written stay, unreferenced)."""
+        """Stop without writing ``index.json``; finished shards stay, listed in ``_PACKING`` for a re-run."""
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.close()
