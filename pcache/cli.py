@@ -16,7 +16,7 @@ from typing import Any
 from lingcore.cli import run_command
 from lingcore.log import setup_logging
 from lingcore.storage import storage_options
-from pcache import admin
+from pcache import admin, devs3
 from pcache.errors import ConfigError
 from pcache.options import add_cache_options, cache_config
 
@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   pcache flush --cache-dir /nvme/pcache --timeout 600
   pcache verify --cache-dir /nvme/pcache
   pcache gc --cache-dir /nvme/pcache
+  pcache dev-s3 --bucket datasets --bucket ckpt     # a local S3 endpoint to try things out
 """
 
 
@@ -66,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="reconcile index and files, remove stale temp files, enforce the budget")
     add_cache_options(p)
     p.add_argument("--keep-done-days", type=float, default=7.0, help="forget upload records older than this")
+    p = sub.add_parser("dev-s3", help="run the bundled SeaweedFS as a local S3 endpoint on 127.0.0.1 and print "
+                                      "the AWS_* exports; Ctrl-C stops it")
+    p.add_argument("--dir", default=os.environ.get("PCACHE_DEV_S3_DIR") or devs3.default_dir(),
+                   help="data and credentials, kept across restarts (env PCACHE_DEV_S3_DIR; default %(default)s)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PCACHE_DEV_S3_PORT") or devs3.DEFAULT_PORT),
+                   help="S3 port on 127.0.0.1; port+10000 is its gRPC port (env PCACHE_DEV_S3_PORT; default "
+                        "%(default)s)")
+    p.add_argument("--bucket", action="append", default=[], metavar="NAME",
+                   help="create this bucket if missing (repeat for several)")
     return parser
 
 
@@ -193,16 +203,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev_s3(args: argparse.Namespace) -> int:
+    return devs3.run(args.dir, args.port, args.bucket)
+
+
 COMMANDS = {"stat": cmd_stat, "warm": cmd_warm, "flush": cmd_flush, "verify": cmd_verify, "gc": cmd_gc,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "dev-s3": cmd_dev_s3}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(json_format=(args.log_format == "json") if args.log_format else None)
+    log_format = getattr(args, "log_format", None)
+    setup_logging(json_format=(log_format == "json") if log_format else None)
     return run_command("pcache", COMMANDS, args,
                        (ConfigError, ValueError, FileNotFoundError, PermissionError, TimeoutError))
-
 
 
 if __name__ == "__main__":

