@@ -67,7 +67,7 @@ def run(data_dir: str, port: int, buckets: list[str], stop: threading.Event | No
     creds = credentials(root)
     stop = stop or threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server = SeaweedServer(root / "data", s3_port=port, **creds)
+    server = SeaweedServer(root / "data", s3_port=port, access_key=creds["access_key"], secret_key=creds["secret_key"])
     try:
         try:
             server.start()
