@@ -242,14 +242,18 @@ def cmd_flush(args: argparse.Namespace) -> int:
     done = len(before) - len(uploader.journal.pending(args.prefix))
     data = {"uploaded": done, "failed": failed, "still_pending": len(uploader.journal.pending(args.prefix)),
             "replicas_adopted": replicas["adopted"], "replicas_dropped": replicas["dropped"],
-            "replicas_failed": replicas["failed"]}
+            "replicas_failed": replicas["failed"], "orphan_uploads_aborted": uploader.orphans["aborted"],
+            "orphan_uploads_failed": uploader.orphans["failed"]}
     lines = [f"uploaded {done} file(s); {data['still_pending']} still pending"]
     if any(replicas.values()):
         lines.append(f"peer replicas: {replicas['adopted']} adopted, {replicas['dropped']} already at the origin, "
                      f"{replicas['failed']} failed (kept)")
+    if uploader.orphans["aborted"] or uploader.orphans["failed"]:
+        lines.append(f"orphan multipart uploads: {uploader.orphans['aborted']} aborted, "
+                     f"{uploader.orphans['failed']} object(s) unreachable (kept for the next flush or gc)")
     lines += [f"failed: {url}" for url in failed]
     _emit(args, data, "\n".join(lines))
-    return 1 if data["still_pending"] or replicas["failed"] else 0
+    return 1 if data["still_pending"] or replicas["failed"] or uploader.orphans["failed"] else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -273,15 +277,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from pcache.diskstore import DiskStore
     from pcache.journal import Journal
+    from pcache.uploader import abort_orphan_uploads
 
     config = cache_config(args)
     journal = Journal(config.cache_dir)
     store = DiskStore(config.cache_dir, config.disk_bytes, reserved=journal.pending_bytes)
     result = store.gc()
+    orphans = abort_orphan_uploads(config, endpoint_url=args.endpoint_url)
+    result["orphan_uploads_aborted"], result["orphan_uploads_failed"] = orphans["aborted"], orphans["failed"]
     result["orphan_staged"] = journal.remove_orphans()
     result["done_records_pruned"] = journal.prune_done(args.keep_done_days * 86400)
     _emit(args, result, ", ".join(f"{k}: {v}" for k, v in result.items()))
-    return 0
+    return 1 if orphans["failed"] else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
