@@ -117,3 +117,34 @@ def test_kill9_after_the_reply_before_the_upload_id_is_journaled(tmp_path, s3_se
             kill_group(writer)
         hold.release()
     recover_and_check(s3_server, s3_options, tmp_path, bucket, key, "flush")
+
+
+def test_gc_aborts_uploads_of_an_intent_whose_entry_is_gone(tmp_path, s3_server, s3_options, bucket) -> None:
+    """A superseded write's intent has no pending entry left; gc still finds its object and aborts."""
+    key = "ckpt/step3/rank0.distcp"
+    s3 = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options)
+    orphan = s3.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+    other = s3.call_s3("create_multipart_upload", Bucket=bucket, Key=key + ".other")["UploadId"]
+    public = {k: v for k, v in s3_options.items() if k not in ("key", "secret")}
+    Journal(str(tmp_path / "c")).begin_multipart({"id": "gone", "url": f"s3://{bucket}/{key}", "protocol": "s3",
+                                                  "path": f"{bucket}/{key}", "options": public})
+    assert pcache_cli(s3_server, tmp_path, "gc")["orphan_uploads_aborted"] == 1
+    assert uploads_of(s3, bucket, key) == []
+    assert uploads_of(s3, bucket, key + ".other") == [other], "an upload of another key (same prefix) was aborted"
+    assert orphan not in uploads_of(s3, bucket, key)
+    assert Journal(str(tmp_path / "c")).multipart_intents() == []
+    s3.call_s3("abort_multipart_upload", Bucket=bucket, Key=key + ".other", UploadId=other)
+
+
+def test_unreachable_origin_keeps_the_intent_and_fails_gc(tmp_path, s3_options, bucket) -> None:
+    key = "ckpt/step4/rank0.distcp"
+    public = {k: v for k, v in s3_options.items() if k not in ("key", "secret")}
+    Journal(str(tmp_path / "c")).begin_multipart({"id": "e1", "url": f"s3://{bucket}/{key}", "protocol": "s3",
+                                                  "path": f"{bucket}/{key}", "options": public})
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y", PCACHE_RETRY_ATTEMPTS="2",
+               PCACHE_RETRY_BASE_DELAY="0.01")
+    out = subprocess.run([PY, "-m", "pcache.cli", "gc", "--cache-dir", str(tmp_path / "c"), "--endpoint-url",
+                          "http://127.0.0.1:1", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert json.loads(out.stdout)["orphan_uploads_failed"] == 1
+    assert [i["id"] for i in Journal(str(tmp_path / "c")).multipart_intents()] == ["e1"]
