@@ -32,6 +32,7 @@ from pcache.config import CacheConfig
 from pcache.fs import build_target_fs
 from pcache.journal import Journal, merge_options, options_fingerprint
 from pcache.locks import StripeLocks
+from pcache.orphans import abort_uploads_of
 
 log = get_logger("pcache.uploader")
 
@@ -290,40 +291,10 @@ class Uploader:
             fs, target = self._filesystem(intent), (options_fingerprint(intent["protocol"], intent["options"]),
                                                     intent["path"])
             if hasattr(fs, "_call_s3") and target not in swept:
-                bucket, key, _ = fs.split_path(intent["path"])
-                for upload_id in self._multipart_uploads(fs, bucket, key, intent["url"]):
-                    try:
-                        retry_call(partial(sync, fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket,
-                                           Key=key, UploadId=upload_id), url=intent["url"], policy=self.policy)
-                    except FileNotFoundError:
-                        continue  # completed or aborted meanwhile
-                    aborted += 1
-                    log.info("aborted orphan multipart upload %s of %s", upload_id, intent["url"],
-                             extra={"url": intent["url"]})
+                aborted += abort_uploads_of(fs, intent["path"], intent["url"], self.policy)
                 swept.add(target)
             self.journal.end_multipart([intent["id"]])
         return aborted
-
-    def _multipart_uploads(self, fs: Any, bucket: str, key: str, url: str) -> list[str]:
-        """Ids of the multipart uploads in progress for exactly ``key`` (the listing is by prefix)."""
-        ids: list[str] = []
-        markers: dict[str, str] = {}
-        for _ in range(1000):  # a server whose markers never advance must not loop forever
-            try:
-                page = retry_call(partial(sync, fs.loop, fs._call_s3, "list_multipart_uploads", Bucket=bucket,
-                                          Prefix=key, **markers), url=url, policy=self.policy)
-            except FileNotFoundError:
-                break  # no such bucket: no upload can be left in it
-            uploads = page.get("Uploads") or []
-            ids += [u["UploadId"] for u in uploads if u.get("Key") == key]
-            if not page.get("IsTruncated") or not uploads:
-                break
-            nxt = {"KeyMarker": page.get("NextKeyMarker") or uploads[-1]["Key"],
-                   "UploadIdMarker": page.get("NextUploadIdMarker") or uploads[-1]["UploadId"]}
-            if nxt == markers:
-                break
-            markers = nxt
-        return ids
 
     def _sweep_url(self, url: str, entry: dict[str, Any] | None) -> None:
         """Abort the orphans of ``url`` left by killed uploaders (the caller holds its stripe lock)."""
