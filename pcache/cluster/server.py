@@ -250,12 +250,12 @@ class NodeServer:
     async def serve(self, ready: Any = None) -> None:
         """Serve until SIGTERM or SIGINT, then drain in-flight requests and stop."""
         runners = await self.start()
-        if ready is not None:
-            ready(self)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if ready is not None:  # only now: a SIGTERM right after READY must drain, not kill
+            ready(self)
         await stop.wait()
         log.info("pcache node stopping: draining in-flight requests")
         for runner in runners:
