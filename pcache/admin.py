@@ -129,7 +129,8 @@ def flush(config: CacheConfig, endpoint_url: str | None = None, prefix: str | No
 
     Returns:
         ``uploaded``, ``failed`` (URLs), ``still_pending``, and ``replicas_adopted``, ``replicas_dropped``
-        (already at the origin), ``replicas_failed`` (kept).
+        (already at the origin), ``replicas_failed`` (kept), ``orphan_uploads_aborted`` (multipart uploads
+        of a killed uploader), ``orphan_uploads_failed`` (objects whose origin could not be reached).
     """
     from pcache.uploader import Uploader
 
@@ -140,7 +141,8 @@ def flush(config: CacheConfig, endpoint_url: str | None = None, prefix: str | No
     still = len(uploader.journal.pending(prefix))
     return {"uploaded": len(before) - still, "failed": failed, "still_pending": still,
             "replicas_adopted": replicas["adopted"], "replicas_dropped": replicas["dropped"],
-            "replicas_failed": replicas["failed"]}
+            "replicas_failed": replicas["failed"], "orphan_uploads_aborted": uploader.orphans["aborted"],
+            "orphan_uploads_failed": uploader.orphans["failed"]}
 
 
 def verify(config: CacheConfig, progress: VerifyProgress | None = None) -> dict[str, Any]:
@@ -156,11 +158,17 @@ def verify(config: CacheConfig, progress: VerifyProgress | None = None) -> dict[
     return {"checked": total, "corrupt": corrupt}
 
 
-def gc(config: CacheConfig, keep_done_days: float = 7.0) -> dict[str, Any]:
-    """Reconcile index and block files, remove stale temporaries and orphaned staged files, enforce the
-    disk budget, and forget upload records older than ``keep_done_days``; return the counts."""
+def gc(config: CacheConfig, keep_done_days: float = 7.0, endpoint_url: str | None = None) -> dict[str, Any]:
+    """Reconcile index and block files, remove stale temporaries and orphaned staged files, abort the
+    multipart uploads a killed uploader left at the origin, enforce the disk budget, and forget upload
+    records older than ``keep_done_days``; return the counts (``orphan_uploads_failed`` > 0: an origin
+    could not be reached, and its intents are kept for the next run)."""
+    from pcache.uploader import abort_orphan_uploads
+
     journal, store = _open_store(config)
     result: dict[str, Any] = dict(store.gc())
+    orphans = abort_orphan_uploads(config, endpoint_url=endpoint_url)
+    result["orphan_uploads_aborted"], result["orphan_uploads_failed"] = orphans["aborted"], orphans["failed"]
     result["orphan_staged"] = journal.remove_orphans()
     result["done_records_pruned"] = journal.prune_done(keep_done_days * 86400)
     return result

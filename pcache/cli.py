@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", default=os.environ.get("PCACHE_TOKEN_FILE"),
                    help="file with the secret shared by all nodes, mode 600 (env PCACHE_TOKEN_FILE)")
     p.add_argument("--origin-protocol", default="s3", help="fsspec protocol of the origin (default s3)")
+    p.add_argument("--metrics-listen", help="HOST:PORT serving /metrics unsigned for Prometheus, or 'off' "
+                                            "(env PCACHE_METRICS_LISTEN; default 127.0.0.1:9471)")
     p = sub.add_parser("gc", help="reconcile index and files, remove stale temp files, enforce the budget")
     add_cache_options(p)
     p.add_argument("--keep-done-days", type=float, default=7.0, help="forget upload records older than this")
@@ -156,9 +158,12 @@ def cmd_flush(args: argparse.Namespace) -> int:
     if data["replicas_adopted"] or data["replicas_dropped"] or data["replicas_failed"]:
         lines.append(f"peer replicas: {data['replicas_adopted']} adopted, {data['replicas_dropped']} already at the "
                      f"origin, {data['replicas_failed']} failed (kept)")
+    if data["orphan_uploads_aborted"] or data["orphan_uploads_failed"]:
+        lines.append(f"orphan multipart uploads: {data['orphan_uploads_aborted']} aborted, "
+                     f"{data['orphan_uploads_failed']} object(s) unreachable (kept for the next flush or gc)")
     lines += [f"failed: {url}" for url in data["failed"]]
     _emit(args, data, "\n".join(lines))
-    return 1 if data["still_pending"] or data["replicas_failed"] else 0
+    return 1 if data["still_pending"] or data["replicas_failed"] or data["orphan_uploads_failed"] else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -174,9 +179,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    result = admin.gc(cache_config(args), args.keep_done_days)
+    result = admin.gc(cache_config(args), args.keep_done_days, args.endpoint_url)
     _emit(args, result, ", ".join(f"{k}: {v}" for k, v in result.items()))
-    return 0
+    return 1 if result["orphan_uploads_failed"] else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -195,11 +200,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("token_file", "pcache serve needs --token-file (or PCACHE_TOKEN_FILE)", "arguments")
     token = load_token(args.token_file)
     config = dataclasses.replace(cache_config(args), peers=(), token_file="")  # a node reads only its origin
+    if args.metrics_listen is not None:  # the flag wins over env and the TOML file
+        config = dataclasses.replace(config, metrics_listen=args.metrics_listen)
     fs = fsspec.filesystem("pcache", target_protocol=args.origin_protocol,
                            target_options=storage_options(args.origin_protocol, args.endpoint_url),
                            skip_instance_cache=True, **vars(config))
-    node = NodeServer(fs, token, host.strip("[]"), int(port))
-    asyncio.run(node.serve(ready=lambda n: print(f"READY http://{n.host}:{n.port}", flush=True)))
+    node = NodeServer(fs, token, host.strip("[]"), int(port), metrics=config.metrics_address)
+
+    def ready(n: NodeServer) -> None:
+        metrics = f" metrics=http://{n.metrics_host}:{n.metrics_port}/metrics" if n.metrics_app else ""
+        print(f"READY http://{n.host}:{n.port}{metrics}", flush=True)
+
+    asyncio.run(node.serve(ready=ready))
     return 0
 
 

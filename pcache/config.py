@@ -14,6 +14,21 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 
 
+_OFF = ("", "off", "none")
+
+
+def parse_listen(value: str, name: str = "listen") -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6) into host and port.
+
+    Raises:
+        ConfigError: naming ``name`` when the value is not HOST:PORT with a port from 0 to 65535.
+    """
+    host, _, port = value.rpartition(":")
+    if not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(name, f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
 def default_cache_dir() -> str:
     """Return ``$XDG_CACHE_HOME/pcache`` (or ``~/.cache/pcache``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -50,6 +65,9 @@ class CacheConfig:
         peer_blocks_on_disk: Also keep blocks served by a peer on the local disk tier (default: memory
             tier only; the owner node keeps them on its disk).
         replicas: 1 stores every write-back file on one peer too before ``close()`` returns (0: off).
+        metrics_listen: ``HOST:PORT`` where ``pcache serve`` answers an unsigned ``GET /metrics`` for a
+            Prometheus scrape, on its own port (block routes stay signed on the main one); ``"off"`` (or
+            empty) turns it off. Loopback by default.
     """
 
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -74,6 +92,7 @@ class CacheConfig:
     peer_timeout: float = 1.0
     peer_blocks_on_disk: bool = False
     replicas: int = 0
+    metrics_listen: str = "127.0.0.1:9471"
 
     def __post_init__(self) -> None:
         if not self.cache_dir:
@@ -108,6 +127,15 @@ class CacheConfig:
             raise ConfigError("replicas", "replicas=1 needs peers to replicate to")
         if self.metadata_ttl < 0:
             raise ConfigError("metadata_ttl", "must be >= 0")
+        if self.metrics_listen.strip().lower() in _OFF:
+            object.__setattr__(self, "metrics_listen", "")
+        else:
+            parse_listen(self.metrics_listen, "metrics_listen")
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the unsigned metrics listener, or None when it is off."""
+        return parse_listen(self.metrics_listen, "metrics_listen") if self.metrics_listen else None
 
     @classmethod
     def load(cls, toml_path: str | None = None, **overrides: Any) -> CacheConfig:

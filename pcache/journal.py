@@ -4,8 +4,12 @@
 size, xxh3-128, multipart upload id, last error). ``done`` maps a URL to what was uploaded (size, ETag,
 xxh3-128), which :func:`pcache.commit` records in the marker. ``replicas`` holds *standby* copies that
 peers' writers sent this node (``replicas=1``): they are not uploaded unless adopted (``pcache flush``
-after the writer's node is lost), so a stale copy never races its writer's own upload. Every write is fsynced: an entry that
-``close()`` reported is on disk before ``close()`` returns.
+after the writer's node is lost), so a stale copy never races its writer's own upload. ``multipart`` holds
+the *intent* of every S3 multipart upload an uploader starts, written before ``CreateMultipartUpload``
+is sent and dropped once that upload is completed or aborted: an uploader killed at any point leaves
+the intent behind, and the next uploader (or ``pcache flush``/``pcache gc``) aborts every multipart
+upload of that key at the origin. Every write is fsynced: an entry that ``close()`` reported is on disk
+before ``close()`` returns.
 
 Secrets never enter the journal: :func:`split_secrets` strips them, and the uploader gets them from the
 environment, the config, or its parent process's pipe.
@@ -82,7 +86,8 @@ class Journal:
     def __init__(self, cache_dir: str) -> None:
         self.dir = os.path.join(cache_dir, "writeback")
         os.makedirs(self.dir, exist_ok=True)
-        self.env = open_env(os.path.join(cache_dir, "journal"), map_size=1 << 30, max_dbs=5, sync=True,
+        # max_dbs leaves room: a named database cannot be added to an environment opened with fewer.
+        self.env = open_env(os.path.join(cache_dir, "journal"), map_size=1 << 30, max_dbs=12, sync=True,
                             metasync=True, max_readers=1024)
         self.pending_db = self.env.open_db(b"pending")
         self.done_db = self.env.open_db(b"done")
@@ -90,6 +95,7 @@ class Journal:
         # asks for it on every block it publishes, which must not decode the whole journal each time.
         self.meta_db = self.env.open_db(b"meta")
         self.replica_db = self.env.open_db(b"replicas")
+        self.multipart_db = self.env.open_db(b"multipart")
         with self.env.begin(write=True) as txn:
             # A journal written before the counter existed is counted once, here: seeding it lazily
             # inside a delete would recount after the delete and then subtract the entry a second time.
@@ -157,6 +163,40 @@ class Journal:
             if raw is not None:
                 txn.delete(entry_id.encode(), db=self.pending_db)
                 self._add_pending_bytes(txn, -json.loads(raw)["size"])
+
+    # -- multipart upload intents (no orphan uploads) ---------------------------------------------------
+    def begin_multipart(self, entry: dict[str, Any]) -> None:
+        """Record, durably, that a multipart upload of ``entry`` is about to be created at the origin.
+
+        Written *before* ``CreateMultipartUpload`` is sent: the origin may create the upload although
+        the uploader dies before it learns the id, so the record names the object (URL, protocol,
+        non-secret options, path), not an upload id.
+        """
+        record = {k: entry[k] for k in ("id", "url", "protocol", "path", "options")}
+        record.update(started=time.time(), upload_id=None)
+        with self.env.begin(write=True) as txn:
+            txn.put(entry["id"].encode(), json.dumps(record).encode(), db=self.multipart_db)
+
+    def note_multipart_id(self, entry_id: str, upload_id: str) -> None:
+        """Add the origin's upload id to an intent (informational: orphans are found by key)."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(entry_id.encode(), db=self.multipart_db)
+            if raw is not None:
+                record = json.loads(raw)
+                record["upload_id"] = upload_id
+                txn.put(entry_id.encode(), json.dumps(record).encode(), db=self.multipart_db)
+
+    def multipart_intents(self, url: str | None = None) -> list[dict[str, Any]]:
+        """Intents whose multipart uploads may still exist at the origin (of exactly ``url``, or all)."""
+        with self.env.begin() as txn:
+            records = [json.loads(v) for _, v in txn.cursor(db=self.multipart_db)]
+        return sorted((r for r in records if url is None or r["url"] == url), key=lambda r: r["started"])
+
+    def end_multipart(self, entry_ids: list[str]) -> None:
+        """Forget intents once no multipart upload of theirs can be left at the origin."""
+        with self.env.begin(write=True) as txn:
+            for entry_id in entry_ids:
+                txn.delete(entry_id.encode(), db=self.multipart_db)
 
     # -- standby replicas (cluster write-back, replicas=1) ------------------------------------------
     def add_replica(self, entry: dict[str, Any]) -> list[str]:

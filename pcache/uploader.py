@@ -32,6 +32,7 @@ from pcache.config import CacheConfig
 from pcache.fs import build_target_fs
 from pcache.journal import Journal, merge_options, options_fingerprint
 from pcache.locks import StripeLocks
+from pcache.orphans import abort_uploads_of
 
 log = get_logger("pcache.uploader")
 
@@ -63,6 +64,7 @@ class Uploader:
         self.policy = RetryPolicy(attempts=config.retry_attempts, base_delay=config.retry_base_delay)
         self.url_locks = StripeLocks(os.path.join(self.journal.dir, "locks"), n_stripes=256)
         self._fs: dict[str, Any] = {}
+        self.orphans = {"aborted": 0, "failed": 0, "busy": 0}  # what the last drain's orphan sweep did
 
     def _filesystem(self, entry: dict[str, Any]) -> Any:
         fp = options_fingerprint(entry["protocol"], entry["options"])
@@ -89,6 +91,15 @@ class Uploader:
             return None
         try:
             current = self.journal.get(entry["id"])
+            try:
+                self._sweep_url(entry["url"], current)
+            except Exception as exc:  # noqa: BLE001 - never start a new upload while old ones may linger
+                if current is not None:
+                    self.journal.update(current["id"], last_error=f"{type(exc).__name__}: {exc}"[:500],
+                                        attempts=current.get("attempts", 0) + 1)
+                log.error("orphan multipart uploads of %s not aborted: %s", entry["url"], exc,
+                          extra={"url": entry["url"]})
+                return False
             if current is None:
                 return True  # finished or superseded by another uploader meanwhile
             if self.journal.is_superseded(current):
@@ -212,16 +223,21 @@ class Uploader:
     def _s3_multipart(self, fs: Any, entry: dict[str, Any], local: str) -> str | None:
         bucket, key, _ = fs.split_path(entry["path"])
         url = entry["url"]
-        stale = entry.get("upload_id")
-        if stale:  # a killed uploader's multipart upload: abort it so nothing is orphaned
-            try:
-                sync(fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=stale)
-            except Exception as exc:  # noqa: BLE001 - already gone is fine
-                log.debug("abort of stale upload %s: %s", stale, exc)
-        mpu = retry_call(lambda: sync(fs.loop, fs._call_s3, "create_multipart_upload", Bucket=bucket, Key=key,
-                                      Metadata=_metadata(entry)), url=url, policy=self.policy)
+        # The intent is durable before the request leaves: a kill while CreateMultipartUpload is in
+        # flight, or after its reply but before anything else is journaled, leaves this record, and the
+        # next uploader or ``pcache flush``/``gc`` aborts whatever upload the origin created.
+        self.journal.begin_multipart(entry)
+        creates = 0
+
+        def create() -> Any:
+            nonlocal creates
+            creates += 1
+            return sync(fs.loop, fs._call_s3, "create_multipart_upload", Bucket=bucket, Key=key,
+                        Metadata=_metadata(entry))
+
+        mpu = retry_call(create, url=url, policy=self.policy)
         upload_id = mpu["UploadId"]
-        self.journal.update(entry["id"], upload_id=upload_id)
+        self.journal.note_multipart_id(entry["id"], upload_id)
         part_size, size = self.config.upload_part_size, entry["size"]
         spans = [(n + 1, off, min(part_size, size - off)) for n, off in enumerate(range(0, size, part_size))]
         fd = os.open(local, os.O_RDONLY)
@@ -243,14 +259,77 @@ class Uploader:
                              UploadId=upload_id, MultipartUpload={"Parts": parts}),
                 url=url, policy=self.policy)
         except BaseException:
-            try:
-                sync(fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-            except Exception as exc:  # noqa: BLE001 - best effort; the id stays in the journal
-                log.warning("could not abort multipart upload of %s: %s", url, exc)
+            try:  # every upload of the key, not just ours: a retried create may have made two
+                self._abort_intents(self.journal.multipart_intents(url))
+            except Exception as exc:  # noqa: BLE001 - the intent stays; flush or gc aborts it later
+                log.warning("could not abort multipart upload of %s: %s", url, exc, extra={"url": url})
             raise
         finally:
             os.close(fd)
+        if creates == 1:
+            self.journal.end_multipart([entry["id"]])  # the one upload this intent created is complete
+        else:  # a create whose reply was lost and was retried may have left another upload behind
+            try:
+                self._abort_intents(self.journal.multipart_intents(url))
+            except Exception as exc:  # noqa: BLE001 - the upload itself succeeded; flush or gc retries this
+                log.warning("multipart uploads of %s left for flush/gc to abort: %s", url, exc, extra={"url": url})
         return resp.get("ETag")
+
+    # -- orphan multipart uploads ---------------------------------------------------------------------
+    def _abort_intents(self, intents: list[dict[str, Any]]) -> int:
+        """Abort every multipart upload at the origin of the objects ``intents`` name, then forget them.
+
+        The caller holds the URL's stripe lock, so no uploader of this ``cache_dir`` is sending that URL:
+        no upload of the key is resumed, and each one is an orphan. Returns how many were aborted.
+
+        Raises:
+            Exception: the origin's error when listing or aborting fails; the intents are kept.
+        """
+        aborted = 0
+        swept: set[tuple[str, str]] = set()
+        for intent in intents:
+            fs, target = self._filesystem(intent), (options_fingerprint(intent["protocol"], intent["options"]),
+                                                    intent["path"])
+            if hasattr(fs, "_call_s3") and target not in swept:
+                aborted += abort_uploads_of(fs, intent["path"], intent["url"], self.policy)
+                swept.add(target)
+            self.journal.end_multipart([intent["id"]])
+        return aborted
+
+    def _sweep_url(self, url: str, entry: dict[str, Any] | None) -> None:
+        """Abort the orphans of ``url`` left by killed uploaders (the caller holds its stripe lock)."""
+        if entry is not None and entry.get("upload_id") and not self.journal.multipart_intents(url):
+            self.journal.begin_multipart(entry)  # a journal from before intents existed: same treatment
+        intents = self.journal.multipart_intents(url)
+        if intents:
+            self._abort_intents(intents)
+        if entry is not None and entry.get("upload_id"):
+            self.journal.update(entry["id"], upload_id=None)
+
+    def abort_orphans(self) -> dict[str, int]:
+        """Abort every multipart upload that a killed uploader of this ``cache_dir`` may have left.
+
+        Run by :meth:`drain` (so by ``pcache flush`` and :func:`pcache.flush`) and by ``pcache gc``.
+        URLs that a live uploader holds are skipped: it sweeps them itself before it uploads.
+
+        Returns:
+            ``{"aborted": n, "failed": f, "busy": b}``: uploads aborted, objects whose origin could not be
+            reached (their intents stay for the next run), objects held by a live uploader.
+        """
+        counts = {"aborted": 0, "failed": 0, "busy": 0}
+        for url in dict.fromkeys(i["url"] for i in self.journal.multipart_intents()):
+            lock = self.url_locks.try_acquire(xxhash.xxh3_64_digest(url.encode()))
+            if lock is None:
+                counts["busy"] += 1
+                continue
+            try:
+                counts["aborted"] += self._abort_intents(self.journal.multipart_intents(url))
+            except Exception as exc:  # noqa: BLE001 - one unreachable origin must not stop the others
+                counts["failed"] += 1
+                log.error("orphan multipart uploads of %s not aborted: %s", url, exc, extra={"url": url})
+            finally:
+                self.url_locks.release(lock)
+        return counts
 
     def _writer_active(self, within_s: float) -> bool:
         """True while some writer's staged ``.tmp`` file changed in the last ``within_s`` seconds."""
@@ -266,13 +345,15 @@ class Uploader:
 
     def drain(self, prefix: str | None = None, idle_exit: float = 0.0, max_rounds: int = 3,
               timeout: float | None = None) -> list[str]:
-        """Upload pending entries until none is left (waiting ``idle_exit`` s for new ones).
+        """Abort orphan multipart uploads, then upload pending entries until none is left (waiting
+        ``idle_exit`` s for new ones).
 
         Stops early, leaving entries pending, once ``timeout`` seconds have passed.
 
         Returns:
             URLs still pending because their upload failed ``max_rounds`` times in this run.
         """
+        self.orphans = self.abort_orphans()
         failures: dict[str, int] = {}
         idle_since = time.monotonic()
         deadline = None if timeout is None else idle_since + timeout
@@ -297,6 +378,14 @@ class Uploader:
                 idle_since = time.monotonic()
         return [e["url"] for e in self.journal.pending(prefix) if failures.get(e["id"], 0) >= max_rounds]
 
+
+def abort_orphan_uploads(config: CacheConfig, endpoint_url: str | None = None) -> dict[str, int]:
+    """Abort the multipart uploads that killed uploaders of ``config.cache_dir`` left (``pcache gc``).
+
+    Credentials come from the environment or the config, as for ``pcache flush``. See
+    :meth:`Uploader.abort_orphans` for what is returned.
+    """
+    return Uploader(config, endpoint_url=endpoint_url).abort_orphans()
 
 
 def main(argv: list[str] | None = None) -> int:

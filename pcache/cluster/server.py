@@ -3,7 +3,9 @@
 A node owns the blocks that rendezvous placement gives it. On a miss it fetches from the origin through
 its local engine, whose single-flight makes N concurrent requests for a block cost one origin GET for
 the whole cluster. It shares the ``cache_dir`` format (and directory, if wanted) with local readers.
-Authentication runs before routing: an unsigned request to anything but ``/healthz`` gets 401.
+Authentication runs before routing: an unsigned request to anything but ``/healthz`` gets 401. A stock
+Prometheus cannot sign, so ``/metrics`` is also served unsigned on a port of its own (``metrics_listen``,
+loopback by default) that has no other route; block routes stay signed on the main port.
 """
 
 from __future__ import annotations
@@ -40,10 +42,18 @@ class NodeServer:
         token: Shared secret for peer requests.
         host: Address to bind (127.0.0.1 unless told otherwise).
         port: Port to bind (0 picks a free one).
+        metrics: ``(host, port)`` of the unsigned metrics listener (port 0 picks a free one), or None
+            for none; :attr:`metrics_port` is the bound port once serving.
     """
 
-    def __init__(self, fs: Any, token: bytes, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, fs: Any, token: bytes, host: str = "127.0.0.1", port: int = 0,
+                 metrics: tuple[str, int] | None = None) -> None:
         self.fs, self.token, self.host, self.port = fs, token, host, port
+        self.metrics_host, self.metrics_port = metrics if metrics is not None else ("", 0)
+        self.metrics_app: web.Application | None = None
+        if metrics is not None:
+            self.metrics_app = web.Application()  # no auth middleware, and no route but /metrics
+            self.metrics_app.router.add_get("/metrics", self._metrics)
         self.pool = ThreadPoolExecutor(max(4, fs.config.fetch_workers), thread_name_prefix="pcache-serve")
         self.served_bytes = 0
         self.request_errors = 0
@@ -64,6 +74,10 @@ class NodeServer:
             except AuthError as exc:
                 self.request_errors += 1
                 return web.json_response({"error": str(exc)}, status=401)
+            except Exception as exc:  # noqa: BLE001 - an unforeseen header shape is refused, never a 500
+                self.request_errors += 1
+                log.warning("request refused: its signature could not be checked (%s)", type(exc).__name__)
+                return web.json_response({"error": "malformed signature headers"}, status=401)
         return await handler(request)
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -208,21 +222,42 @@ class NodeServer:
         unlink_quiet(journal.data_path(local))
         return web.json_response({"dropped": True})
 
+    async def start(self) -> list[web.AppRunner]:
+        """Bind the main port (and the metrics port, if any); return the runners to clean up."""
+        runners = []
+        for app, host, port in ((self.app, self.host, self.port), (self.metrics_app, self.metrics_host,
+                                                                    self.metrics_port)):
+            if app is None:
+                continue
+            runner = web.AppRunner(app, handle_signals=False)
+            await runner.setup()
+            runners.append(runner)
+            try:
+                await web.TCPSite(runner, host, port, shutdown_timeout=10.0).start()
+            except OSError:
+                for started in runners:
+                    await started.cleanup()
+                raise
+            if app is self.app:
+                self.port = runner.addresses[0][1]
+                log.info("pcache node listening on http://%s:%d", self.host, self.port)
+            else:
+                self.metrics_port = runner.addresses[0][1]
+                log.info("pcache node metrics (unsigned) on http://%s:%d/metrics", self.metrics_host,
+                         self.metrics_port)
+        return runners
+
     async def serve(self, ready: Any = None) -> None:
         """Serve until SIGTERM or SIGINT, then drain in-flight requests and stop."""
-        runner = web.AppRunner(self.app, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, shutdown_timeout=10.0)
-        await site.start()
-        self.port = runner.addresses[0][1]
-        log.info("pcache node listening on http://%s:%d", self.host, self.port)
-        if ready is not None:
-            ready(self)
+        runners = await self.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if ready is not None:  # only now: a SIGTERM right after READY must drain, not kill
+            ready(self)
         await stop.wait()
         log.info("pcache node stopping: draining in-flight requests")
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
         self.pool.shutdown(wait=True)

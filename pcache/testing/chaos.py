@@ -23,7 +23,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
-__all__ = ["ChaosProxy", "RequestRecord"]
+from pcache.testing.holds import Hold
+
+__all__ = ["ChaosProxy", "Hold", "RequestRecord"]
 
 _BUF_SIZE = 1 << 20
 # Hop-by-hop headers (RFC 9110 7.6.1) describe one connection and must not be forwarded. ``Expect`` is
@@ -137,6 +139,7 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         if (latency := proxy.latency_s) > 0:
             time.sleep(latency)
+        proxy._park(self.command, path, query, "request")
         if proxy._should_fail():
             self._inject_failure(path, query, rng)
             return
@@ -154,6 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         proxy._record(RequestRecord(self.command, path, query, rng, resp.status, False))
+        proxy._park(self.command, path, query, "response")
         try:
             self._relay_response(resp)
         except OSError:
@@ -319,6 +323,7 @@ class ChaosProxy:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._records: list[RequestRecord] = []
+        self._holds: list[Hold] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -350,6 +355,9 @@ class ChaosProxy:
         server, self._server = self._server, None
         if server is None:
             return
+        with self._lock:
+            for hold in self._holds:
+                hold.release()  # parked handler threads must not outlive the proxy
         server.shutdown()
         with server.sockets_lock:
             open_socks = list(server.open_sockets)
@@ -377,6 +385,31 @@ class ChaosProxy:
             # Always draw, so the decision sequence for a seed does not depend on fail_ratio changes.
             draw = self._rng.random()
         return draw < self.fail_ratio
+
+    def hold(self, method: str | None = None, path: str | None = None, query: str | None = None, *,
+             stage: str = "request", times: int = 1) -> Hold:
+        """Park the next ``times`` requests matching ``method``, ``path`` and ``query`` until released.
+
+        For example ``proxy.hold("POST", "/bucket/key", "uploads", stage="response")`` lets S3 create a
+        multipart upload and keeps the client waiting for the id, so a test can kill the client while
+        CreateMultipartUpload is in flight. :meth:`stop` releases every hold.
+
+        Returns:
+            The :class:`Hold`; ``hold.wait()`` blocks until a request is parked, ``hold.release()`` frees it.
+        """
+        hold = Hold(method, path, query, stage, times)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
+
+    def _park(self, method: str, path: str, query: str, stage: str) -> None:
+        with self._lock:
+            hold = next((h for h in self._holds if h._matches(method, path, query, stage)), None)
+            if hold is not None:
+                hold.held += 1
+        if hold is not None:
+            hold.arrived.set()
+            hold._released.wait(600)  # bounded: a forgotten hold must not pin a thread for ever
 
     # ------------------------------------------------------------------ counters
     def _record(self, rec: RequestRecord) -> None:
