@@ -25,6 +25,7 @@ from pcache.cluster.replica import node_id, replicate
 from pcache.config import CacheConfig
 from pcache.engine import BlockCache, Fetch, PeerBlock, get_engine
 from pcache.keys import ObjectRef
+from pcache.metadata import get_metadata, merge_find, merge_listing, staged_info
 from pcache.origin import Origin
 from pcache.writeback import WriteBack, WriteBackFile
 
@@ -66,16 +67,23 @@ def all_filesystems() -> list[PCacheFileSystem]:
     return list(_INSTANCES.values())
 
 
-def build_target_fs(protocol: str, options: dict[str, Any], skip_instance_cache: bool = False) -> Any:
+def build_target_fs(protocol: str, options: dict[str, Any], skip_instance_cache: bool = False,
+                    origin_timeout: float | None = None) -> Any:
     """Build the origin filesystem. For S3, s3fs and botocore try each call once, so
     :func:`lingcore.retry.retry_call` is the one retry layer (stacked retries multiply: s3fs's 5 tries
-    x botocore's attempts x ours). Explicit user ``config_kwargs`` win."""
+    x botocore's attempts x ours); s3fs keeps no listing cache (pcache's metadata plane has a TTL, s3fs's
+    has none); and botocore's connect and read timeouts are at most ``origin_timeout``. Explicit user
+    options win."""
     if protocol not in ("s3", "s3a"):
         return fsspec.filesystem(protocol, skip_instance_cache=skip_instance_cache, **options)
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+    if origin_timeout is not None:
+        # s3fs's defaults (5 s connect, 15 s read), clipped: one request may not outlive the whole call.
+        config.setdefault("connect_timeout", min(5.0, origin_timeout))
+        config.setdefault("read_timeout", min(15.0, origin_timeout))
     fs = fsspec.filesystem(protocol, skip_instance_cache=skip_instance_cache,
-                           **{**options, "config_kwargs": config})
+                           **{"use_listings_cache": False, **options, "config_kwargs": config})
     fs.retries = 1  # s3fs keeps this as a class attribute, not a constructor option
     return fs
 
@@ -116,12 +124,12 @@ class PCacheFileSystem(ChainedFileSystem):
                                                          "loop") if k in cache_options}
         super().__init__(**fsspec_kw)
         self.target_options = dict(target_options or {})
+        self.config = CacheConfig.load(config_file, **cache_options)
         if fs is None:
             target_protocol = target_protocol or "file"
-            fs = build_target_fs(target_protocol, self.target_options)
+            fs = build_target_fs(target_protocol, self.target_options, origin_timeout=self.config.origin_timeout)
         proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self.target_protocol = "s3" if proto in ("s3", "s3a") else proto
-        self.config = CacheConfig.load(config_file, **cache_options)
         self._policy = RetryPolicy(attempts=self.config.retry_attempts, base_delay=self.config.retry_base_delay)
         endpoint = _endpoint_of(self.target_options) or (os.environ.get("AWS_ENDPOINT_URL", "")
                                                          if self.target_protocol == "s3" else "")
@@ -138,7 +146,10 @@ class PCacheFileSystem(ChainedFileSystem):
         _INSTANCES[id(self)] = self
 
     def _make_origin(self, fs: Any) -> Origin:
-        return Origin(fs, self.target_protocol, self._identity, self._policy, self.config.metadata_ttl)
+        config = self.config
+        metadata = get_metadata(config.cache_dir, keep_s=config.metadata_ttl + config.stale_if_error)
+        return Origin(fs, self.target_protocol, self._identity, self._policy, metadata, config.metadata_ttl,
+                      config.stale_if_error, config.origin_timeout)
 
     @property
     def origin(self) -> Origin:
@@ -148,7 +159,8 @@ class PCacheFileSystem(ChainedFileSystem):
             with _REGISTRY_LOCK:
                 pid, origin = self._origin
                 if pid != os.getpid():
-                    fs = build_target_fs(self.target_protocol, self._rebuild_options, skip_instance_cache=True)
+                    fs = build_target_fs(self.target_protocol, self._rebuild_options, skip_instance_cache=True,
+                                         origin_timeout=self.config.origin_timeout)
                     origin = self._make_origin(fs)
                     self._origin = (os.getpid(), origin)
         return origin
@@ -213,24 +225,46 @@ class PCacheFileSystem(ChainedFileSystem):
         """Return the origin URL (``s3://bucket/key``) for ``path``."""
         return self.origin.url(self._target_path(path))
 
-    # -- metadata --------------------------------------------------------------------------------
+    # -- metadata (pcache's own plane: pcache/metadata.py; staged writes are listed too) -------------
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         target = self._target_path(path)
         staged = self.writeback.staged_path(self.origin.url(target))
         if staged is not None:
             try:
-                return {"name": target, "size": os.path.getsize(staged), "type": "file", "pending_upload": True}
+                return staged_info(target, os.path.getsize(staged))
             except FileNotFoundError:
                 pass  # the upload completed meanwhile
         return self.origin.info(target)
 
+    def _staged(self, target: str) -> dict[str, int]:
+        return self.writeback.staged_under(self.origin.url(target))
+
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
-        return self.origin.ls(self._target_path(path), detail)
+        target = self._target_path(path)
+        staged = self._staged(target)
+        try:
+            # A listing taken while files under it are staged is not remembered: once they are uploaded,
+            # it would hide them for metadata_ttl.
+            entries = self.origin.ls(target, True, remember=lambda: not staged and not self._staged(target))
+        except FileNotFoundError:
+            if not staged:
+                raise
+            entries = []
+        entries = merge_listing(target, entries, staged)
+        return entries if detail else [e["name"] for e in entries]
 
     def find(self, path: str, maxdepth: int | None = None, withdirs: bool = False, detail: bool = False,
              **kwargs: Any) -> Any:
-        return self.fs.find(self._target_path(path), maxdepth=maxdepth, withdirs=withdirs, detail=detail,
-                            **kwargs)
+        target = self._target_path(path)
+        staged = self._staged(target)
+        try:
+            found = self.origin.find(target, maxdepth, withdirs, **kwargs)
+        except FileNotFoundError:
+            if not staged:
+                raise
+            found = {}
+        found = merge_find(target, found, staged, maxdepth, withdirs)
+        return found if detail else sorted(found)
 
     def ref(self, path: str) -> ObjectRef:
         """Return the versioned reference used for block keys."""
@@ -268,12 +302,14 @@ class PCacheFileSystem(ChainedFileSystem):
         return {"peer": peer, "token_file": self.config.token_file}
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        """Bytes ``[start:end]`` of ``path`` with Python slice semantics, as fsspec documents: negative
+        offsets count from the end, and offsets past either end are clipped (``start=-N`` with N larger
+        than the file is the whole file)."""
         with self._open(path, "rb") as f:
             size = f.size if isinstance(f, PCacheFile) else os.fstat(f.fileno()).st_size
-            start = 0 if start is None else (start + size if start < 0 else start)
-            end = size if end is None else (end + size if end < 0 else end)
-            f.seek(start)
-            return f.read(max(0, end - start))
+            lo, hi, _ = slice(start, end).indices(size)
+            f.seek(lo)
+            return f.read(max(0, hi - lo))
 
     # -- durability ------------------------------------------------------------------------------
     def flush(self, prefix: str | None = None, timeout: float | None = None) -> None:
