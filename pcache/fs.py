@@ -234,7 +234,12 @@ class PCacheFileSystem(ChainedFileSystem):
                 return staged_info(target, os.path.getsize(staged))
             except FileNotFoundError:
                 pass  # the upload completed meanwhile
-        return self.origin.info(target)
+        try:
+            return self.origin.info(target)
+        except FileNotFoundError:
+            if self._staged(target):  # a directory that only files staged here make
+                return {"name": target, "size": 0, "type": "directory"}
+            raise
 
     def _staged(self, target: str) -> dict[str, int]:
         return self.writeback.staged_under(self.origin.url(target))
@@ -243,8 +248,7 @@ class PCacheFileSystem(ChainedFileSystem):
         target = self._target_path(path)
         staged = self._staged(target)
         try:
-            # A listing taken while files under it are staged is not remembered: once they are uploaded,
-            # it would hide them for metadata_ttl.
+            # Not remembered while files under it are staged: once uploaded, it would hide them for a TTL.
             entries = self.origin.ls(target, True, remember=lambda: not staged and not self._staged(target))
         except FileNotFoundError:
             if not staged:
@@ -302,9 +306,8 @@ class PCacheFileSystem(ChainedFileSystem):
         return {"peer": peer, "token_file": self.config.token_file}
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        """Bytes ``[start:end]`` of ``path`` with Python slice semantics, as fsspec documents: negative
-        offsets count from the end, and offsets past either end are clipped (``start=-N`` with N larger
-        than the file is the whole file)."""
+        """``data[start:end]``: Python slice semantics, as fsspec documents (negative offsets count from
+        the end; out-of-range ones are clipped, so ``start=-N`` past the start is the whole file)."""
         with self._open(path, "rb") as f:
             size = f.size if isinstance(f, PCacheFile) else os.fstat(f.fileno()).st_size
             lo, hi, _ = slice(start, end).indices(size)

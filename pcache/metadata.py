@@ -44,6 +44,7 @@ _STALE = b"stale_reads"
 _PRUNE_EVERY_PUTS = 10_000
 _PRUNE_EVERY_S = 60.0
 _LOGGED_MAX = 100_000
+_MEMO_LISTINGS = 64
 
 
 class Cached(NamedTuple):
@@ -70,8 +71,12 @@ def _hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
+def _json(value: Any) -> bytes:
+    return json.dumps(value, default=_default, separators=(",", ":")).encode()
+
+
 def _encode(checked: float, value: Any) -> bytes:
-    return _STAMP.pack(checked) + json.dumps(value, default=_default, separators=(",", ":")).encode()
+    return _STAMP.pack(checked) + _json(value)
 
 
 def _decode(raw: bytes) -> Cached:
@@ -104,6 +109,8 @@ class MetadataStore:
         self._puts = 0
         self._last_prune = time.monotonic()
         self._logged: set[tuple[str, str]] = set()
+        # Decoded listings, reused while the stored one is the same (a large listing decodes slowly).
+        self._memo: dict[str, tuple[bytes, Any]] = {}
         self._warned = False
 
     # -- environment -----------------------------------------------------------------------------
@@ -157,9 +164,22 @@ class MetadataStore:
         """Return the remembered answer of ``kind`` (``"info"`` or ``"ls"``) for ``url``, if any."""
         try:
             env, dbs = self._open()
-            with env.begin() as txn:
+            with env.begin(buffers=True) as txn:
                 raw = txn.get(_key(url), db=dbs[kind.encode()])
-                return _decode(raw) if raw is not None else None
+                if raw is None:
+                    return None
+                if kind != "ls":
+                    return _decode(bytes(raw))
+                stamp = bytes(raw[:_STAMP.size + 16]) + _U64.pack(len(raw))  # time, start of value and length
+                memo = self._memo.get(url)
+                if memo is not None and memo[0] == stamp:
+                    return memo[1]
+                cached = _decode(bytes(raw))
+            with self._lock:
+                if len(self._memo) >= _MEMO_LISTINGS:
+                    self._memo.pop(next(iter(self._memo)))
+                self._memo[url] = (stamp, cached)
+            return cached
         except (lmdb.Error, ValueError, struct.error) as exc:
             self._failed("a read", exc)
             return None
@@ -173,8 +193,11 @@ class MetadataStore:
     def put_listing(self, url: str, entries: list[dict[str, Any]], checked: float,
                     url_of: Callable[[str], str]) -> None:
         """Remember a listing and, from the same answer, the ``info`` of each file in it (one transaction)."""
-        items = [(b"ls", _key(url), _encode(checked, entries))]
-        items += [(b"info", _key(url_of(e["name"])), _encode(checked, e)) for e in entries if e.get("type") == "file"]
+        stamp = _STAMP.pack(checked)
+        parts = [_json(e) for e in entries]  # each entry is encoded once, for both uses
+        items = [(b"ls", _key(url), stamp + b"[" + b",".join(parts) + b"]")]
+        items += [(b"info", _key(url_of(e["name"])), stamp + part) for e, part in zip(entries, parts, strict=True)
+                  if e.get("type") == "file"]
 
         def write(txn: Any, dbs: dict[bytes, Any]) -> None:
             for db, key, raw in items:
@@ -266,6 +289,18 @@ def get_metadata(cache_dir: str, keep_s: float = 0.0) -> MetadataStore:
             store = _STORES[cache_dir] = MetadataStore(cache_dir)
         store.keep_s = max(store.keep_s, keep_s)
         return store
+
+
+def _reset_locks_after_fork() -> None:
+    # Another thread may have held a lock at the fork; the child has only the forking thread. (LMDB
+    # handles are reopened lazily: each store notices the new pid.)
+    global _STORES_LOCK
+    _STORES_LOCK = threading.Lock()
+    for store in _STORES.values():
+        store._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_locks_after_fork)
 
 
 # -- reads of your own writes: staged files in listings -------------------------------------------

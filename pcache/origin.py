@@ -111,10 +111,14 @@ class Origin:
         return value
 
     def invalidate(self, path: str) -> None:
-        """Forget remembered metadata for ``path``, its listing and its parent's (after a write)."""
-        parent = path.rsplit("/", 1)[0]
+        """Forget remembered metadata for ``path`` and its ancestors (after a write: a new file may make
+        new directories, and every listing above it may change)."""
         self.fs.invalidate_cache(path)
-        self.metadata.drop([("info", self._key(path)), ("ls", self._key(path)), ("ls", self._key(parent))])
+        keys = [("info", self._key(path)), ("ls", self._key(path))]
+        while "/" in path.strip("/"):
+            path = path.rstrip("/").rsplit("/", 1)[0]
+            keys += [("info", self._key(path)), ("ls", self._key(path))]
+        self.metadata.drop(keys)
 
     def info(self, path: str) -> dict[str, Any]:
         """Return ``fs.info(path)``; a missing object raises FileNotFoundError naming its URL."""
