@@ -289,3 +289,16 @@ def check_staged_listings(fs: PCacheFileSystem, bucket: str) -> None:
     assert fs.glob(f"{bucket}/ck/**/deep.bin") == [f"{bucket}/ck/sub/deep.bin"]
     assert fs.glob(f"{bucket}/*/x.bin") == [f"{bucket}/other/x.bin"]
     assert fs.isdir(f"{bucket}/other") and fs.isdir(f"{bucket}/ck/sub")
+
+
+def test_new_options_load_from_toml_and_env(tmp_path, monkeypatch) -> None:
+    from pcache import CacheConfig, ConfigError
+
+    toml = tmp_path / "p.toml"
+    toml.write_text("[pcache]\nstale_if_error = 0\norigin_timeout = 7.5\n")
+    monkeypatch.setenv("PCACHE_STALE_IF_ERROR", "120")
+    config = CacheConfig.load(str(toml), cache_dir=str(tmp_path))
+    assert (config.stale_if_error, config.origin_timeout) == (120, 7.5)
+    assert CacheConfig(cache_dir=str(tmp_path)).stale_if_error == 3600 and CacheConfig().origin_timeout == 60
+    with pytest.raises(ConfigError, match="origin_timeout"):
+        CacheConfig.load(cache_dir=str(tmp_path), origin_timeout=0)
