@@ -67,6 +67,8 @@ def retry_call(
     policy: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
     on_retry: Callable[[int, BaseException], None] | None = None,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Call ``fn`` until it succeeds, retrying transient errors with backoff and jitter.
 
@@ -76,13 +78,19 @@ def retry_call(
         policy: Attempts and delays; defaults to :class:`RetryPolicy()`.
         sleep: Injected for tests.
         on_retry: Called with (attempt number, error) before each retry, e.g. to count or log.
+        deadline: ``clock()`` time by which the whole call, retries included, must end. No retry starts
+            (and no backoff sleeps) past it; ``fn`` itself must bound each attempt (socket timeouts
+            clipped to the time left), since a blocked call cannot be interrupted from here. The
+            first attempt always runs.
+        clock: Injected for tests.
 
     Returns:
         Whatever ``fn`` returns.
 
     Raises:
         FileNotFoundError, PermissionError, ValueError: immediately, since retrying cannot help.
-        OriginUnavailableError: after the last attempt failed with a transient error.
+        OriginUnavailableError: after the last attempt failed with a transient error, or when the
+            deadline leaves no time for another attempt.
     """
     policy = policy or RetryPolicy()
     last: BaseException | None = None
@@ -95,7 +103,12 @@ def retry_call(
             last = exc
             if attempt + 1 == policy.attempts:
                 break
+            delay = policy.delay(attempt)
+            if deadline is not None and clock() + delay >= deadline:
+                # Retrying past the deadline would only turn a bounded failure into an unbounded one.
+                cause = TimeoutError(f"total deadline passed after {attempt + 1} attempt(s); last error: {exc!r}")
+                raise OriginUnavailableError(url, attempt + 1, cause) from exc
             if on_retry is not None:
                 on_retry(attempt + 1, exc)
-            sleep(policy.delay(attempt))
+            sleep(delay)
     raise OriginUnavailableError(url, policy.attempts, last) from last

@@ -50,7 +50,14 @@ class CacheConfig:
         readahead_blocks: Maximum blocks prefetched ahead of a sequential reader.
         max_inflight_bytes: Bound on bytes being fetched from the origin at once, per process.
         fetch_workers: Threads fetching blocks from the origin in parallel, per process.
-        metadata_ttl: Seconds an ``info``/``ls`` answer is reused.
+        metadata_ttl: Seconds an ``info``/``ls`` answer (or a "no such object" answer) is reused, by every
+            process sharing ``cache_dir``; after it, the origin is asked again.
+        stale_if_error: Seconds past ``metadata_ttl`` during which, if the origin is unreachable, the last
+            known version of an object is served from the cache (like HTTP's ``stale-if-error``); 0 turns
+            it off.
+        origin_timeout: Seconds one origin call (a block fetch, an ``info``) may take, retries included,
+            before :class:`OriginUnavailableError`; each request's connect and read timeouts are clipped
+            to what is left.
         retry_attempts: Attempts per origin call before :class:`OriginUnavailableError`.
         retry_base_delay: First backoff delay, in seconds (doubles each retry, with jitter).
         upload_part_size: Multipart upload part size.
@@ -80,6 +87,8 @@ class CacheConfig:
     max_inflight_bytes: int = 128 * MiB
     fetch_workers: int = 16
     metadata_ttl: float = 10.0
+    stale_if_error: float = 3600.0
+    origin_timeout: float = 60.0
     retry_attempts: int = 6
     retry_base_delay: float = 0.1
     upload_part_size: int = 32 * MiB
@@ -127,6 +136,10 @@ class CacheConfig:
             raise ConfigError("replicas", "replicas=1 needs peers to replicate to")
         if self.metadata_ttl < 0:
             raise ConfigError("metadata_ttl", "must be >= 0")
+        if self.stale_if_error < 0:
+            raise ConfigError("stale_if_error", f"must be >= 0 (0 turns it off), got {self.stale_if_error}")
+        if self.origin_timeout <= 0:
+            raise ConfigError("origin_timeout", f"must be > 0, got {self.origin_timeout}")
         if self.metrics_listen.strip().lower() in _OFF:
             object.__setattr__(self, "metrics_listen", "")
         else:

@@ -28,6 +28,7 @@ from pcache.commits import read_commit, read_committed, verify_commit
 from pcache.config import CacheConfig
 from pcache.engine import BlockCache, Fetch, PeerBlock, get_engine
 from pcache.keys import ObjectRef
+from pcache.metadata import get_metadata, merge_find, merge_listing, staged_info
 from pcache.origin import Origin
 from pcache.targets import build_target_fs, endpoint_of, strip_url
 from pcache.writeback import WriteBack, WriteBackFile
@@ -91,12 +92,12 @@ class PCacheFileSystem(ChainedFileSystem):
                                                          "loop") if k in cache_options}
         super().__init__(**fsspec_kw)
         self.target_options = dict(target_options or {})
+        self.config = CacheConfig.load(config_file, **cache_options)
         if fs is None:
             target_protocol = target_protocol or "file"
-            fs = build_target_fs(target_protocol, self.target_options)
+            fs = build_target_fs(target_protocol, self.target_options, origin_timeout=self.config.origin_timeout)
         proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self.target_protocol = "s3" if proto in ("s3", "s3a") else proto
-        self.config = CacheConfig.load(config_file, **cache_options)
         self._policy = RetryPolicy(attempts=self.config.retry_attempts, base_delay=self.config.retry_base_delay)
         endpoint = endpoint_of(self.target_options) or (os.environ.get("AWS_ENDPOINT_URL", "")
                                                          if self.target_protocol == "s3" else "")
@@ -113,7 +114,10 @@ class PCacheFileSystem(ChainedFileSystem):
         _INSTANCES[id(self)] = self
 
     def _make_origin(self, fs: Any) -> Origin:
-        return Origin(fs, self.target_protocol, self._identity, self._policy, self.config.metadata_ttl)
+        config = self.config
+        metadata = get_metadata(config.cache_dir, keep_s=config.metadata_ttl + config.stale_if_error)
+        return Origin(fs, self.target_protocol, self._identity, self._policy, metadata, config.metadata_ttl,
+                      config.stale_if_error, config.origin_timeout)
 
     @property
     def origin(self) -> Origin:
@@ -123,7 +127,8 @@ class PCacheFileSystem(ChainedFileSystem):
             with _REGISTRY_LOCK:
                 pid, origin = self._origin
                 if pid != os.getpid():
-                    fs = build_target_fs(self.target_protocol, self._rebuild_options, skip_instance_cache=True)
+                    fs = build_target_fs(self.target_protocol, self._rebuild_options, skip_instance_cache=True,
+                                         origin_timeout=self.config.origin_timeout)
                     origin = self._make_origin(fs)
                     self._origin = (os.getpid(), origin)
         return origin
@@ -188,24 +193,50 @@ class PCacheFileSystem(ChainedFileSystem):
         """Return the origin URL (``s3://bucket/key``) for ``path``."""
         return self.origin.url(self._target_path(path))
 
-    # -- metadata --------------------------------------------------------------------------------
+    # -- metadata (pcache's own plane: pcache/metadata.py; staged writes are listed too) -------------
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         target = self._target_path(path)
         staged = self.writeback.staged_path(self.origin.url(target))
         if staged is not None:
             try:
-                return {"name": target, "size": os.path.getsize(staged), "type": "file", "pending_upload": True}
+                return staged_info(target, os.path.getsize(staged))
             except FileNotFoundError:
                 pass  # the upload completed meanwhile
-        return self.origin.info(target)
+        try:
+            return self.origin.info(target)
+        except FileNotFoundError:
+            if self._staged(target):  # a directory that only files staged here make
+                return {"name": target, "size": 0, "type": "directory"}
+            raise
+
+    def _staged(self, target: str) -> dict[str, int]:
+        return self.writeback.staged_under(self.origin.url(target))
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
-        return self.origin.ls(self._target_path(path), detail)
+        target = self._target_path(path)
+        staged = self._staged(target)
+        try:
+            # Not remembered while files under it are staged: once uploaded, it would hide them for a TTL.
+            entries = self.origin.ls(target, True, remember=lambda: not staged and not self._staged(target))
+        except FileNotFoundError:
+            if not staged:
+                raise
+            entries = []
+        entries = merge_listing(target, entries, staged)
+        return entries if detail else [e["name"] for e in entries]
 
     def find(self, path: str, maxdepth: int | None = None, withdirs: bool = False, detail: bool = False,
              **kwargs: Any) -> Any:
-        return self.fs.find(self._target_path(path), maxdepth=maxdepth, withdirs=withdirs, detail=detail,
-                            **kwargs)
+        target = self._target_path(path)
+        staged = self._staged(target)
+        try:
+            found = self.origin.find(target, maxdepth, withdirs, **kwargs)
+        except FileNotFoundError:
+            if not staged:
+                raise
+            found = {}
+        found = merge_find(target, found, staged, maxdepth, withdirs)
+        return found if detail else sorted(found)
 
     def ref(self, path: str) -> ObjectRef:
         """Return the versioned reference used for block keys."""
@@ -243,12 +274,13 @@ class PCacheFileSystem(ChainedFileSystem):
         return {"peer": peer, "token_file": self.config.token_file}
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        """``data[start:end]``: Python slice semantics, as fsspec documents (negative offsets count from
+        the end; out-of-range ones are clipped, so ``start=-N`` past the start is the whole file)."""
         with self._open(path, "rb") as f:
             size = f.size if isinstance(f, PCacheFile) else os.fstat(f.fileno()).st_size
-            start = 0 if start is None else (start + size if start < 0 else start)
-            end = size if end is None else (end + size if end < 0 else end)
-            f.seek(start)
-            return f.read(max(0, end - start))
+            lo, hi, _ = slice(start, end).indices(size)
+            f.seek(lo)
+            return f.read(max(0, hi - lo))
 
     # -- durability ------------------------------------------------------------------------------
     def flush(self, prefix: str | None = None, timeout: float | None = None) -> None:

@@ -1,21 +1,34 @@
-"""The origin tier: any fsspec filesystem, reached through the shared retry helper.
+"""The origin tier: any fsspec filesystem, reached through the shared retry helper, with deadlines.
 
 It turns paths into versioned :class:`ObjectRef` s (ETag, else size and mtime) and serves ranged reads.
-Metadata answers are cached for ``metadata_ttl`` seconds, so a hot ``open`` costs no HEAD.
+``info`` and ``ls`` answers come from pcache's own metadata plane (:mod:`pcache.metadata`): reused for
+``metadata_ttl`` seconds by every process sharing the cache directory, so a hot ``open`` costs no HEAD,
+and served stale for up to ``stale_if_error`` more seconds while the origin is unreachable. The backing
+filesystem's own listing cache is bypassed on every call (s3fs's never expires).
+
+Every call has a total deadline of ``origin_timeout`` seconds, retries included, and every request a
+connect and a read timeout clipped to it, so a blackholed origin fails a read in bounded time.
 """
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fsspec import AbstractFileSystem
 
+from lingcore.errors import OriginUnavailableError
 from lingcore.retry import RetryPolicy, retry_call
 from lingcore.versions import object_version
 from pcache.keys import ObjectRef
+from pcache.metadata import Cached, MetadataStore
 from pcache.s3range import S3RangeReader
+
+# How long, after the origin failed a metadata call, later calls with a usable stale answer skip it
+# (bounds: at least 1 s, at most 30 s, else metadata_ttl): during an outage each open would otherwise
+# wait out the full retry cycle before falling back.
+_DOWN_MIN_S, _DOWN_MAX_S = 1.0, 30.0
 
 
 class Origin:
@@ -25,21 +38,29 @@ class Origin:
         fs: The fsspec filesystem holding the data.
         protocol: Its protocol name (``s3``, ``file``, ...).
         identity: Extra identity (e.g. the endpoint URL) so equal paths on different stores never share
-            blocks.
+            blocks (nor metadata).
         policy: Retry policy for every call.
-        metadata_ttl: Seconds to reuse ``info``/``ls`` answers.
+        metadata: The shared metadata store of the cache directory.
+        metadata_ttl: Seconds an ``info``/``ls`` answer is reused.
+        stale_if_error: Seconds past ``metadata_ttl`` an answer may be served while the origin is
+            unreachable (0: never).
+        origin_timeout: Total seconds for one call, retries included.
+        clock: Wall clock, injected for tests.
     """
 
-    def __init__(
-        self, fs: AbstractFileSystem, protocol: str, identity: str, policy: RetryPolicy, metadata_ttl: float
-    ) -> None:
+    def __init__(self, fs: AbstractFileSystem, protocol: str, identity: str, policy: RetryPolicy,
+                 metadata: MetadataStore, metadata_ttl: float = 10.0, stale_if_error: float = 3600.0,
+                 origin_timeout: float = 60.0, clock: Callable[[], float] = time.time) -> None:
         self.fs = fs
         self.protocol = protocol
         self.identity = identity
         self.policy = policy
+        self.metadata = metadata
         self.metadata_ttl = metadata_ttl
-        self._meta: dict[tuple[str, str], tuple[float, Any]] = {}
-        self._lock = threading.Lock()
+        self.stale_if_error = stale_if_error
+        self.origin_timeout = origin_timeout
+        self.clock = clock
+        self._down_until = 0.0
         # S3 gets the direct ranged-GET path; every other store goes through fsspec's cat_file.
         self._s3 = S3RangeReader(fs) if protocol == "s3" and hasattr(fs, "url") else None
 
@@ -47,41 +68,93 @@ class Origin:
         """Return the user-facing URL of ``path`` (``s3://bucket/key``)."""
         return f"{self.protocol}://{path}" if self.protocol not in ("file", "local") else path
 
-    def _cached(self, kind: str, path: str, call: Any) -> Any:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._meta.get((kind, path))
-        if hit is not None and now - hit[0] < self.metadata_ttl:
-            return hit[1]
-        value = retry_call(call, url=self.url(path), policy=self.policy)
-        with self._lock:
-            if len(self._meta) > 100_000:
-                self._meta.clear()
-            self._meta[(kind, path)] = (now, value)
+    def _key(self, path: str) -> str:
+        return f"{self.identity}{self.url(path)}"
+
+    # -- metadata --------------------------------------------------------------------------------
+    def _call(self, path: str, call: Callable[[], Any]) -> Any:
+        """One metadata call at the origin: past the backend's listing cache, within the deadline."""
+        self.fs.invalidate_cache(path)
+        return retry_call(call, url=self.url(path), policy=self.policy,
+                          deadline=time.monotonic() + self.origin_timeout)
+
+    def _lookup(self, kind: str, path: str, call: Callable[[], Any], store: Callable[[float, Any], None],
+                remember: Callable[[], bool] | None) -> Any:
+        """Return the answer of ``kind`` for ``path`` (None: no such path): remembered, fresh or stale."""
+        key = self._key(path)
+        cached = self.metadata.get(kind, key)
+        now = self.clock()
+        if cached is not None and 0 <= now - cached.checked < self.metadata_ttl:
+            return cached.value
+        stale_ok = (cached is not None and cached.value is not None and self.stale_if_error > 0
+                    and now - cached.checked < self.metadata_ttl + self.stale_if_error)
+        if stale_ok and time.monotonic() < self._down_until:
+            return self._stale(path, cached, now, None)  # type: ignore[arg-type]
+        may_store = remember is None or remember()
+        try:
+            value = self._call(path, call)
+        except FileNotFoundError:
+            value = None
+        except OriginUnavailableError as exc:
+            if not stale_ok:
+                raise
+            self._down_until = time.monotonic() + min(_DOWN_MAX_S, max(_DOWN_MIN_S, self.metadata_ttl))
+            return self._stale(path, cached, now, exc)  # type: ignore[arg-type]
+        if may_store and (remember is None or remember()):  # asked before and after: see PCacheFileSystem.ls
+            store(now, value)
+        return value
+
+    def _stale(self, path: str, cached: Cached, now: float, cause: BaseException | None) -> Any:
+        value = cached.value
+        version = object_version(value) if isinstance(value, dict) else "listing"
+        self.metadata.note_stale(self.url(path), version, now - cached.checked, cause)
         return value
 
     def invalidate(self, path: str) -> None:
-        """Forget cached metadata for ``path`` and its parent listing."""
-        parent = path.rsplit("/", 1)[0]
-        with self._lock:
-            for kind in ("info", "ls", "lsd"):
-                self._meta.pop((kind, path), None)
-                self._meta.pop((kind, parent), None)
+        """Forget remembered metadata for ``path`` and its ancestors (after a write: a new file may make
+        new directories, and every listing above it may change)."""
+        self.fs.invalidate_cache(path)
+        keys = [("info", self._key(path)), ("ls", self._key(path))]
+        while "/" in path.strip("/"):
+            path = path.rstrip("/").rsplit("/", 1)[0]
+            keys += [("info", self._key(path)), ("ls", self._key(path))]
+        self.metadata.drop(keys)
 
     def info(self, path: str) -> dict[str, Any]:
-        """Return ``fs.info(path)`` (cached); a missing object raises FileNotFoundError naming its URL."""
-        try:
-            return self._cached("info", path, lambda: self.fs.info(path))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such object: {self.url(path)}") from None
+        """Return ``fs.info(path)``; a missing object raises FileNotFoundError naming its URL."""
+        key = self._key(path)
+        value = self._lookup("info", path, lambda: self.fs.info(path),
+                             lambda checked, v: self.metadata.put("info", key, v, checked), None)
+        if value is None:
+            raise FileNotFoundError(f"no such object: {self.url(path)}")
+        return dict(value)
 
-    def ls(self, path: str, detail: bool) -> list[Any]:
-        """Return ``fs.ls(path, detail=True)`` (cached), reduced to names when ``detail`` is False."""
-        try:
-            entries = self._cached("lsd", path, lambda: self.fs.ls(path, detail=True))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such directory: {self.url(path)}") from None
+    def ls(self, path: str, detail: bool, remember: Callable[[], bool] | None = None) -> list[Any]:
+        """Return ``fs.ls(path, detail=True)``, reduced to names when ``detail`` is False.
+
+        Args:
+            path: The directory.
+            detail: Return info dicts rather than names.
+            remember: Asked before and after the origin call; the answer is stored only if both say
+                True (the caller's view of the origin may be about to change).
+        """
+        key = self._key(path)
+
+        def store(checked: float, entries: Any) -> None:
+            if entries is None:
+                self.metadata.put("ls", key, None, checked)
+            else:
+                self.metadata.put_listing(key, entries, checked, self._key)
+
+        entries = self._lookup("ls", path, lambda: self.fs.ls(path, detail=True), store, remember)
+        if entries is None:
+            raise FileNotFoundError(f"no such directory: {self.url(path)}")
         return entries if detail else [e["name"] for e in entries]
+
+    def find(self, path: str, maxdepth: int | None, withdirs: bool, **kwargs: Any) -> dict[str, Any]:
+        """Return ``fs.find(path, detail=True)`` straight from the origin (not remembered)."""
+        return dict(self._call(path, lambda: self.fs.find(path, maxdepth=maxdepth, withdirs=withdirs, detail=True,
+                                                          **kwargs)))
 
     def ref(self, path: str) -> ObjectRef:
         """Return the current version of ``path`` as an :class:`ObjectRef`."""
@@ -91,21 +164,27 @@ class Origin:
         return ObjectRef(url=f"{self.identity}{self.url(path)}", version=object_version(info),
                          size=int(info["size"]))
 
+    # -- data ------------------------------------------------------------------------------------
     def fetcher(self, path: str, version: str | None = None) -> Any:
-        """Return ``fetch(start, end) -> bytes`` for ``path`` pinned to ``version``, with retries."""
+        """Return ``fetch(start, end) -> bytes`` for ``path`` pinned to ``version``, with retries.
+
+        Each fetch ends within ``origin_timeout`` seconds: with the bytes, or with
+        :class:`OriginUnavailableError` naming the URL.
+        """
         url = self.url(path)
         s3 = self._s3
         if s3 is not None:
             etag = version if version and ":" not in version else None
 
-            def call(start: int, end: int) -> bytes:
-                return s3.get_range(path, start, end, etag)
+            def call(start: int, end: int, deadline: float) -> bytes:
+                return s3.get_range(path, start, end, etag, deadline=deadline)
         else:
 
-            def call(start: int, end: int) -> bytes:
+            def call(start: int, end: int, deadline: float) -> bytes:
                 return self.fs.cat_file(path, start=start, end=end)
 
         def fetch(start: int, end: int) -> bytes:
-            return retry_call(lambda: call(start, end), url=url, policy=self.policy)
+            deadline = time.monotonic() + self.origin_timeout
+            return retry_call(lambda: call(start, end, deadline), url=url, policy=self.policy, deadline=deadline)
 
         return fetch

@@ -12,6 +12,7 @@ mixed into an older version: the origin answers 412 and the reader gets :class:`
 
 from __future__ import annotations
 
+import errno
 import http.client
 import os
 import ssl
@@ -23,6 +24,12 @@ from urllib.parse import urlsplit
 from pcache.errors import StaleObjectError
 
 _PRESIGN_SECONDS = 3600
+# Per-request limits, clipped to the caller's deadline: a dead or blackholed origin (one that accepts
+# and never answers) costs at most this much per try, never a whole socket default.
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 30.0
+# Statuses that say "this request is wrong", not "the origin is struggling": retrying cannot help.
+_RETRYABLE_4XX = frozenset({408, 429})
 
 
 class S3RangeReader:
@@ -30,12 +37,14 @@ class S3RangeReader:
 
     Args:
         fs: An ``s3fs.S3FileSystem`` (used only to presign; credentials never leave it).
-        timeout: Socket timeout per request, in seconds.
+        connect_timeout: Seconds to wait for a TCP (and TLS) connection.
+        read_timeout: Seconds to wait for each socket read of a response.
     """
 
-    def __init__(self, fs: Any, timeout: float = 60.0) -> None:
+    def __init__(self, fs: Any, connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT) -> None:
         self.fs = fs
-        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._urls: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -68,9 +77,9 @@ class S3RangeReader:
         conn = conns.get((scheme, netloc))
         if conn is None:
             if scheme == "https":
-                conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._ssl)
+                conn = http.client.HTTPSConnection(netloc, timeout=self.connect_timeout, context=self._ssl)
             else:
-                conn = http.client.HTTPConnection(netloc, timeout=self.timeout)
+                conn = http.client.HTTPConnection(netloc, timeout=self.connect_timeout)
             conns[(scheme, netloc)] = conn
         return conn
 
@@ -79,12 +88,31 @@ class S3RangeReader:
         if conn is not None:
             conn.close()
 
-    def get_range(self, path: str, start: int, end: int, etag: str | None = None) -> bytes:
+    def _limits(self, deadline: float | None) -> tuple[float, float]:
+        """Connect and read timeouts for one request, clipped to the time left before ``deadline``."""
+        if deadline is None:
+            return self.connect_timeout, self.read_timeout
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed before the request was sent")
+        return min(self.connect_timeout, left), min(self.read_timeout, left)
+
+    def get_range(self, path: str, start: int, end: int, etag: str | None = None,
+                  deadline: float | None = None) -> bytes:
         """Return bytes ``[start, end)`` of ``path``.
+
+        Args:
+            path: ``bucket/key``.
+            start: First byte.
+            end: One past the last byte.
+            etag: Version to pin (sent as ``If-Match``).
+            deadline: ``time.monotonic()`` time by which the request must end (connect and read
+                timeouts are clipped to it).
 
         Raises:
             FileNotFoundError: 404. PermissionError: 403 that a fresh signature does not fix.
-            StaleObjectError: the ETag no longer matches (412). OSError: other failures (retryable).
+            StaleObjectError: the ETag no longer matches (412). OSError(EINVAL): any other 4xx but 408
+            and 429 (a bad request; not retried). OSError: other failures (retryable).
         """
         url = f"s3://{path}"
         for attempt in range(2):
@@ -93,7 +121,12 @@ class S3RangeReader:
             headers = {"Range": f"bytes={start}-{end - 1}"}
             if etag:
                 headers["If-Match"] = f'"{etag}"'
+            connect_s, read_s = self._limits(deadline)
             try:
+                if conn.sock is None:
+                    conn.timeout = connect_s
+                    conn.connect()
+                conn.sock.settimeout(read_s)
                 conn.request("GET", f"{parts.path}?{parts.query}", headers=headers)
                 resp = conn.getresponse()
                 body = resp.read()
@@ -113,5 +146,8 @@ class S3RangeReader:
                 raise StaleObjectError(url, etag or "?")
             if resp.status == 416:
                 raise ValueError(f"range {start}-{end - 1} not satisfiable for {url}")
+            if 400 <= resp.status < 500 and resp.status not in _RETRYABLE_4XX:
+                raise OSError(errno.EINVAL, f"GET {url} bytes {start}-{end - 1}: bad request, HTTP {resp.status} "
+                                            f"{body[:200]!r}")
             raise OSError(f"GET {url} bytes {start}-{end - 1}: HTTP {resp.status} {body[:200]!r}")
         raise AssertionError("unreachable")

@@ -29,10 +29,10 @@ from lingcore.retry import RetryPolicy, retry_call
 from pcache.cluster.auth import load_token
 from pcache.cluster.replica import drop_remote, origin_mtime
 from pcache.config import CacheConfig
-from pcache.fs import build_target_fs
 from pcache.journal import Journal, merge_options, options_fingerprint
 from pcache.locks import StripeLocks
 from pcache.orphans import abort_uploads_of
+from pcache.targets import build_target_fs
 
 log = get_logger("pcache.uploader")
 

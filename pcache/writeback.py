@@ -264,3 +264,23 @@ class WriteBack:
         """Local path of the newest pending copy of ``url``, or None if it is not pending."""
         entry = self.journal.pending_for_url(url)
         return self.journal.data_path(entry["id"]) if entry else None
+
+    def staged_under(self, prefix: str) -> dict[str, int]:
+        """``{target path: size}`` of the newest pending copy of every file at or under the URL ``prefix``.
+
+        One pass over the journal (not one lookup per file): listings call it on every ``ls``/``find``.
+        """
+        pending = self.journal.pending(prefix)
+        if not pending:
+            return {}
+        newest = {entry["url"]: entry for entry in pending}  # oldest first: the newest write wins
+        done = dict(self.journal.done(prefix))
+        out: dict[str, int] = {}
+        for url, entry in newest.items():
+            if done.get(url, {}).get("created", -1.0) >= entry["created"]:
+                continue  # a newer write of this URL is already uploaded
+            try:
+                out[entry["path"]] = os.path.getsize(self.journal.data_path(entry["id"]))
+            except FileNotFoundError:
+                continue  # uploaded meanwhile
+        return out

@@ -40,6 +40,8 @@ class NodeCollector:
                                   value=self.node.request_errors)
         yield CounterMetricFamily("pcache_corrupt_blocks", "Blocks dropped for a checksum mismatch",
                                   value=shared["corrupt_blocks"])
+        yield CounterMetricFamily("pcache_stale_reads", "Opens and listings served from cached metadata while "
+                                  "the origin was unreachable (stale_if_error)", value=fs.origin.metadata.stale_reads())
         yield GaugeMetricFamily("pcache_disk_bytes", "Bytes of clean blocks on disk", value=shared["total"])
         yield GaugeMetricFamily("pcache_disk_blocks", "Clean blocks on disk", value=shared["blocks"])
         yield GaugeMetricFamily("pcache_upload_queue_depth", "Write-back files not yet durable at the origin",
