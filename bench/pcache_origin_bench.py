@@ -194,7 +194,8 @@ def rclone_cat(server: SeaweedServer, path: str) -> dict[str, Any]:
         if proc.returncode != 0:
             err.seek(0)
             raise RuntimeError(f"rclone cat {path} exited {proc.returncode}: {err.read()[-2000:]!r}")
-    return {"read_s": seconds, "cpu_s": usage.ru_utime + usage.ru_stime, "nbytes": nbytes,
+    return {"read_s": seconds, "cpu_s": usage.ru_utime + usage.ru_stime, "cpu_user_s": usage.ru_utime,
+            "cpu_sys_s": usage.ru_stime, "nbytes": nbytes,
             "xxh3_128": hasher.hexdigest()}
 
 
