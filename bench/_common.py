@@ -179,6 +179,29 @@ def error_row(module: str, key: str, measure: str, error: str) -> dict[str, Any]
             "baseline_value": None, "ratio": None, "target": None, "met": False, "error": error}
 
 
+def skipped_row(module: str, key: str, measure: str, baseline: str, target: float | None,
+                reason: str) -> dict[str, Any]:
+    """Build a row recording that a measure was not taken because the code under test lacks something.
+
+    Not an error (``run_all`` still exits 0): the table shows ``skipped: <reason>``.
+
+    Args:
+        module: Benchmark module name.
+        key: Identifier of the measure.
+        measure: Human-readable name.
+        baseline: The baseline it would have been compared with.
+        target: Its target.
+        reason: Why it was skipped, e.g. ``needs stale_if_error``.
+
+    Returns:
+        A row with ``skipped`` set and no values.
+    """
+    return {"module": module, "key": key, "measure": measure, "unit": "", "value": None, "values": [],
+            "baseline": baseline, "baseline_value": None, "baseline_values": [], "ratio": None,
+            "paired_ratios": [], "target": target, "met": None, "skipped": reason,
+            "notes": f"skipped: {reason}", "extra": {}}
+
+
 # -- CPU accounting ---------------------------------------------------------------------------------
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -630,6 +630,9 @@ def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
     Returns:
         Result rows (see :func:`bench._common.make_row`).
     """
+    if not any(selected(name) for name, _ in GROUPS):
+        log("pcache: skipping (BENCH_ONLY)")  # without generating and uploading the object
+        return []
     ctx = setup(server, workdir)
     rows: list[dict[str, Any]] = []
     try:

@@ -56,6 +56,8 @@ def fmt_met(row: Row) -> str:
     """``yes`` / ``NO`` / ``–`` (informational) / ``ERROR``."""
     if row.get("error"):
         return "ERROR"
+    if row.get("skipped"):
+        return "skipped"
     if row.get("met") is None:
         return "– (info)"
     return "yes" if row["met"] else "**NO**"
@@ -70,6 +72,11 @@ def markdown_table(module: str, rows: Sequence[Row]) -> str:
     for row in rows:
         if row.get("error"):
             lines.append(f"| {row['measure']} | ERROR (see {module}.json) | | | | | ERROR |")
+            continue
+        if row.get("skipped"):
+            target = "–" if row.get("target") is None else f"≥ {row['target']:g}×"
+            lines.append(f"| {row['measure']} | skipped: {row['skipped']} | {row['baseline']} | | | {target} | "
+                         "skipped |")
             continue
         ratio = "–" if row.get("ratio") is None else f"{row['ratio']:.2f}×"
         target = "–" if row.get("target") is None else f"≥ {row['target']:g}×"
@@ -110,7 +117,7 @@ def summary_markdown(results: Sequence[dict[str, Any]], machine: dict[str, Any],
         out.append(markdown_table(result["module"], result["rows"]))
         notes = []
         for r in result["rows"]:
-            if r.get("error"):
+            if r.get("error") or r.get("skipped"):
                 continue
             paired = ", ".join(f"{x:.2f}" for x in r.get("paired_ratios") or [])
             notes.append(f"- **{r['key']}**: per-repeat ratios {paired}. {r.get('notes', '')}".rstrip())
@@ -126,7 +133,7 @@ def _label(row: Row, width: int = 24) -> str:
 
 def plot_throughput(path: Path, module: str, rows: Sequence[Row]) -> None:
     """Grouped bars: the module's MB/s next to its baseline's MB/s, per measure (log scale)."""
-    rows = [r for r in rows if not r.get("error") and r.get("unit") == "MB/s"]
+    rows = [r for r in rows if not r.get("error") and r.get("unit") == "MB/s" and r.get("value") is not None]
     fig, ax = plt.subplots(figsize=(max(8.0, 1.9 * len(rows) + 2), 6.5))
     if not rows:
         ax.text(0.5, 0.5, "no throughput results", ha="center", va="center", transform=ax.transAxes)

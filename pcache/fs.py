@@ -238,6 +238,11 @@ class PCacheFileSystem(ChainedFileSystem):
         found = merge_find(target, found, staged, maxdepth, withdirs)
         return found if detail else sorted(found)
 
+    def glob(self, path: str, maxdepth: int | None = None, **kwargs: Any) -> Any:
+        # In the target's own path form, the form find() returns names in (memory:// adds a leading
+        # "/"), so a pattern given as a URL matches them.
+        return super().glob(self._target_path(path), maxdepth=maxdepth, **kwargs)
+
     def ref(self, path: str) -> ObjectRef:
         """Return the versioned reference used for block keys."""
         return self.origin.ref(self._target_path(path))
@@ -257,6 +262,11 @@ class PCacheFileSystem(ChainedFileSystem):
                 except FileNotFoundError:
                     pass
             return PCacheFile(self, target, self.origin.ref(target))
+        if self.target_protocol == "memory":
+            # The uploader is another process: it would upload into its own memory, and the file would
+            # vanish from this process once "done".
+            raise ValueError(f"pcache cannot write back to {url}: memory:// lives in one process and uploads "
+                             "run in a separate uploader process")
         return WriteBackFile(self.writeback, url, self.target_protocol, target, self.target_options,
                              on_close=lambda: self.origin.invalidate(target),
                              replicator=self._replicate if self.config.replicas else None)

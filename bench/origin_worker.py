@@ -1,0 +1,98 @@
+"""Helper processes for ``bench.pcache_origin_bench``: one cold read per process, and a latency proxy.
+
+``python -m bench.origin_worker read`` reads one object with one client and prints a JSON line. The
+spec (client, storage options with credentials, path, cache options) arrives as JSON on stdin, never in
+argv. A process of its own per read means the CPU figure is this client's alone: no other client's
+threads, no proxy, no SeaweedFS, and no import or client start-up (those happen before the window).
+
+``python -m bench.origin_worker proxy UPSTREAM LATENCY_S`` runs a :class:`pcache.testing.ChaosProxy`
+in its own process, so the proxy's Python work never competes for the reading client's GIL. It prints
+its endpoint URL, answers each ``count`` line on stdin with the requests seen since the last one (JSON),
+and stops at EOF.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+import xxhash
+
+
+def _cpu() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process so far (every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
+def _client(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Build the reading client; return it and the keyword arguments for its ``open``."""
+    import fsspec
+    import s3fs
+
+    kind = spec["client"]
+    if kind == "pcache":
+        fs = fsspec.filesystem("pcache", target_protocol="s3", target_options=spec["opts"],
+                               cache_dir=spec["cache_dir"], skip_instance_cache=True,
+                               **spec.get("cache_options", {}))
+        fs.engine  # noqa: B018  (the per-process engine: LMDB, thread pools, made before the window)
+        fs.fs.connect()  # the origin's S3 session
+        return fs, {}
+    if kind in ("s3fs", "s3fs_chunked"):
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **spec["opts"])
+        fs.connect()
+        return fs, ({"block_size": spec["chunk"]} if kind == "s3fs_chunked" else {})
+    raise ValueError(f"unknown client {kind!r}")
+
+
+def read(spec: dict[str, Any]) -> dict[str, Any]:
+    """Open and read ``spec["path"]`` once, cold; return timings, CPU seconds and the bytes' digest."""
+    fs, open_kw = _client(spec)
+    chunk = int(spec.get("chunk") or 0)
+    c0, t0 = _cpu(), time.perf_counter()
+    with fs.open(spec["path"], "rb", **open_kw) as f:
+        # s3fs_chunked: one sequential stream of chunk-sized range GETs.
+        data = b"".join(iter(lambda: f.read(chunk), b"")) if spec["client"] == "s3fs_chunked" else f.read()
+    t1 = time.perf_counter()
+    counters: dict[str, Any] = {}
+    if spec["client"] == "pcache":
+        # Blocks reach the disk tier after read() returns (write-behind); that work is this read's too.
+        fs.engine.drain_writes()
+        counters = dict(fs.engine.counters)
+    c1, t2 = _cpu(), time.perf_counter()
+    user, system = c1[0] - c0[0], c1[1] - c0[1]
+    return {"read_s": t1 - t0, "read_and_publish_s": t2 - t0, "cpu_s": user + system, "cpu_user_s": user,
+            "cpu_sys_s": system, "nbytes": len(data),
+            "xxh3_128": xxhash.xxh3_128_hexdigest(data), "counters": counters}
+
+
+def proxy(upstream: str, latency_s: float) -> None:
+    """Serve a latency proxy until stdin closes (see the module docstring)."""
+    from pcache.testing import ChaosProxy
+
+    with ChaosProxy(upstream, latency_s=latency_s) as chaos:
+        print(chaos.endpoint_url, flush=True)
+        for line in sys.stdin:
+            if line.strip() == "count":
+                counts = chaos.method_counts()
+                chaos.reset_counts()
+                print(json.dumps(dict(counts)), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: ``read`` (spec on stdin) or ``proxy UPSTREAM LATENCY_S``."""
+    if argv[:1] == ["read"]:
+        print(json.dumps(read(json.load(sys.stdin))), flush=True)
+        return 0
+    if argv[:1] == ["proxy"] and len(argv) == 3:
+        proxy(argv[1], float(argv[2]))
+        return 0
+    print("usage: python -m bench.origin_worker read < spec.json | proxy UPSTREAM LATENCY_S", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
