@@ -17,9 +17,6 @@ allows; anything uncached raises ``OriginUnavailableError`` naming the URL; a bl
 read within ``origin_timeout``): a local directory or an in-process ``memory://`` store cannot be
 "unreachable" in any way a user could meet, so those cases skip there. Blackholing needs a proxy in
 front of the server, so only the chaos-proxy kind runs that case.
-
-Cases marked ``xfail(reason="pcache 2: ...")`` are written against the contract of issue 12 and land
-with the metadata-plane branch; drop the mark when it merges.
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ from conformance.origins import BLOCK_SIZE, METADATA_TTL, OriginKind
 from pcache import OriginUnavailableError, PCacheFileSystem
 from pcache.errors import StaleObjectError
 
-PCACHE2 = pytest.mark.xfail(reason="pcache 2: lands with the metadata-plane branch", strict=False)
 # Past the metadata TTL, with a margin for a slow shared machine.
 AFTER_TTL = METADATA_TTL + 0.3
 BIG = 4 * BLOCK_SIZE + 123  # five blocks, the last one short
@@ -46,13 +42,6 @@ BIG = 4 * BLOCK_SIZE + 123  # five blocks, the last one short
 def _rand(n: int) -> bytes:
     return os.urandom(n)
 
-
-def _find_is_retried(request: pytest.FixtureRequest, origin: OriginKind) -> None:
-    """``find`` (and ``glob``, which uses it) goes to the origin with no retry on the current branch."""
-    if origin.transient_faults:
-        request.applymarker(pytest.mark.xfail(
-            reason="pcache 2: find/glob are not retried on a transient 5xx; lands with the metadata-plane branch",
-            strict=False))
 
 
 class PCacheConformance:
@@ -122,7 +111,6 @@ class PCacheConformance:
         for start, end in cases:
             assert fs.cat_file(path, start=start, end=end) == data[start:end], (start, end)
 
-    @PCACHE2
     def test_cat_file_negative_start_beyond_size(self, origin: OriginKind, fs: PCacheFileSystem,
                                                  tree: dict[str, bytes]) -> None:
         path = origin.path("dir/b.txt")
@@ -133,7 +121,6 @@ class PCacheConformance:
 
     def test_cat_many(self, request: pytest.FixtureRequest, origin: OriginKind, fs: PCacheFileSystem,
                       tree: dict[str, bytes]) -> None:
-        _find_is_retried(request, origin)
         a, b = origin.path("dir/a.bin"), origin.path("dir/b.txt")
         assert fs.cat(a) == tree[a]
         assert fs.cat([a, b]) == {a: tree[a], b: tree[b]}
@@ -168,7 +155,6 @@ class PCacheConformance:
 
     def test_find_and_glob(self, request: pytest.FixtureRequest, origin: OriginKind, fs: PCacheFileSystem,
                            tree: dict[str, bytes]) -> None:
-        _find_is_retried(request, origin)
         root = origin.root
         assert set(fs.find(root)) == set(tree)
         assert set(fs.find(origin.url(root))) == set(tree)
@@ -218,7 +204,6 @@ class PCacheConformance:
         assert fs.cat_file(path) == v2
         assert fs.cat_file(path, start=-10) == v2[-10:]
 
-    @PCACHE2
     def test_no_stale_read_after_ls(self, origin: OriginKind, fs: PCacheFileSystem) -> None:
         d = origin.path("stale")
         path, new = f"{d}/a.txt", f"{d}/new.txt"
@@ -270,7 +255,6 @@ class PCacheConformance:
             with pytest.raises(OriginUnavailableError, match=re.escape(origin.url(never))):
                 fs.open(never)
 
-    @PCACHE2
     def test_outage_stale_if_error(self, origin: OriginKind, tmp_path: Path) -> None:
         self._need_outage(origin)
         fs = origin.make_fs(tmp_path / "c1", memory_bytes=0, retry_attempts=2)  # stale_if_error: 1 h default
@@ -294,7 +278,6 @@ class PCacheConformance:
             with pytest.raises(OriginUnavailableError, match=re.escape(origin.url(full))):
                 strict.cat_file(full)  # stale_if_error=0 turns serving stale off
 
-    @PCACHE2
     @pytest.mark.timeout(90)
     def test_blackholed_origin_fails_within_origin_timeout(self, origin: OriginKind, tmp_path: Path) -> None:
         if not origin.can_blackhole:
@@ -346,7 +329,6 @@ class PCacheConformance:
         assert [(e["path"], e["size"]) for e in manifest["files"]] == [("rank0.bin", len(data))]
         assert manifest["files"][0]["xxh3_128"]
 
-    @PCACHE2
     def test_staged_files_are_listed(self, origin: OriginKind, fs: PCacheFileSystem,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
         if origin.process_local:

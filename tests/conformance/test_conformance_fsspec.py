@@ -79,13 +79,6 @@ class TestPCacheFsspecAbstract(AbstractFixtures, AbstractGetTests, AbstractOpenT
         if origin_fs.exists(target):
             origin_fs.rm(target, recursive=True)
 
-    @pytest.mark.xfail(reason="pcache 2: lands with the metadata-plane branch", strict=False)
-    def test_get_directory_recursive(self, fs: Any, fs_join: Any, fs_path: str, local_fs: Any, local_join: Any,
-                                     local_target: str) -> None:
-        # It writes its source through pcache (mkdir, touch): the file is staged, not yet uploaded, and
-        # staged files appear in find() only with the metadata plane.
-        super().test_get_directory_recursive(fs, fs_join, fs_path, local_fs, local_join, local_target)
-
     @pytest.mark.xfail(reason="mode 'xb' (exclusive create) is not supported by a write-back cache: "
                               "docs/architecture.md, Conformance", strict=True, raises=ValueError)
     def test_open_exclusive(self, fs: Any, fs_target: str) -> None:
