@@ -134,6 +134,8 @@ class MetadataStore:
         return self._env, self._dbs
 
     def _open_env(self) -> tuple[Any, dict[bytes, Any]]:
+        # A metadata lookup can be the first use of a fresh cache_dir (ref_for before any read).
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         env = open_env(self.path, map_size=1 << 30, max_dbs=4, sync=False, metasync=False, readahead=False,
                        max_readers=1024)
         return env, {name: env.open_db(name) for name in (*_KINDS, b"counters")}
