@@ -237,7 +237,8 @@ def test_admin_returns_the_data_the_cli_prints(tmp_path: Path, s3_server: Any, s
 
     flushed = admin.flush(config)
     assert flushed == {"uploaded": 0, "failed": [], "still_pending": 0, "replicas_adopted": 0,
-                       "replicas_dropped": 0, "replicas_failed": 0}
+                       "replicas_dropped": 0, "replicas_failed": 0, "orphan_uploads_aborted": 0,
+                       "orphan_uploads_failed": 0}
     assert json.loads(_cli("flush", "--cache-dir", cache, "--json", env=env).stdout) == flushed
 
 
