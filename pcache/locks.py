@@ -80,20 +80,38 @@ class StripeLocks:
                 os.close(fd)
 
 
+_EXCLUSIVE_HELD: set[int] = set()
+
+
 @contextmanager
 def exclusive_lock(path: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if needed) across processes, blocking until free.
 
     Like the stripe files, the lock file is never unlinked: two processes could otherwise lock two
-    different inodes of "the same" lock.
+    different inodes of "the same" lock. A child forked while the lock is held closes its copy of the
+    descriptor (see :func:`_forget_exclusive_after_fork`).
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    _EXCLUSIVE_HELD.add(fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        _EXCLUSIVE_HELD.discard(fd)
         os.close(fd)  # closing the descriptor drops the flock
+
+
+def _forget_exclusive_after_fork() -> None:
+    # The child's copy shares the parent's open file description: kept open, it would hold the flock
+    # for as long as the child lives (a DataLoader worker: the whole epoch).
+    for fd in list(_EXCLUSIVE_HELD):
+        with suppress(OSError):
+            os.close(fd)
+    _EXCLUSIVE_HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_exclusive_after_fork)
 
 
 class SingleFlight:
