@@ -18,13 +18,13 @@ Public API (other packages use pcache through these names only):
 - :class:`CacheConfig`
 - :func:`flush` and :func:`commit` for write-back durability across the process's filesystems
 - typed errors: :class:`ConfigError`, :class:`OriginUnavailableError`, :class:`StaleObjectError`,
-  :class:`CacheFullError`, :class:`UploadError`, :class:`CommitMismatchError`
+  :class:`CacheFullError`, :class:`CacheIndexError`, :class:`UploadError`, :class:`CommitMismatchError`
 
 Public modules, imported on their own because they pull in more:
 
 - :mod:`pcache.admin`: stat, warm, flush, verify, gc and the node client, as a library
 - :mod:`pcache.options`: the cache flags every CLI shares (``add_cache_options``, ``cache_config``)
-- :mod:`pcache.s3server`: an embedded SeaweedFS S3 server (demos, ``dev-s3``)
+- :mod:`pcache.s3server`: an embedded SeaweedFS S3 server (demos, ``pcache dev-s3``, :mod:`pcache.devs3`)
 - :mod:`pcache.testing`: test-only helpers (chaos proxy, node processes); shipped code never imports it
 """
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 from pcache.config import CacheConfig
 from pcache.errors import (
     CacheFullError,
+    CacheIndexError,
     CommitMismatchError,
     ConfigError,
     OriginUnavailableError,
@@ -45,6 +46,7 @@ from pcache.keys import ObjectRef, block_key
 __all__ = [
     "CacheConfig",
     "CacheFullError",
+    "CacheIndexError",
     "CommitMismatchError",
     "ConfigError",
     "ObjectRef",

@@ -1,13 +1,17 @@
-"""The disk tier: checksummed block files plus an LMDB index with S3-FIFO eviction.
+"""The disk tier: block files bound to their keys, plus an LMDB index with S3-FIFO eviction.
 
 Each block is a self-describing file ``blocks/<aa>/<key hex>``::
 
-    magic "PCB1" | flags u8 | 3 pad | raw_len u64 | stored_len u64 | xxh3-64(raw) u64 | payload
+    magic "PCB2" | flags u8 | 3 pad | raw_len u64 | stored_len u64 | xxh3-64(raw) u64 | key 16B | payload
 
 Publication is atomic: write ``tmp/…``, ``rename`` into place, then commit the index entry. A reader
-needs no index lookup (the file's presence is the hit) and verifies the checksum on every read; on a
-mismatch the block is dropped and the caller refetches, so corrupt bytes are never returned. Block
-files are not fsynced: a torn block after a power loss fails its checksum and is refetched.
+needs no index lookup (the file's presence is the hit) and verifies on every read that the header
+names the key it asked for and that the payload matches its checksum. A file copied or renamed over
+another block's file therefore fails like a flipped byte or a truncated file: the block is dropped,
+counted in ``corrupt_blocks``, and the caller refetches, so wrong bytes are never returned. Files of
+the old format (``PCB1``, no key) are misses, dropped without counting. Block files are not fsynced:
+a torn block after a power loss fails its checks and is refetched. The index is rebuilt from the block
+files when it is damaged (see :mod:`pcache.index`).
 """
 
 from __future__ import annotations
@@ -18,27 +22,32 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import lmdb
 
 from lingcore.checksum import block_checksum
 from lingcore.files import unlink_quiet, write_all
-from lingcore.lmdb_env import open_env
 from lingcore.log import get_logger
-from pcache.errors import CacheFullError
+from pcache.diskmaint import DiskMaintenance
+from pcache.errors import CacheFullError, CacheIndexError
 from pcache.eviction import S3Fifo
+from pcache.index import BlockIndex
 
 log = get_logger(__name__)
 
-HEADER = struct.Struct("<4sB3xQQQ")
-MAGIC = b"PCB1"
+HEADER = struct.Struct("<4sB3xQQQ16s")
+MAGIC = b"PCB2"
+OLD_MAGICS = (b"PCB1",)  # earlier formats: read as misses and replaced, never reported as corrupt
 FLAG_ZSTD = 1
 # Hits reach the shared index with the process's next write, or after this many keys or seconds, so
 # a read-only process's hits still count for eviction.
 _HIT_FLUSH_EVERY = 4096
 _HIT_FLUSH_SECONDS = 2.0
+# LMDB errors that mean "no room" rather than damage.
+_FULL = (lmdb.MapFullError, lmdb.DiskError)
+MISSING, OUTDATED, CORRUPT = "missing", "outdated", "corrupt"
 
 
 class _Opened(NamedTuple):
@@ -51,7 +60,7 @@ class _Opened(NamedTuple):
     checksum: int
 
 
-class DiskStore:
+class DiskStore(DiskMaintenance):
     """Block files and their LMDB index inside ``cache_dir``.
 
     Args:
@@ -79,68 +88,70 @@ class DiskStore:
         self.reserved = reserved or (lambda: 0)
         for d in (self.blocks_dir, self.tmp_dir):
             os.makedirs(d, exist_ok=True)
-        # The index is a cache of what is on disk, rebuildable by gc(), so it skips fsync (kill -9 safe;
-        # a power loss may undo the last transactions, which only leaves unaccounted files for gc).
-        index = os.path.join(cache_dir, "index")
-        options = {"map_size": 1 << 30, "max_dbs": 8, "sync": False, "metasync": False, "readahead": False,
-                   "max_readers": 1024}
-        try:
-            self.env = open_env(index, **options)
-            self.fifo = S3Fifo(self.env)
-            rebuilt = False
-        except lmdb.Error as exc:
-            # The index is only a cache of what is on disk (and skips fsync), so a damaged one is moved
-            # aside and rebuilt from the self-describing block files rather than failing every read.
-            aside = f"{index}.corrupt-{int(time.time())}"
-            log.error("cache index %s is unreadable (%s); moved to %s and rebuilding from block files",
-                      index, exc, aside, extra={"path": index})
-            os.replace(index, aside)
-            self.env = open_env(index, **options)
-            self.fifo = S3Fifo(self.env)
-            rebuilt = True
         self._hits: dict[bytes, int] = {}
         self._stats: dict[str, int] = {}
         self._hits_lock = threading.Lock()
         self._last_flush = time.monotonic()
-        if rebuilt:
-            self.gc()
+        self._outdated_seen = False
+        self.index = BlockIndex(cache_dir, self._adopt)
+
+    @property
+    def env(self) -> Any:
+        """The index's current LMDB environment (it changes when a damaged index is rebuilt)."""
+        return self.index.env
+
+    @property
+    def fifo(self) -> S3Fifo:
+        """The S3-FIFO tables in :attr:`env`."""
+        return self.index.fifo
 
     # -- paths and encoding -----------------------------------------------------------------------
     def block_path(self, key: bytes) -> str:
         hexkey = key.hex()
         return os.path.join(self.blocks_dir, hexkey[:2], hexkey)
 
-    def _encode(self, data: bytes) -> tuple[bytes, bytes]:
+    def _encode(self, key: bytes, data: bytes) -> tuple[bytes, bytes]:
         flags, payload = 0, data
         if self.compression == "zstd":
             import zstandard
 
             payload = zstandard.ZstdCompressor(level=self.zstd_level).compress(data)
             flags = FLAG_ZSTD
-        return HEADER.pack(MAGIC, flags, len(data), len(payload), block_checksum(data)), payload
+        return HEADER.pack(MAGIC, flags, len(data), len(payload), block_checksum(data), key), payload
 
     # -- reads -----------------------------------------------------------------------------------
-    def _open_block(self, key: bytes) -> _Opened | None:
-        """Open a block file and validate its header; return (fd, flags, raw_len, stored_len) or None."""
+    def _open_block(self, key: bytes) -> _Opened | str:
+        """Open a block file and validate its header; return it, or MISSING, OUTDATED or CORRUPT.
+
+        A header that names another key (a file copied or renamed over this one) is corrupt. This check
+        costs nothing extra: the header is read anyway.
+        """
         path = self.block_path(key)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            return None
+            return MISSING
         header = os.pread(fd, HEADER.size, 0)
         if len(header) == HEADER.size:
-            magic, flags, raw_len, stored_len, checksum = HEADER.unpack(header)
-            if magic == MAGIC:
+            magic, flags, raw_len, stored_len, checksum, owner = HEADER.unpack(header)
+            if magic == MAGIC and owner == key:
                 return _Opened(fd, flags, raw_len, stored_len, checksum)
+            why = f"it holds block {owner.hex()} (copied or renamed over this one)" if magic == MAGIC \
+                else None if magic in OLD_MAGICS else "bad magic"
+        else:
+            why = None if header[:4] in OLD_MAGICS else "short header"
         os.close(fd)
-        self._corrupt(key, path, "bad or short header")
-        return None
+        if why is None:
+            self._outdated(key, path)
+            return OUTDATED
+        self._corrupt(key, path, why)
+        return CORRUPT
 
-    def read(self, key: bytes) -> bytes | None:
-        """Return the verified block, or None when absent or corrupt (a corrupt block is dropped)."""
+    def _read(self, key: bytes) -> tuple[bytes | None, str]:
+        """Return (verified block, "ok"), or (None, MISSING | OUTDATED | CORRUPT); bad blocks are dropped."""
         opened = self._open_block(key)
-        if opened is None:
-            return None
+        if not isinstance(opened, _Opened):
+            return None, opened
         fd, flags, raw_len, stored_len, checksum = opened
         try:
             payload = os.pread(fd, stored_len, HEADER.size)
@@ -149,7 +160,7 @@ class DiskStore:
         path = self.block_path(key)
         if len(payload) != stored_len:
             self._corrupt(key, path, "truncated payload")
-            return None
+            return None, CORRUPT
         if flags & FLAG_ZSTD:
             import zstandard
 
@@ -157,21 +168,30 @@ class DiskStore:
                 payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_len)
             except zstandard.ZstdError:
                 self._corrupt(key, path, "undecodable zstd payload")
-                return None
+                return None, CORRUPT
         if len(payload) != raw_len or block_checksum(payload) != checksum:
             self._corrupt(key, path, "checksum mismatch")
-            return None
-        self._note_hit(key)
+            return None, CORRUPT
+        return payload, "ok"
+
+    def _sound(self, key: bytes) -> bool:
+        return self._read(key)[1] != CORRUPT
+
+    def read(self, key: bytes) -> bytes | None:
+        """Return the verified block, or None when absent or bad (a bad block is dropped)."""
+        payload, _ = self._read(key)
+        if payload is not None:
+            self._note_hit(key)
         return payload
 
     def read_into(self, key: bytes, out: memoryview) -> int | None:
         """Read and verify a block straight into ``out`` (no allocation); return its length or None.
 
-        Returns None when the block is absent, corrupt (then dropped), compressed, or larger than
+        Returns None when the block is absent, bad (then dropped), compressed, or larger than
         ``out``; the caller falls back to :meth:`read`, which handles every case.
         """
         opened = self._open_block(key)
-        if opened is None:
+        if not isinstance(opened, _Opened):
             return None
         fd, flags, raw_len, stored_len, checksum = opened
         try:
@@ -189,13 +209,14 @@ class DiskStore:
     def open_payload(self, key: bytes) -> tuple[int, int, int, int] | None:
         """Open an uncompressed block for zero-copy sending: return (fd, offset, length, checksum).
 
-        The payload is *not* verified here: the receiving peer verifies the recorded checksum end to end
-        (disk and network) and asks again with ``verify=1`` on a mismatch, which takes the verifying path
-        and drops the bad block. The caller closes ``fd``. Returns None when the block is absent,
-        compressed or visibly truncated (then the caller takes the verifying path).
+        The header is checked here (it must name ``key``, so a swapped file is never sent), the payload
+        is not: the receiving peer verifies the recorded checksum end to end (disk and network) and asks
+        again with ``verify=1`` on a mismatch, which takes the verifying path and drops the bad block.
+        The caller closes ``fd``. Returns None when the block is absent, bad, compressed or visibly
+        truncated (then the caller takes the verifying path).
         """
         opened = self._open_block(key)
-        if opened is None:
+        if not isinstance(opened, _Opened):
             return None
         fd, flags, raw_len, stored_len, checksum = opened
         try:
@@ -214,6 +235,13 @@ class DiskStore:
         self.note_stat("corrupt_blocks")
         self.drop(key)
 
+    def _outdated(self, key: bytes, path: str) -> None:
+        if not self._outdated_seen:  # once per process: an upgraded cache has many such files
+            self._outdated_seen = True
+            log.info("cache blocks in %s have an older format; they are refetched as they are read",
+                     self.blocks_dir, extra={"path": path})
+        self.drop(key)
+
     def _note_hit(self, key: bytes) -> None:
         now = time.monotonic()
         with self._hits_lock:
@@ -227,22 +255,26 @@ class DiskStore:
         with self._hits_lock:
             self._stats[name] = self._stats.get(name, 0) + delta
 
-    def _apply_pending(self, txn: Any) -> None:
+    def _take_pending(self) -> Callable[[Any, S3Fifo], None]:
+        """Take the batched hit and stat counts; return what applies them inside an index transaction."""
         with self._hits_lock:
             hits, self._hits = self._hits, {}
             stats, self._stats = self._stats, {}
-        self.fifo.apply_hits(txn, hits)
-        for name, delta in stats.items():
-            self.fifo.add_counter(txn, name, delta)
+
+        def apply(txn: Any, fifo: S3Fifo) -> None:
+            fifo.apply_hits(txn, hits)
+            for name, delta in stats.items():
+                fifo.add_counter(txn, name, delta)
+
+        return apply
 
     def flush_hits(self) -> None:
         """Apply batched hit and stat counts to the shared index (done on writes, so reads never write)."""
         self._last_flush = time.monotonic()
         if self._hits or self._stats:
             try:
-                with self.env.begin(write=True) as txn:
-                    self._apply_pending(txn)
-            except lmdb.Error as exc:  # statistics only: losing them must not fail a read
+                self.index.run(self._take_pending())
+            except (lmdb.Error, CacheIndexError) as exc:  # statistics only: losing them must not fail a read
                 log.warning("could not record cache statistics: %s", exc)
 
     # -- writes ----------------------------------------------------------------------------------
@@ -250,9 +282,10 @@ class DiskStore:
         """Atomically store ``data`` under ``key`` and evict until the budget holds.
 
         Raises:
-            CacheFullError: when the file system is full; nothing partial is left behind.
+            CacheFullError: when the file system or the index is full; nothing partial is left behind.
+            CacheIndexError: when the index fails even after a rebuild (the block is not kept).
         """
-        header, payload = self._encode(data)
+        header, payload = self._encode(key, data)
         path = self.block_path(key)
         tmp = os.path.join(self.tmp_dir, f"{key.hex()}.{uuid.uuid4().hex}")
         try:
@@ -270,18 +303,26 @@ class DiskStore:
                 raise CacheFullError(path, str(exc)) from exc
             raise
         stored = HEADER.size + len(payload)
+        apply_pending = self._take_pending()
+
+        def record(txn: Any, fifo: S3Fifo) -> list[bytes]:
+            apply_pending(txn, fifo)
+            fifo.insert(txn, key, stored)
+            victims = fifo.evict_until(txn, max(0, self.budget_bytes - self.reserved()))
+            if victims:
+                fifo.add_counter(txn, "evictions", len(victims))
+            return victims
+
         try:
-            with self.env.begin(write=True) as txn:
-                self._apply_pending(txn)
-                self.fifo.insert(txn, key, stored)
-                victims = self.fifo.evict_until(txn, max(0, self.budget_bytes - self.reserved()))
-                if victims:
-                    self.fifo.add_counter(txn, "evictions", len(victims))
-        except lmdb.Error as exc:
-            # The index could not record the block (e.g. ENOSPC inside LMDB): un-publish the file so
-            # index and files keep agreeing, and report a full cache.
+            victims = self.index.run(record)
+        except (lmdb.Error, CacheIndexError) as exc:
+            # The index could not record the block: un-publish the file so index and files keep agreeing.
             unlink_quiet(path)
-            raise CacheFullError(path, f"index update failed: {exc}") from exc
+            if isinstance(exc, _FULL):
+                raise CacheFullError(path, f"index update failed: {exc}") from exc
+            if isinstance(exc, CacheIndexError):
+                raise
+            raise CacheIndexError(self.index.path, f"recording {path}: {exc}") from exc
         for victim in victims:
             unlink_quiet(self.block_path(victim))
 
@@ -289,78 +330,9 @@ class DiskStore:
         """Remove a block and its index entry (the file goes first, so a failed index write is harmless)."""
         unlink_quiet(self.block_path(key))
         try:
-            with self.env.begin(write=True) as txn:
-                self.fifo.remove(txn, key)
-        except lmdb.Error as exc:
+            self.index.run(lambda txn, fifo: fifo.remove(txn, key))
+        except (lmdb.Error, CacheIndexError) as exc:
             log.warning("could not remove index entry of %s: %s", key.hex(), exc)
-
-    def enforce_budget(self) -> int:
-        """Evict until the budget holds (used after staged uploads grow); return blocks evicted."""
-        with self.env.begin(write=True) as txn:
-            victims = self.fifo.evict_until(txn, max(0, self.budget_bytes - self.reserved()))
-        for victim in victims:
-            unlink_quiet(self.block_path(victim))
-        return len(victims)
-
-    # -- statistics and maintenance --------------------------------------------------------------
-    def stats(self) -> dict[str, int]:
-        """Shared counters (hits, misses, evictions, corrupt blocks) and index totals."""
-        names = ("total", "small", "evictions", "corrupt_blocks", "hits_memory", "hits_disk", "hits_peer", "misses",
-                 "origin_bytes", "peer_bytes")
-        with self.env.begin() as txn:
-            out = {name: self.fifo.get_counter(txn, name) for name in names}
-            out["blocks"] = txn.stat(self.fifo.blocks)["entries"]
-        return out
-
-
-    def iter_block_files(self) -> Iterator[tuple[bytes, str]]:
-        """Yield (key, path) for every block file on disk."""
-        for sub in sorted(os.listdir(self.blocks_dir)):
-            subdir = os.path.join(self.blocks_dir, sub)
-            for name in os.listdir(subdir):
-                try:
-                    yield bytes.fromhex(name), os.path.join(subdir, name)
-                except ValueError:
-                    continue
-
-    def verify(self, progress: Callable[[int], Any] | None = None) -> list[str]:
-        """Re-check every block's checksum; drop and return the paths of corrupt ones."""
-        corrupt = []
-        for key, path in list(self.iter_block_files()):
-            before = os.path.exists(path)
-            if self.read(key) is None and before:
-                corrupt.append(path)
-            if progress:
-                progress(1)
-        return corrupt
-
-    def gc(self, tmp_age_s: float = 3600.0) -> dict[str, int]:
-        """Reconcile index and files: index orphans, unindexed files, stale temp files; enforce budget."""
-        removed_tmp = 0
-        now = time.time()
-        for name in os.listdir(self.tmp_dir):
-            path = os.path.join(self.tmp_dir, name)
-            try:
-                if now - os.stat(path).st_mtime > tmp_age_s:
-                    os.unlink(path)
-                    removed_tmp += 1
-            except FileNotFoundError:
-                continue
-        on_disk = dict(self.iter_block_files())
-        adopted = forgotten = 0
-        with self.env.begin(write=True) as txn:
-            indexed = {bytes(k) for k, _ in txn.cursor(db=self.fifo.blocks)}
-            for key in indexed - on_disk.keys():
-                self.fifo.remove(txn, key)
-                forgotten += 1
-            for key in on_disk.keys() - indexed:
-                try:
-                    self.fifo.insert(txn, key, os.stat(on_disk[key]).st_size)
-                    adopted += 1
-                except FileNotFoundError:
-                    continue
-        evicted = self.enforce_budget()
-        return {"removed_tmp": removed_tmp, "forgotten": forgotten, "adopted": adopted, "evicted": evicted}
 
     def close(self) -> None:
         """Record batched hits; the shared LMDB handle stays open for the process's other users."""

@@ -10,8 +10,8 @@ import errno
 
 from lingcore.errors import ConfigError, OriginUnavailableError, StaleObjectError
 
-__all__ = ["CacheFullError", "CommitMismatchError", "ConfigError", "OriginUnavailableError", "StaleObjectError",
-           "UploadError"]
+__all__ = ["CacheFullError", "CacheIndexError", "CommitMismatchError", "ConfigError", "OriginUnavailableError",
+           "StaleObjectError", "UploadError"]
 
 
 class CacheFullError(OSError):
@@ -21,6 +21,17 @@ class CacheFullError(OSError):
         self.path = path
         msg = f"no space left in cache directory for {path}"
         super().__init__(errno.ENOSPC, msg + (f": {detail}" if detail else ""))
+
+
+class CacheIndexError(OSError):
+    """The LMDB index of a cache directory failed, even after being rebuilt from the block files.
+
+    Cached blocks stay valid (a hit needs no index); only accounting and eviction are affected.
+    """
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        super().__init__(errno.EIO, f"cache index {path} failed: {detail}")
 
 
 class UploadError(OSError):

@@ -144,7 +144,7 @@ class PCacheFileSystem(ChainedFileSystem):
         pid, engine = self._engine
         if engine is None or pid != os.getpid():  # first use, or first use after a fork
             config = self.config
-            engine = get_engine(config, reserved=lambda: get_writeback(config).journal.pending_bytes())
+            engine = get_engine(config, reserved=lambda: get_writeback(config).reserved_bytes())
             self._engine = (os.getpid(), engine)
         return engine
 

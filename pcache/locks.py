@@ -5,6 +5,9 @@ processes that share a ``cache_dir``, the fetching thread also holds an exclusiv
 a fixed set of stripe files, so another process that misses the same block waits and then finds it
 published. A fixed stripe count keeps the lock directory small; an unrelated block that hashes to the
 same stripe only waits for one fetch.
+
+:func:`exclusive_lock` is the same ``flock`` on one named file, for rare whole-directory work such as
+rebuilding a damaged index.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -76,6 +79,39 @@ class StripeLocks:
             with suppress(OSError):
                 os.close(fd)
 
+
+_EXCLUSIVE_HELD: set[int] = set()
+
+
+@contextmanager
+def exclusive_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) across processes, blocking until free.
+
+    Like the stripe files, the lock file is never unlinked: two processes could otherwise lock two
+    different inodes of "the same" lock. A child forked while the lock is held closes its copy of the
+    descriptor (see :func:`_forget_exclusive_after_fork`).
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    _EXCLUSIVE_HELD.add(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        _EXCLUSIVE_HELD.discard(fd)
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def _forget_exclusive_after_fork() -> None:
+    # The child's copy shares the parent's open file description: kept open, it would hold the flock
+    # for as long as the child lives (a DataLoader worker: the whole epoch).
+    for fd in list(_EXCLUSIVE_HELD):
+        with suppress(OSError):
+            os.close(fd)
+    _EXCLUSIVE_HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_exclusive_after_fork)
 
 
 class SingleFlight:

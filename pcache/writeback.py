@@ -3,6 +3,11 @@
 ``close()`` of a :class:`WriteBackFile` returns once the bytes are fsynced in ``cache_dir`` and the
 journal entry is durable; a background uploader process then sends them to the origin. Staged files are
 outside the block index, so eviction can never touch data that is not yet at the origin.
+
+Staged (dirty) bytes have first claim on the disk budget ``disk_bytes``: before a chunk is staged,
+clean blocks are evicted to make room for it, and if the file system fills up anyway, more clean
+blocks are evicted and the write is retried. :class:`CacheFullError` is raised only when dirty data
+alone fills the budget, or the file system has no clean block left to give.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from lingcore.log import get_logger
 from lingcore.marker import MARKER_NAME, build_marker
 from lingcore.retry import RetryPolicy, retry_call
 from pcache.config import CacheConfig
+from pcache.diskstore import DiskStore
 from pcache.errors import CacheFullError, UploadError
 from pcache.journal import Journal, options_fingerprint, split_secrets
 
@@ -46,6 +52,8 @@ class WriteBackFile(io.RawIOBase):
                  on_close: Any = None, replicator: Any = None) -> None:
         super().__init__()
         self._fd, self._size = -1, 0  # set first: __del__ must work even if os.open below fails
+        self._reserved = 0  # bytes of the disk budget this file has claimed (see WriteBack.reserve)
+        self._staged = 0  # bytes in the staged file so far
         self.manager, self.url, self.protocol, self.path = manager, url, protocol, path
         self.options = options
         self.on_close = on_close
@@ -77,19 +85,49 @@ class WriteBackFile(io.RawIOBase):
             self._buf += view
             return len(view)
         try:
-            write_all(self._fd, self._buf)
+            self._stage(self._buf)
             self._buf = bytearray()
-            write_all(self._fd, view)
+            self._stage(view)
         except OSError as exc:
             self._fail(exc)
         return len(view)
 
+    def _stage(self, data: Any) -> None:
+        """Append ``data`` to the staged file, after claiming room for it in the disk budget.
+
+        If the file system is full all the same (other processes, or a disk smaller than the budget),
+        clean blocks are evicted and the write retried, until no clean block is left.
+        """
+        view = memoryview(data).cast("B")
+        if not view:
+            return
+        self.manager.reserve(self.url, len(view))
+        self._reserved += len(view)
+        while True:
+            try:
+                write_all(self._fd, view)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                os.ftruncate(self._fd, self._staged)  # drop a partial write before trying again
+                os.lseek(self._fd, self._staged, os.SEEK_SET)
+                if self.manager.free_space(len(view), self.url) == 0:
+                    raise
+        self._staged += len(view)
+
     def _fail(self, exc: OSError) -> None:
         """Drop the staged file and raise; a full disk becomes :class:`CacheFullError` naming the URL."""
         self.discard()
+        if isinstance(exc, CacheFullError):
+            raise exc
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CacheFullError(self.url, str(exc)) from exc
         raise exc
+
+    def _release(self) -> None:
+        self.manager.release(self._reserved)
+        self._reserved = 0
 
     def discard(self) -> None:
         """Drop the staged bytes; nothing is uploaded."""
@@ -97,6 +135,7 @@ class WriteBackFile(io.RawIOBase):
             os.close(self._fd)
             self._fd = -1
         unlink_quiet(self._tmp)
+        self._release()
         super().close()
 
     def __del__(self) -> None:
@@ -117,7 +156,7 @@ class WriteBackFile(io.RawIOBase):
         if self.closed:
             return
         try:
-            write_all(self._fd, self._buf)
+            self._stage(self._buf)
             self._buf = bytearray()
             os.fsync(self._fd)
             os.close(self._fd)
@@ -132,10 +171,15 @@ class WriteBackFile(io.RawIOBase):
             "options": public, "size": self._size, "xxh3_128": self._hasher.hexdigest(),
             "created": time.time(), "attempts": 0,
         }
-        if self.replicator is not None:
-            # Before the journal entry: the uploader must never finish (and drop the replica) before
-            # the replica exists.
-            entry["replica"] = self.replicator(entry, self.manager.journal.data_path(self.upload_id))
+        try:
+            if self.replicator is not None:
+                # Before the journal entry: the uploader must never finish (and drop the replica) before
+                # the replica exists.
+                entry["replica"] = self.replicator(entry, self.manager.journal.data_path(self.upload_id))
+        finally:
+            # The journal entry takes over this file's claim on the disk budget (as pending bytes).
+            # Released just before, so no moment counts the file twice and refuses another write.
+            self._release()
         self.manager.journal.add(entry)
         super().close()
         self.manager.kick()
@@ -153,10 +197,66 @@ class WriteBack:
         self._proc: subprocess.Popen[bytes] | None = None
         self._proc_secrets: set[str] = set()
         self._lock = threading.Lock()
+        self._disk: DiskStore | None = None
+        self._staging = 0  # bytes claimed by files this process is still writing (not yet journaled)
+        self._staging_lock = threading.Lock()
+
+    @property
+    def disk(self) -> DiskStore:
+        """The disk tier of the directory, whose budget staged files share with clean blocks."""
+        with self._staging_lock:
+            if self._disk is None:
+                c = self.config
+                self._disk = DiskStore(c.cache_dir, c.disk_bytes, c.compression, c.zstd_level,
+                                       reserved=self.journal.pending_bytes)
+            return self._disk
+
+    def reserved_bytes(self) -> int:
+        """Disk budget held by dirty data: journaled uploads plus files this process is still writing.
+
+        Readers' block writes evict against this, so a long checkpoint write keeps its room between
+        chunks instead of clean blocks refilling it.
+        """
+        with self._staging_lock:
+            staging = self._staging
+        return int(self.journal.pending_bytes()) + staging
+
+    def reserve(self, url: str, nbytes: int) -> None:
+        """Claim ``nbytes`` of the disk budget for bytes about to be staged for ``url``.
+
+        Clean blocks are evicted to make room. Bytes of files still being written in other processes
+        are not known here; if they fill the file system, :meth:`free_space` evicts more.
+
+        Raises:
+            CacheFullError: naming ``url``, when dirty data (journaled plus being written in this
+                process) would exceed ``disk_bytes``.
+        """
+        disk = self.disk
+        with self._staging_lock:
+            self._staging += nbytes
+            staging = self._staging
+        try:
+            disk.make_room(staging, url)
+        except BaseException:
+            self.release(nbytes)
+            raise
+
+    def release(self, nbytes: int) -> None:
+        """Give back a claim made with :meth:`reserve` (the file was journaled or discarded)."""
+        with self._staging_lock:
+            self._staging = max(0, self._staging - nbytes)
+
+    def free_space(self, nbytes: int, url: str) -> int:
+        """The file system is full under a write to ``url``: evict clean blocks; return bytes freed."""
+        freed = self.disk.free_space(max(nbytes, 1 << 20), url)
+        if freed:
+            log.info("evicted %d bytes of clean cache blocks to stage %s", freed, url, extra={"url": url})
+        return freed
 
     def forget_after_fork(self) -> None:
         """In a forked child: forget the parent's uploader process (the child spawns its own if needed)."""
         self._proc = None
+        self._disk = None  # its LMDB handle and locks belong to the parent
 
     def remember_secret(self, protocol: str, public: dict[str, Any], secret: dict[str, Any]) -> None:
         """Keep credentials in memory only, for the uploader process this one spawns."""

@@ -5,7 +5,8 @@ with a ``timeout_s`` (1 s) deadline, and connecting has the same deadline: a dea
 skipped within about a second. A live owner may take longer to answer, since its first request for a
 block includes its own origin fetch, so reading a response may take up to ``read_timeout_s``. A
 killed peer's connections are reset at once and fail immediately. A block whose checksum does not match is treated as a miss
-and counted. Returning None sends the reader to the origin.
+and counted, and so is an answer for another block than the one asked for (``X-Pcache-Block``, e.g. a
+node with another block size). Returning None sends the reader to the origin.
 """
 
 from __future__ import annotations
@@ -16,20 +17,13 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-import xxhash
-
 from lingcore.checksum import block_checksum
 from lingcore.log import get_logger
 from pcache.cluster.auth import sign_request
 from pcache.cluster.placement import Placement
-from pcache.cluster.protocol import CHECKSUM_HEADER, block_query
+from pcache.cluster.protocol import BLOCK_HEADER, CHECKSUM_HEADER, block_query, placement_key
 
 log = get_logger(__name__)
-
-
-def placement_key(path: str, version: str, block_size: int, index: int) -> bytes:
-    """The key every client and node places a block by (independent of how each reaches the origin)."""
-    return xxhash.xxh3_128_digest(f"{path}\0{version}\0{block_size}\0{index}".encode())
 
 
 class PeerTier:
@@ -88,11 +82,12 @@ class PeerTier:
         if not placement.nodes:
             return None
         query = block_query(path, version, size, index)
-        for peer in placement.ranked(placement_key(path, version, block_size, index))[: self.tries]:
+        key = placement_key(path, version, block_size, index)
+        for peer in placement.ranked(key)[: self.tries]:
             # On a checksum mismatch the same owner is asked once more with verify=1: it then checks its
             # copy, drops it if corrupt and refetches, so the cluster still fetches the block once.
             for attempt in (query, f"{query}&verify=1"):
-                body, status = self._get(peer, attempt)
+                body, status = self._get(peer, attempt, key)
                 if status == "ok":
                     with self._lock:
                         self.counters["peer_hits"] += 1
@@ -101,8 +96,8 @@ class PeerTier:
                     break
         return None
 
-    def _get(self, peer: str, query: str) -> tuple[bytes | None, str]:
-        """One signed GET; returns (body, "ok") or (None, "mismatch" | "failed")."""
+    def _get(self, peer: str, query: str, key: bytes) -> tuple[bytes | None, str]:
+        """One signed GET of the block ``key``; returns (body, "ok") or (None, "mismatch" | "failed")."""
         conn = self._conn(peer)
         try:
             if conn.sock is None:
@@ -126,6 +121,12 @@ class PeerTier:
                 self.counters["peer_checksum_errors"] += 1
             log.warning("peer %s sent a block that fails its checksum (%s)", peer, query, extra={"peer": peer})
             return None, "mismatch"
+        if resp.getheader(BLOCK_HEADER) != key.hex():
+            with self._lock:
+                self.counters["peer_errors"] += 1
+            log.error("peer %s answered %s with another block (%s): is its block_size different?", peer, query,
+                      resp.getheader(BLOCK_HEADER), extra={"peer": peer})
+            return None, "failed"
         return body, "ok"
 
     def warm_block(self, path: str, version: str, size: int, index: int, block_size: int) -> bool:

@@ -27,7 +27,7 @@ from lingcore.files import fsync_dir, unlink_quiet, write_all
 from lingcore.log import get_logger
 from pcache.cluster.auth import AuthError, verify_request
 from pcache.cluster.metrics import render
-from pcache.cluster.protocol import BLOCK_PATH, CHECKSUM_HEADER
+from pcache.cluster.protocol import BLOCK_HEADER, BLOCK_PATH, CHECKSUM_HEADER, placement_key
 from pcache.cluster.replica import REPLICA_PATH, node_id
 from pcache.keys import ObjectRef, block_key
 
@@ -105,8 +105,10 @@ class NodeServer:
         if request.method == "HEAD":
             present = engine.contains(ref, index)
             return web.Response(status=200 if present else 404)
+        # Names the block served, with this node's block size: the reader checks it is the one it asked for.
+        bound = {BLOCK_HEADER: placement_key(request.query["path"], ref.version, engine.block_size, index).hex()}
         if request.query.get("warm") != "1" and request.query.get("verify") != "1":
-            sent = await self._send_from_disk(request, ref, index)
+            sent = await self._send_from_disk(request, ref, index, bound)
             if sent is not None:
                 return sent
         fetch = self.fs.origin.fetcher(target, ref.version)
@@ -122,13 +124,16 @@ class NodeServer:
         if request.query.get("warm") == "1":
             return web.Response(status=204)  # cluster warm: the owner keeps the block, nothing travels back
         self.served_bytes += len(data)
-        return web.Response(body=data, headers={CHECKSUM_HEADER: f"{block_checksum(data):016x}"})
+        return web.Response(body=data, headers={CHECKSUM_HEADER: f"{block_checksum(data):016x}", **bound})
 
-    async def _send_from_disk(self, request: web.Request, ref: ObjectRef, index: int) -> web.StreamResponse | None:
+    async def _send_from_disk(self, request: web.Request, ref: ObjectRef, index: int,
+                              bound: dict[str, str]) -> web.StreamResponse | None:
         """Send a disk-tier block with ``sendfile`` (no copy through Python); None if it is not on disk.
 
-        Blocks in the memory tier, compressed blocks and misses take the general path. The checksum
-        header is the one recorded when the block was stored; the reader verifies it end to end.
+        Blocks in the memory tier, compressed blocks and misses take the general path. The block file's
+        header must name the block's key (checked when it is opened), so a file copied or renamed over
+        it is dropped, not sent. The checksum header is the one recorded when the block was stored; the
+        reader verifies it end to end.
         """
         engine = self.fs.engine
         key = block_key(ref, index, engine.block_size)
@@ -140,7 +145,7 @@ class NodeServer:
         fd, offset, length, checksum = opened
         try:
             with os.fdopen(fd, "rb", closefd=False) as fobj:
-                resp = web.StreamResponse(headers={CHECKSUM_HEADER: f"{checksum:016x}"})
+                resp = web.StreamResponse(headers={CHECKSUM_HEADER: f"{checksum:016x}", **bound})
                 resp.content_length = length
                 await resp.prepare(request)
                 assert request.transport is not None
