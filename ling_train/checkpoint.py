@@ -46,6 +46,7 @@ log = get_logger(__name__)
 
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_RANK_RE = re.compile(r"^rank\d{5}\.pt$")
 
 
 class CheckpointError(RuntimeError):
@@ -332,6 +333,11 @@ class CheckpointManager:
         marker and ``latest`` leaves it one behind, so the markers decide."""
         committed = self.committed_steps()
         return committed[-1] if committed else None
+
+    def ranks(self, step: int) -> int:
+        """How many rank files committed ``step`` holds (0 when it is not committed)."""
+        marker = self._marker(step)
+        return sum(1 for f in (marker or {}).get("files", []) if _RANK_RE.match(f["path"]))
 
     def load(self, step: int, rank: int | None = None) -> dict[str, Any]:
         """Load ``rank``'s file (default: own) of committed ``step``, verified against the marker.

@@ -83,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["params"]:
         return params_main(argv[1:])
+    if argv[:1] in (["export-hf"], ["import-hf"]):
+        from ling_train.hf_io import hf_main
+
+        return hf_main(argv)
     args = _train_parser().parse_args(argv)
     setup_logging(args.log_level)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}

@@ -32,9 +32,16 @@ class ModelConfig:
         num_shared_experts: Shared experts; they form one SwiGLU of width ``moe_intermediate_size * n``.
         first_k_dense_replace: The first k layers are dense (no experts).
         rope_theta: RoPE base.
-        rms_eps: RMSNorm epsilon.
+        rms_eps: RMSNorm epsilon (the release's ``rms_norm_eps``: 1e-5 in the Ling-lite base config).
         tie_embeddings: Share the embedding matrix with the lm_head.
         norm_head: Normalize the lm_head weight as Ling's ``modeling_bailing_moe.py`` does.
+        initializer_range: Std of the normal init of every Linear layer (experts included) and the
+            embedding, as the release's ``_init_weights``; the router keeps ``nn.Linear``'s kaiming-uniform
+            init, as the release's ``BailingMoeGate`` (a bare parameter, not a Linear) does.
+        pad_token_id: The embedding's padding index (its row starts at zero and gets no gradient), the
+            release's ``pad_token_id``; None: no padding index.
+        norm_topk_prob: Renormalise the top-k routing weights to sum to 1 (only when ``top_k > 1``, as
+            the release does; with one expert per token the weight stays the softmax probability).
         balance_coef: Switch load-balance loss coefficient (alpha).
         z_coef: Router z-loss coefficient.
         routing_warmup_steps: W of the stochastic routing warmup (0 disables it).
@@ -57,6 +64,9 @@ class ModelConfig:
     rms_eps: float = 1e-6
     tie_embeddings: bool = False
     norm_head: bool = True
+    initializer_range: float = 0.02
+    pad_token_id: int | None = None
+    norm_topk_prob: bool = True
     balance_coef: float = 0.015
     z_coef: float = 1e-4
     routing_warmup_steps: int = 0
@@ -71,10 +81,39 @@ class ModelConfig:
             raise ConfigError("top_k", f"must be in 1..num_experts={self.num_experts}, got {self.top_k}")
         if self.head_dim % 2:
             raise ConfigError("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError("pad_token_id", f"must be within 0..vocab_size-1={self.vocab_size - 1}, "
+                                              f"got {self.pad_token_id}")
+        if not self.initializer_range > 0:
+            raise ConfigError("initializer_range", f"must be > 0, got {self.initializer_range}")
 
     def replace(self, **changes: Any) -> ModelConfig:
         """Return a copy with ``changes`` (None values ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain fields (what a checkpoint records, so its weights can be read without the preset)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; fields this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if k in known})
+
+    def architecture(self) -> ModelConfig:
+        """This config with the training-only knobs at their defaults: what the weights mean."""
+        defaults: dict[str, Any] = {name: ModelConfig.__dataclass_fields__[name].default for name in TRAINING_KNOBS}
+        return dataclasses.replace(self, **defaults)
+
+    def differences(self, other: ModelConfig) -> dict[str, tuple[Any, Any]]:
+        """Architecture fields that differ: ``{name: (self's, other's)}``."""
+        a, b = self.architecture().to_dict(), other.architecture().to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+# Settings of the training losses and the routing warmup: they do not change what the weights compute.
+TRAINING_KNOBS = ("balance_coef", "z_coef", "routing_warmup_steps", "routing_stats_momentum")
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -84,16 +123,20 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=1024,
                          moe_intermediate_size=256, num_experts=16, top_k=2),
     # Ling-lite (inclusionAI/Ling-lite config.json): every layer is MoE.
+    # rms_eps 1e-5 as in the base config (the chat config has 1e-6: import-hf keeps a checkpoint's own);
+    # initializer_range 0.006 and pad_token_id 126081 as released.
     "ling-lite": ModelConfig(vocab_size=126464, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=4,
                              intermediate_size=5632, moe_intermediate_size=1408, num_experts=64, top_k=6,
-                             num_shared_experts=2, first_k_dense_replace=0, rope_theta=600000.0),
+                             num_shared_experts=2, first_k_dense_replace=0, rope_theta=600000.0, rms_eps=1e-5,
+                             initializer_range=0.006, pad_token_id=126081),
     # Ling-plus, as released (inclusionAI's BailingMoeForCausalLM config): 56 query heads and 8 KV heads of
     # head_dim 96 (q width = hidden 5376), every layer MoE. 290.6B total, 29.0B active (the report rounds
     # to 290B / 28.8B). A 42/6 x 128 split has the same weight shapes but computes different attention,
-    # so released weights would give wrong outputs under it.
+    # so released weights would give wrong outputs under it. rms_eps 1e-6 (base and chat configs alike).
     "ling-plus": ModelConfig(vocab_size=126464, hidden_size=5376, num_layers=88, num_heads=56, num_kv_heads=8,
                              head_dim=96, intermediate_size=12288, moe_intermediate_size=3072, num_experts=64,
-                             top_k=4, num_shared_experts=1, first_k_dense_replace=0, rope_theta=600000.0),
+                             top_k=4, num_shared_experts=1, first_k_dense_replace=0, rope_theta=600000.0,
+                             rms_eps=1e-6, initializer_range=0.006, pad_token_id=126081),
 }
 
 
@@ -202,11 +245,18 @@ class TrainConfig:
             raise ConfigError("resume", "--resume needs --ckpt")
 
     def model_config(self) -> ModelConfig:
-        """The preset with this run's vocabulary and routing overrides applied."""
-        overrides = {"vocab_size": self.vocab_size or None,"routing_warmup_steps": self.routing_warmup_steps if self.routing_warmup_steps >= 0 else None,
+        """The preset with this run's vocabulary and routing overrides applied.
+
+        Another vocabulary means another tokenizer, whose padding id the preset cannot know: the
+        padding index is then dropped (the preset's id would name an unrelated token, or none).
+        """
+        base = preset(self.preset)
+        if self.vocab_size and self.vocab_size != base.vocab_size:
+            base = dataclasses.replace(base, vocab_size=self.vocab_size, pad_token_id=None)
+        overrides = {"routing_warmup_steps": self.routing_warmup_steps if self.routing_warmup_steps >= 0 else None,
                      "balance_coef": self.balance_coef if self.balance_coef >= 0 else None,
                      "z_coef": self.z_coef if self.z_coef >= 0 else None}
-        return preset(self.preset).replace(**overrides)
+        return base.replace(**overrides)
 
     @classmethod
     def load(cls, toml_path: str | None = None, **overrides: Any) -> TrainConfig:

@@ -108,18 +108,27 @@ class LingModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.apply(self._init)
+        self.reset_parameters()
 
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+    def reset_parameters(self) -> None:
+        """The release's init (``BailingMoePreTrainedModel._init_weights``): every Linear, experts included,
+        and the embedding ``N(0, initializer_range)``; the padding row zero; routers see :meth:`MoE.reset_parameters`."""
+        std = self.config.initializer_range
+        routers = {id(m.gate) for m in self.modules() if isinstance(m, MoE)}
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.Embedding)) and id(module) not in routers:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        if self.config.pad_token_id is not None:
+            with torch.no_grad():
+                self.embed.weight[self.config.pad_token_id].zero_()
 
     def moe_layers(self) -> list[MoE]:
         """The MoE modules, in layer order."""

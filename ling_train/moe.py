@@ -10,7 +10,6 @@ parameter every step.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -78,10 +77,12 @@ class MoE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Kaiming-uniform per expert, like ``nn.Linear``."""
+        """The release's init: experts ``N(0, initializer_range)`` (in the release each expert is a
+        ``nn.Linear``, which its ``_init_weights`` draws so); the router kaiming-uniform, as the release's
+        ``BailingMoeGate`` (a bare parameter that ``_init_weights`` does not touch) and ``nn.Linear``'s own."""
         for w in (self.w1, self.w3, self.w2):
-            bound = 1.0 / math.sqrt(w.shape[1])
-            nn.init.uniform_(w, -bound, bound)
+            nn.init.normal_(w, mean=0.0, std=self.config.initializer_range)
+        self.gate.reset_parameters()
 
     def _warmup_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """``s' = a*s + (1-a)*(mu + sigma*eps)``, ``a = min(step/W, 1)``; updates the running stats."""
@@ -105,7 +106,8 @@ class MoE(nn.Module):
         logits = self._warmup_logits(self.gate(x).float())
         probs = logits.softmax(dim=-1)
         weights, experts = probs.topk(k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalized top-k
+        if k > 1 and self.config.norm_topk_prob:  # as the release: one expert keeps its softmax probability
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         flat = experts.reshape(-1)
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert id
         counts = torch.bincount(flat, minlength=n)

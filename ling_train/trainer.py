@@ -22,7 +22,7 @@ from torch import nn
 
 from ling_train.anomaly import AnomalyGuard, SpikeConfig
 from ling_train.checkpoint import CheckpointManager, SaveStats
-from ling_train.config import TrainConfig, preset
+from ling_train.config import TRAINING_KNOBS, ModelConfig, TrainConfig, preset
 from ling_train.metrics import MetricsLog, flops_per_token, peak_flops
 from ling_train.model import LingModel, count_params
 from lingcore.log import get_logger
@@ -100,10 +100,14 @@ def model_vocab(cfg: TrainConfig, corpus_vocab: int | None) -> int:
     return chosen
 
 
-def build_model(cfg: TrainConfig, device: torch.device, world: int) -> tuple[LingModel, nn.Module]:
-    """(the bare model, the module to call: DDP- or FSDP2-wrapped when distributed)."""
+def build_model(cfg: TrainConfig, device: torch.device, world: int,
+                model_config: ModelConfig | None = None) -> tuple[LingModel, nn.Module]:
+    """(the bare model, the module to call: DDP- or FSDP2-wrapped when distributed).
+
+    ``model_config`` replaces the preset's (a checkpoint's own architecture, see :meth:`Trainer.restore`).
+    """
     torch.manual_seed(cfg.seed)
-    model = LingModel(cfg.model_config()).to(device)
+    model = LingModel(model_config or cfg.model_config()).to(device)
     if world == 1:
         return model, model
     if cfg.parallel == "fsdp":
@@ -158,14 +162,24 @@ def _load_sharded_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any]) -
 
 
 def _load_model(model: LingModel, saved: dict[str, torch.Tensor]) -> None:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     with torch.no_grad():
         for name, value in model.state_dict().items():
             target = value.to_local() if hasattr(value, "to_local") else value
-            target.copy_(saved[name])
+            source = saved[name]
+            if hasattr(value, "to_local") and source.shape != target.shape:
+                # A whole tensor (an import-hf checkpoint) into an FSDP2 shard: dim 0 chunked like torch.chunk.
+                chunks = source.chunk(world, dim=0)
+                source = chunks[rank] if rank < len(chunks) else source[:0]
+            target.copy_(source)
 
 
 class Trainer:
     """One rank's training state; :meth:`run` trains up to ``cfg.steps``."""
+
+    # The config.json an imported checkpoint came with, carried into later checkpoints so export-hf keeps
+    # what the model does not represent (token ids, context length).
+    hf_config: dict[str, Any] | None = None
 
     def __init__(self, cfg: TrainConfig, loss_hook: LossHook | None = None,
                  ckpt_options: dict[str, Any] | None = None) -> None:
@@ -207,26 +221,62 @@ class Trainer:
         if self.rank == 0 or self.sharded:
             state["model"] = self.model.state_dict()
             state["optim"] = self.opt.state_dict()
+            state["model_config"] = self.model.config.to_dict()  # export-hf reads the weights without the preset
+            if self.hf_config is not None:
+                state["hf_config"] = self.hf_config
         return state
 
     def restore(self, step: int) -> None:
         """Load committed ``step``: model and optimizer, loader position, RNG, spike state."""
         assert self.ckpt is not None
-        own = self.ckpt.load(step)
-        if own.get("world_size") != self.world and self.sharded:
+        # One file for every rank: a whole-model checkpoint (import-hf writes one, with no world_size).
+        whole = self.world > 1 and self.ckpt.ranks(step) == 1
+        own = self.ckpt.load(step, rank=0 if whole else None)
+        if own.get("world_size", self.world) != self.world and self.sharded:
             raise ValueError(f"checkpoint step {step} was saved by {own.get('world_size')} FSDP ranks; "
                              f"this run has {self.world}")
-        full = own if (self.rank == 0 or self.sharded) else self.ckpt.load(step, rank=0)
+        full = own if (self.rank == 0 or self.sharded or whole) else self.ckpt.load(step, rank=0)
+        if "model_config" in full:
+            self._adopt_architecture(ModelConfig.from_dict(full["model_config"]), step)
         _load_model(self.model, full["model"])
-        if self.sharded:
+        self.hf_config = full.get("hf_config")
+        if "optim" not in full:  # weights only (import-hf): the optimizer starts fresh
+            pass
+        elif self.sharded:
             _load_sharded_optimizer(self.opt, full["optim"])
         else:
             self.opt.load_state_dict(full["optim"])
-        self.loader.load_state_dict(own["loader"])
-        self.guard.load_state_dict(own["guard"])
-        _set_rng_state(own["rng"])
+        if "loader" in own:  # weights only: the data starts from the beginning, the RNG as seeded
+            self.loader.load_state_dict(own["loader"])
+            self.guard.load_state_dict(own["guard"])
+            _set_rng_state(own["rng"])
         self.step = int(own["step"])
         log.info("resumed from committed step %d of %s", step, self.cfg.ckpt)
+
+    def _adopt_architecture(self, saved: ModelConfig, step: int) -> None:
+        """Build the model the checkpoint holds when it differs from the preset's (an imported release keeps
+        its own rms_eps, padding id, shape); this run's loss and routing-warmup settings stay.
+
+        Raises:
+            InvalidParameterError: when the corpus's ids exceed the checkpoint's vocabulary.
+        """
+        current = self.model.config
+        diff = saved.differences(current)
+        if not diff:
+            return
+        corpus_vocab = self.dataset.vocab_size
+        if corpus_vocab is not None and corpus_vocab > saved.vocab_size:
+            raise InvalidParameterError("vocab_size", f"{', '.join(self.cfg.data)} has token ids up to "
+                                        f"{corpus_vocab - 1}, more than the vocabulary of {saved.vocab_size} of "
+                                        f"checkpoint step {step} of {self.cfg.ckpt}")
+        log.warning("checkpoint step %d of %s holds its own model: %s (the preset %r's ignored)", step,
+                    self.cfg.ckpt, ", ".join(f"{k} {a} (preset {b})" for k, (a, b) in sorted(diff.items())), self.cfg.preset)
+        arch = dataclasses.replace(saved, **{k: getattr(current, k) for k in TRAINING_KNOBS})
+        self.cfg = dataclasses.replace(self.cfg, vocab_size=arch.vocab_size)
+        self.model, self.module = build_model(self.cfg, self.device, self.world, arch)
+        self.opt = build_optimizer(self.model, self.cfg)
+        self.active_params = count_params(arch)[1]
+        self.flops_per_token = flops_per_token(arch, self.active_params, self.cfg.seq_len)
 
     # -- loop ------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:

@@ -134,3 +134,51 @@ def test_bad_config_raises_typed_errors_naming_the_field() -> None:
         TrainConfig.load(parallel="tp")
     with pytest.raises(ConfigError, match="resume"):
         TrainConfig.load(resume=True)
+
+
+def test_presets_carry_the_released_hyper_parameters() -> None:
+    lite, plus = preset("ling-lite"), preset("ling-plus")
+    # Ling-lite base config.json: rms_norm_eps 1e-5; Ling-plus: 1e-6; both initializer_range 0.006, pad 126081.
+    assert (lite.rms_eps, lite.initializer_range, lite.pad_token_id) == (1e-5, 0.006, 126081)
+    assert (plus.rms_eps, plus.initializer_range, plus.pad_token_id) == (1e-6, 0.006, 126081)
+    assert lite.norm_topk_prob and plus.norm_topk_prob
+    # Another vocabulary is another tokenizer: the release's padding id means nothing there.
+    assert TrainConfig.load(preset="ling-lite", vocab_size=8192).model_config().pad_token_id is None
+    assert TrainConfig.load(preset="ling-lite", vocab_size=126464).model_config().pad_token_id == 126081
+    with pytest.raises(ConfigError, match="pad_token_id"):
+        ModelConfig(vocab_size=10, pad_token_id=10)
+
+
+def test_init_is_the_releases_experts_included_and_the_padding_row_is_zero_and_frozen() -> None:
+    torch.manual_seed(4)
+    cfg = ModelConfig(hidden_size=256, moe_intermediate_size=192, num_experts=8, intermediate_size=320,
+                      initializer_range=0.006, pad_token_id=5)
+    model = LingModel(cfg)
+    moe = model.layers[1].mlp
+    assert isinstance(moe, MoE)
+    for name, w in [("q", model.layers[0].attn.q.weight), ("dense w1", model.layers[0].mlp.w1.weight),
+                    ("expert w1", moe.w1), ("expert w2", moe.w2), ("shared", moe.shared.w2.weight),
+                    ("lm_head", model.lm_head.weight), ("embed", model.embed.weight[6:])]:
+        assert abs(float(w.detach().std()) - 0.006) < 0.0005, name
+    # The router is the release's bare parameter with kaiming-uniform init, which _init_weights skips.
+    bound = 1 / 256 ** 0.5
+    gate = moe.gate.weight.detach()
+    assert float(gate.abs().max()) <= bound and float(gate.std()) > 0.5 * bound
+    assert torch.equal(model.embed.weight[5], torch.zeros(256))
+    tokens = torch.tensor([[5, 7, 5, 9]])
+    F.cross_entropy(model(tokens)[0], torch.tensor([7, 5, 9, 1])).backward()
+    assert model.embed.weight.grad is not None and torch.equal(model.embed.weight.grad[5], torch.zeros(256))
+
+
+def test_top_k_weights_are_renormalised_only_when_top_k_is_above_one() -> None:
+    torch.manual_seed(5)
+    moe = MoE(ModelConfig(hidden_size=16, moe_intermediate_size=8, num_experts=4, top_k=1, num_shared_experts=0))
+    x = torch.randn(10, 16)
+    probs = moe.gate(x).float().softmax(-1)
+    p, idx = probs.max(-1)
+    expected = torch.stack([p[t] * ((F.silu(x[t] @ moe.w1[e]) * (x[t] @ moe.w3[e])) @ moe.w2[e])
+                            for t, e in enumerate(idx.tolist())])
+    torch.testing.assert_close(moe(x), expected, rtol=1e-5, atol=1e-6)
+    off = MoE(ModelConfig(hidden_size=16, moe_intermediate_size=8, num_experts=4, top_k=2, norm_topk_prob=False))
+    off.load_state_dict(MoE(ModelConfig(hidden_size=16, moe_intermediate_size=8, num_experts=4, top_k=2)).state_dict())
+    assert not torch.allclose(off(x), _naive_moe(off, x))  # the naive reference renormalises
