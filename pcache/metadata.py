@@ -134,6 +134,8 @@ class MetadataStore:
         return self._env, self._dbs
 
     def _open_env(self) -> tuple[Any, dict[bytes, Any]]:
+        # An info or ref may come before anything else has made cache_dir (LMDB makes one level only).
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         env = open_env(self.path, map_size=1 << 30, max_dbs=4, sync=False, metasync=False, readahead=False,
                        max_readers=1024)
         return env, {name: env.open_db(name) for name in (*_KINDS, b"counters")}
