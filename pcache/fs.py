@@ -209,6 +209,27 @@ class PCacheFileSystem(ChainedFileSystem):
                 return {"name": target, "size": 0, "type": "directory"}
             raise
 
+    # fsspec's exists/isdir/isfile answer False on *any* error; an unreachable origin is not "missing":
+    # only FileNotFoundError means no, OriginUnavailableError propagates.
+    def exists(self, path: str, **kwargs: Any) -> bool:
+        try:
+            self.info(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def isdir(self, path: str) -> bool:
+        try:
+            return bool(self.info(path)["type"] == "directory")
+        except FileNotFoundError:
+            return False
+
+    def isfile(self, path: str) -> bool:
+        try:
+            return bool(self.info(path)["type"] == "file")
+        except FileNotFoundError:
+            return False
+
     def _staged(self, target: str) -> dict[str, int]:
         return self.writeback.staged_under(self.origin.url(target))
 

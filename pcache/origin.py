@@ -12,8 +12,10 @@ connect and a read timeout clipped to it, so a blackholed origin fails a read in
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from fsspec import AbstractFileSystem
@@ -146,15 +148,61 @@ class Origin:
             else:
                 self.metadata.put_listing(key, entries, checked, self._key)
 
-        entries = self._lookup("ls", path, lambda: self.fs.ls(path, detail=True), store, remember)
+        entries = self._lookup("ls", path, lambda: self._list(path), store, remember)
         if entries is None:
             raise FileNotFoundError(f"no such directory: {self.url(path)}")
         return entries if detail else [e["name"] for e in entries]
 
+    def _list(self, path: str) -> list[dict[str, Any]]:
+        """``fs.ls(path, detail=True)`` where only ``info`` may say "no such path".
+
+        s3fs lists a file's parent to list the file, and answers "not found" when that listing fails (a
+        5xx included); ``info`` raises every error but a 404, so a "not found" is checked with it.
+        """
+        try:
+            return list(self.fs.ls(path, detail=True))
+        except FileNotFoundError:
+            info = self.fs.info(path)  # FileNotFoundError here is the real answer
+            return [] if info.get("type") == "directory" else [info]
+
     def find(self, path: str, maxdepth: int | None, withdirs: bool, **kwargs: Any) -> dict[str, Any]:
-        """Return ``fs.find(path, detail=True)`` straight from the origin (not remembered)."""
-        return dict(self._call(path, lambda: self.fs.find(path, maxdepth=maxdepth, withdirs=withdirs, detail=True,
-                                                          **kwargs)))
+        """Return ``fs.find(path, detail=True)`` straight from the origin (not remembered); {} if missing.
+
+        fsspec's own ``find`` (s3fs's too, with ``maxdepth``) walks with ``on_error="omit"`` and asks
+        ``isfile`` under a bare ``except``: a failed listing becomes an empty directory, which no retry
+        sees. So only s3fs's flat listing (paginated requests that raise on any error) and memory://'s
+        single pass over its store (no I/O to fail) are used as they are; every other ``find`` is a walk
+        of :meth:`_list` calls here, each retried on its own.
+        """
+        trusted = (self._s3 is not None and maxdepth is None) or self.protocol == "memory"
+        if trusted or kwargs:  # kwargs: options only the backend knows (s3fs's prefix=)
+            return dict(self._call(path, lambda: self.fs.find(path, maxdepth=maxdepth, withdirs=withdirs,
+                                                              detail=True, **kwargs)))
+        if maxdepth is not None and maxdepth < 1:
+            raise ValueError(f"maxdepth must be at least 1, got {maxdepth} (find {self.url(path)})")
+        try:
+            top = self._call(path, lambda: self._list(path))
+        except FileNotFoundError:
+            return {}
+        if len(top) == 1 and top[0]["name"].rstrip("/") == path and top[0].get("type") != "directory":
+            return {path: top[0]}  # find of a file lists the file
+        out: dict[str, Any] = {}
+        if withdirs and path:  # the root itself, as fsspec's find gives it (globs like "d/**" match it)
+            out[path] = self._call(path, lambda: self.fs.info(path))
+        todo = [(path, top, 1)]  # a directory, its listing, the depth of its entries
+        while todo:
+            parent, listing, depth = todo.pop()
+            for entry in listing:
+                name = entry["name"].rstrip("/")
+                if entry.get("type") != "directory":
+                    out[entry["name"]] = entry
+                elif name != parent:
+                    if withdirs:
+                        out[entry["name"]] = entry
+                    if maxdepth is None or depth < maxdepth:
+                        with contextlib.suppress(FileNotFoundError):  # removed since its parent was listed
+                            todo.append((name, self._call(name, partial(self._list, name)), depth + 1))
+        return {name: out[name] for name in sorted(out)}
 
     def ref(self, path: str) -> ObjectRef:
         """Return the current version of ``path`` as an :class:`ObjectRef`."""

@@ -6,8 +6,8 @@ itself is a product part, :mod:`pcache.s3server`, re-exported here for the tests
 
 from pcache.s3server import SeaweedServer, SeaweedStartError, find_weed_binary
 from pcache.testing.chaos import ChaosProxy, RequestRecord
-from pcache.testing.holds import Hold
+from pcache.testing.holds import Fault, Hold
 from pcache.testing.nodes import NodeProcess, write_token
 
-__all__ = ["ChaosProxy", "Hold", "NodeProcess", "RequestRecord", "SeaweedServer", "SeaweedStartError", "find_weed_binary",
+__all__ = ["ChaosProxy", "Fault", "Hold", "NodeProcess", "RequestRecord", "SeaweedServer", "SeaweedStartError", "find_weed_binary",
            "write_token"]

@@ -23,9 +23,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
-from pcache.testing.holds import Hold
+from pcache.testing.holds import Fault, Hold
 
-__all__ = ["ChaosProxy", "Hold", "RequestRecord"]
+__all__ = ["ChaosProxy", "Fault", "Hold", "RequestRecord"]
 
 _BUF_SIZE = 1 << 20
 # Hop-by-hop headers (RFC 9110 7.6.1) describe one connection and must not be forwarded. ``Expect`` is
@@ -140,7 +140,8 @@ class _Handler(BaseHTTPRequestHandler):
         if (latency := proxy.latency_s) > 0:
             time.sleep(latency)
         proxy._park(self.command, path, query, "request")
-        if proxy._should_fail():
+        drawn = proxy._should_fail()  # drawn first and always: a seed's sequence must not depend on faults
+        if proxy._faulted(self.command, path, query) or drawn:
             self._inject_failure(path, query, rng)
             return
         try:
@@ -324,6 +325,7 @@ class ChaosProxy:
         self._lock = threading.Lock()
         self._records: list[RequestRecord] = []
         self._holds: list[Hold] = []
+        self._faults: list[Fault] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -401,6 +403,27 @@ class ChaosProxy:
         with self._lock:
             self._holds.append(hold)
         return hold
+
+    def fail(self, method: str | None = None, path: str | None = None, query: str | None = None, *,
+             skip: int = 0, times: int | None = 1) -> Fault:
+        """Answer chosen requests with the injected error (``fail_status``), whatever ``fail_ratio`` says.
+
+        For example ``proxy.fail("GET", query="list-type", skip=2, times=None)`` lets two listings through
+        and fails every later one until ``fault.cancel()``: a test can put a 503 on exactly the n-th
+        listing an operation makes.
+
+        Returns:
+            The :class:`Fault`; its ``seen`` and ``failed`` count the matching requests.
+        """
+        fault = Fault(method, path, query, skip, times)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def _faulted(self, method: str, path: str, query: str) -> bool:
+        with self._lock:
+            # Every rule counts the request (no short-circuit), so each one's skip counts all matches.
+            return any([f._take(method, path, query) for f in self._faults])
 
     def _park(self, method: str, path: str, query: str, stage: str) -> None:
         with self._lock:
