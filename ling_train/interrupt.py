@@ -129,9 +129,9 @@ def stop_report(signal_name: str, step: int | None, ckpt: str, last_committed: i
     if finished is not None:
         lines.append(f"ling-train: checkpoint step {finished} was in flight: finished and committed before exiting")
     if abandoned is not None:
-        lines.append(f"ling-train: checkpoint step {abandoned} abandoned: never committed, so never loaded; its "
-                     "staged files stay in the pcache write-back until its uploader (or `pcache flush`) "
-                     "delivers them, and retention deletes them")
+        lines.append(f"ling-train: checkpoint step {abandoned} abandoned: never committed, so never loaded; what "
+                     "of it reached the pcache write-back is still uploaded (by its uploader or `pcache flush`), "
+                     "and retention deletes it")
     if not ckpt:
         lines.append("ling-train: no --ckpt: nothing was saved")
     elif last_committed is None:
