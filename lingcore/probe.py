@@ -161,9 +161,10 @@ def classify(exc: BaseException, url: str, endpoint: str | None = None) -> Store
                                 endpoint)
     if names & _UNREACHABLE_TYPES or any_of(ConnectionError, TimeoutError) \
             or any(isinstance(e, OSError) and e.errno in _UNREACHABLE_ERRNOS for e in chain):
-        where = f"endpoint {endpoint}" if endpoint else "the store"
-        return StoreUnreachableError(url, f"cannot reach {where} ({_reason(exc)}); is it running, and is "
-                                          "--endpoint-url / AWS_ENDPOINT_URL right?", endpoint)
+        if split_url(url)[0] != "s3":
+            return StoreUnreachableError(url, f"cannot reach it ({_reason(exc)})", endpoint)
+        return StoreUnreachableError(url, f"cannot reach endpoint {endpoint or 'AWS S3'} ({_reason(exc)}); is it "
+                                          "running, and is --endpoint-url / AWS_ENDPOINT_URL right?", endpoint)
     return None
 
 
@@ -273,14 +274,13 @@ def check_writable(url: str, options: Mapping[str, Any] | None = None, endpoint_
                    timeout: float = PROBE_TIMEOUT) -> None:
     """Write and delete a small probe object under ``url`` (a local directory is created if missing).
 
+    A missing bucket fails only where the store refuses the write (AWS does; SeaweedFS creates the
+    bucket on the first PUT, so there the destination *is* writable).
+
     Raises:
         StoreAccessError: unreachable, forbidden (no write permission), or a missing bucket.
     """
     protocol = split_url(url)[0]
-    if protocol == "s3":  # some stores create a missing bucket on the first PUT: a typo must not
-        problem = diagnose(url, options, endpoint_url, timeout)
-        if problem is not None:
-            raise problem
     fs, path = open_origin(url, options, endpoint_url)
     endpoint = endpoint_of(url, options, endpoint_url)
     probe = f"{path}/.preflight-{uuid.uuid4().hex[:12]}"
