@@ -194,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level:
         os.environ["PCACHE_LOG_LEVEL"] = args.log_level
     setup_logging(args.log_level, json_format=(args.log_format == "json") if args.log_format else None)
-    return run_command("fusefs", COMMANDS, args, (ConfigError, ValueError, FileNotFoundError, PermissionError),
-                       url_of=lambda a: getattr(a, "source", None))
+    return run_command("fusefs", COMMANDS, args, (ConfigError, ValueError, FileNotFoundError, PermissionError))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     stop = StopSignals()  # SIGINT/SIGTERM: stop at a step boundary, report, exit 130/143 without a traceback
     restore = stop.install()
-    trainer = None
+    trainer, cfg = None, None
     try:
         cfg = TrainConfig.load(args.config, **overrides)
         from ling_train.preflight import preflight
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if trainer is None or trainer.rank == 0:
             ckpt = trainer.ckpt if trainer is not None else None
             for line in stop_report(stop.name, trainer.step if trainer is not None else None,
-                                    ckpt.root if ckpt is not None else "",
+                                    cfg.ckpt if cfg is not None else "",
                                     ckpt.last_committed_step if ckpt is not None else None, None, argv):
                 print(line, file=sys.stderr)
         return stop.exit_code

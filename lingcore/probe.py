@@ -92,13 +92,24 @@ def open_origin(url: str, options: Mapping[str, Any] | None = None,
     return fs, path.rstrip("/") or path
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+#: Where store failures come from. Their causes are looked through (s3fs raises ``PermissionError`` from
+#: botocore's ``ClientError``); an exception of any other module (the project's own, typed errors) is
+#: taken as it is, so a mountpoint error whose context was a ``FileNotFoundError`` stays what it is.
+_STORE_MODULES = {"builtins", "botocore", "aiobotocore", "s3fs", "aiohttp", "fsspec", "urllib3", "socket",
+                  "asyncio", "concurrent", "ssl", "http"}
+
+
+def _chain(exc: BaseException, everything: bool = False) -> Iterator[BaseException]:
+    """``exc`` and, for store libraries' exceptions (or with ``everything``), its causes and context."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        if not everything and type(current).__module__.split(".")[0] not in _STORE_MODULES:
+            return
+        context = None if current.__suppress_context__ else current.__context__
+        current = current.__cause__ or context
 
 
 def _client_error(exc: BaseException) -> tuple[str, int]:
@@ -113,7 +124,7 @@ def _client_error(exc: BaseException) -> tuple[str, int]:
 
 def _reason(exc: BaseException) -> str:
     """A short cause: "connection refused", "timed out", or the first line of the message."""
-    for e in _chain(exc):
+    for e in _chain(exc, everything=True):
         if isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == errno.ECONNREFUSED:
             return "connection refused"
         if "gaierror" in {c.__name__ for c in type(e).__mro__}:
@@ -156,7 +167,8 @@ def classify(exc: BaseException, url: str, endpoint: str | None = None) -> Store
         return StoreNotFoundError(url, f"bucket {_bucket(url)!r} does not exist{at}", endpoint)
     if code in _NOT_FOUND_CODES or status == 404 or any_of(FileNotFoundError):
         return StoreNotFoundError(url, f"no such object or prefix{at}", endpoint)
-    if names & _BAD_ENDPOINT_TYPES or any(isinstance(e, ValueError) and "endpoint" in str(e).lower() for e in chain):
+    if names & _BAD_ENDPOINT_TYPES or any(isinstance(e, ValueError) and str(e).startswith("Invalid endpoint")
+                                          for e in chain):
         return BadEndpointError(url, f"{endpoint or 'the endpoint'} is not a usable S3 endpoint: {_reason(exc)}",
                                 endpoint)
     if names & _UNREACHABLE_TYPES or any_of(ConnectionError, TimeoutError) \
