@@ -217,11 +217,9 @@ class CheckpointManager:
     def finish(self, abandon: threading.Event | None = None, poll: float = 0.1) -> int | None:
         """Let the running persist finish, unless ``abandon`` is set while its files are not yet durable.
 
-        A persist whose files are durable at the origin is always waited for, so that step is committed
-        (its marker is one small PUT). An abandoned one never gets a marker: its files are ignored by
-        :meth:`latest_step` and :meth:`load`, and retention deletes them later. Files still staged in the
-        pcache write-back are left there: pcache has no public way to drop a closed write-back file, and
-        its background uploader (or ``pcache flush``) delivers them harmlessly.
+        Durable files are always committed (one small marker PUT is left). An abandoned step never gets a
+        marker, so it is never loaded and retention deletes it; what it staged in the pcache write-back is
+        left there (pcache has no public way to drop a closed write-back file) and still gets uploaded.
 
         Returns:
             The abandoned step, or None when the persist finished (or none was running).
@@ -246,10 +244,6 @@ class CheckpointManager:
             thread.join(poll)
         self.wait()
         return None
-
-    def step_url(self, step: int) -> str:
-        """The URL of ``step``'s directory under the root, as the user gave the root."""
-        return f"{self.root.rstrip('/')}/{step_dir(step)}"
 
     def _snapshot(self, obj: Any, key: str) -> Any:
         """Copy tensors into reused host buffers (pinned when the source is on a GPU); deep-copy the rest."""
