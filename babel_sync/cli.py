@@ -10,6 +10,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -136,6 +137,19 @@ def _status(cfg: config_mod.SyncConfig) -> int:
     return 0
 
 
+def _report_errors(command: str, summary: dict[str, Any], limit: int = 20) -> None:
+    """One stderr line per error of a pass (the JSON summary on stdout keeps every detail)."""
+    errors = summary.get("errors") or []
+    for err in errors[:limit]:
+        unit = f" unit {err['unit']}" if err.get("unit") else ""
+        text = re.sub(r"^\[Errno \d+\] ", "", str(err.get("error", "")))
+        print(f"babel-sync {command}: error: rule {err.get('rule')!r} -> {err.get('dest')}{unit}: {text}",
+              file=sys.stderr)
+    if len(errors) > limit:
+        print(f"babel-sync {command}: ... and {len(errors) - limit} more errors (see the JSON summary)",
+              file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``babel-sync`` console script."""
     # The modules and objects loaded so far live for the whole process: moved out of the collector's
@@ -144,6 +158,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level, None if args.log_format is None else args.log_format == "json")
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        # Units are published only once complete (files, manifest, then marker), and the journal
+        # remembers every finished file: nothing half-published is left, and the next pass resumes.
+        print(f"babel-sync {args.command}: interrupted; no unit was half-published, and the next pass resumes "
+              "where this one stopped", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args)
     except ConfigError as exc:
@@ -162,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"babel-sync: {exc}", file=sys.stderr)
                 return 2
             _print(summary)
+            _report_errors("once", summary)
             return 0 if summary["ok"] else 1
         if args.command == "verify":
             try:
@@ -171,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"babel-sync: {exc}", file=sys.stderr)
                 return 2
             _print(result)
+            _report_errors("verify", result)
             return 0 if result["ok"] else 1
     return 2
 

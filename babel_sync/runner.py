@@ -45,13 +45,15 @@ def sync_once(syncer: Syncer, rules: list[str] | None = None) -> dict[str, Any]:
         plans: list[Plan] = []
         for rule, dest in pairs:
             syncer.journal.set_status(rule.name, dest, last_pass_start=time.time())
-            bad = next((checked[s] for s in (rule.source, dest) if checked[s] is not None), None)
+            bad_site = next((s for s in (rule.source, dest) if checked[s] is not None), dest)
+            bad = checked[bad_site]
             try:
                 if bad is not None:
                     raise bad
                 plan = syncer.plan(rule, dest)
             except Exception as exc:  # noqa: BLE001 - a listing error: nothing copied or deleted
-                errors.append(_err(rule.name, dest, syncer.config.sites[dest].url, exc))
+                # The URL of the site that failed its check (the source, say), else the destination's.
+                errors.append(_err(rule.name, dest, syncer.config.sites[bad_site].url, exc))
                 syncer.journal.set_status(rule.name, dest, last_error=str(exc), last_error_time=time.time())
                 metrics.ERRORS.labels(rule.name, dest).inc()
                 continue

@@ -30,7 +30,7 @@ from babel_sync.config import Site, SyncOptions
 from babel_sync.errors import DeleteError, SiteAuthError, SiteUnreachableError, SourceChangedError
 from babel_sync.s3http import HttpS3
 from babel_sync.sigv4 import Signer
-from lingcore.errors import OriginUnavailableError
+from lingcore.errors import OriginUnavailableError, StoreNotFoundError
 from lingcore.retry import RetryPolicy, retry_call
 
 T = TypeVar("T")
@@ -98,6 +98,10 @@ def _translate(exc: BaseException, url: str, site: Site, etag: str | None) -> Ba
             return SourceChangedError(url, etag or "?")
         if status in (401, 403) or code in _AUTH_CODES:
             return SiteAuthError(site.name, url, site.endpoint_url, f"{code or status} {err.get('Message', '')}")
+        if code == "NoSuchBucket":  # the same one-line "not found" every CLI gives (lingcore.probe)
+            where = f" at endpoint {site.endpoint_url}" if site.endpoint_url else ""
+            bucket = url.split("://", 1)[-1].split("/", 1)[0]
+            return StoreNotFoundError(url, f"bucket {bucket!r} does not exist{where}", site.endpoint_url)
         if status == 404 or code in _MISSING_CODES:
             return FileNotFoundError(errno.ENOENT, f"{url}: {code or 'not found'}")
         if 400 <= status < 500 and status not in (408, 429) and code not in ("SlowDown", "RequestTimeout"):

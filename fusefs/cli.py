@@ -25,6 +25,7 @@ from lingcore.cli import run_command
 from lingcore.config import read_toml_section
 from lingcore.errors import ConfigError
 from lingcore.log import setup_logging
+from lingcore.probe import diagnose
 from lingcore.storage import split_url, storage_options
 from pcache import CacheConfig
 from pcache.options import add_cache_options, cache_config
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("umount", help="unmount MOUNTPOINT (also a stale mount whose daemon died)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--log-format", choices=["text", "json"], help="log format (env PCACHE_LOG_FORMAT)")
+    for command in sub.choices.values():
+        command.add_argument("--log-level", help="DEBUG (errors with their traceback), INFO (default), WARNING "
+                                                 "(env PCACHE_LOG_LEVEL)")
     return parser
 
 
@@ -105,6 +109,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         path = os.path.abspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"source directory {path} does not exist")
+    else:  # before the fork: unreachable, forbidden or a missing bucket is one line here, within seconds
+        problem = diagnose(args.source, storage_options(protocol, args.endpoint_url))
+        if problem is not None:
+            raise problem
     mountpoint = check_mountpoint(args.mountpoint)
     spec = MountSpec(protocol, path, mountpoint, storage_options(protocol, args.endpoint_url))
 
@@ -183,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.log_format:  # also for the daemon child, which sets its logging up again after the fork
         os.environ["PCACHE_LOG_FORMAT"] = args.log_format
-    setup_logging(json_format=(args.log_format == "json") if args.log_format else None)
+    if args.log_level:
+        os.environ["PCACHE_LOG_LEVEL"] = args.log_level
+    setup_logging(args.log_level, json_format=(args.log_format == "json") if args.log_format else None)
     return run_command("fusefs", COMMANDS, args, (ConfigError, ValueError, FileNotFoundError, PermissionError))
 
 

@@ -57,6 +57,18 @@ class CheckpointError(RuntimeError):
         self.url = url
 
 
+class NothingToResumeError(FileNotFoundError):
+    """``--resume`` found no committed checkpoint under the root (a mistyped ``--ckpt``, say)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(f"--resume: nothing to resume under {url}: no committed checkpoint there (mistyped "
+                         "--ckpt?); pass --resume-if-exists to start from step 0 when there is none")
+        self.url = url
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return type(self), (self.url,)
+
+
 def step_dir(step: int) -> str:
     """Directory name of ``step`` (``step_000100``)."""
     return f"step_{step:06d}"
@@ -135,6 +147,9 @@ class CheckpointManager:
         self.history: list[SaveStats] = []
         self.on_commit: Callable[[int], None] | None = None
         self.housekeeping_errors = 0  # failures after a commit (latest, retention): logged, not raised
+        self.last_committed_step: int | None = None  # newest commit this manager made or listed
+        self._abandoned: set[int] = set()  # steps given up by finish(): never committed afterwards
+        self._durable_lock = threading.Lock()  # orders "durable, so commit" against "abandon"
 
     # -- saving ------------------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, Any]) -> SaveStats:
@@ -194,6 +209,43 @@ class CheckpointManager:
             err, self._error = self._error, None
             raise err if isinstance(err, CheckpointError) else CheckpointError(self.root, repr(err)) from err
 
+    @property
+    def in_flight(self) -> SaveStats | None:
+        """The stats of the persist running now, or None."""
+        thread = self._thread
+        return self.history[-1] if thread is not None and thread.is_alive() and self.history else None
+
+    def finish(self, abandon: threading.Event | None = None, poll: float = 0.1) -> int | None:
+        """Let the running persist finish, unless ``abandon`` is set while its files are not yet durable.
+
+        Durable files are always committed (one small marker PUT is left). An abandoned step never gets a
+        marker, so it is never loaded and retention deletes it; what it staged in the pcache write-back is
+        left there (pcache has no public way to drop a closed write-back file) and still gets uploaded.
+
+        Returns:
+            The abandoned step, or None when the persist finished (or none was running).
+
+        Raises:
+            CheckpointError: when the persist failed (as :meth:`wait`).
+        """
+        thread = self._thread
+        if thread is None:
+            self.wait()
+            return None
+        stats = self.history[-1]
+        while thread.is_alive():
+            if abandon is not None and abandon.is_set():
+                with self._durable_lock:
+                    if not stats.durable:
+                        self._abandoned.add(stats.step)
+                        self._thread = None
+                        log.info("checkpoint %s abandoned before its files were durable: it is never committed",
+                                    self._url(step_dir(stats.step)))
+                        return stats.step
+            thread.join(poll)
+        self.wait()
+        return None
+
     def _snapshot(self, obj: Any, key: str) -> Any:
         """Copy tensors into reused host buffers (pinned when the source is on a GPU); deep-copy the rest."""
         if isinstance(obj, torch.Tensor):
@@ -232,12 +284,16 @@ class CheckpointManager:
                 stats.nbytes = f.tell()
             stats.staged = time.perf_counter() - t0
             self.fs.flush(prefix, timeout=self.timeout)
-            stats.durable = time.perf_counter() - t0
+            with self._durable_lock:
+                stats.durable = time.perf_counter() - t0
+                if step in self._abandoned:  # finish() gave it up and said so: it must stay uncommitted
+                    return
             self._report(step, "ok")
             if self.rank == 0:
                 self._gather(step)
                 self.fs.commit(prefix, timeout=self.timeout)
                 stats.committed = time.perf_counter() - t0
+                self.last_committed_step = max(step, self.last_committed_step or 0)
                 self._after_commit(step, prefix)
             else:
                 stats.committed = time.perf_counter() - t0
@@ -332,12 +388,25 @@ class CheckpointManager:
         """The newest committed step, or None. The ``latest`` file is only a hint: a crash between the
         marker and ``latest`` leaves it one behind, so the markers decide."""
         committed = self.committed_steps()
+        if committed:
+            self.last_committed_step = max(committed[-1], self.last_committed_step or 0)
         return committed[-1] if committed else None
 
     def ranks(self, step: int) -> int:
         """How many rank files committed ``step`` holds (0 when it is not committed)."""
         marker = self._marker(step)
         return sum(1 for f in (marker or {}).get("files", []) if _RANK_RE.match(f["path"]))
+
+    def latest_pointer(self) -> int | None:
+        """The step the ``latest`` file names (a hint that may lag the markers), or None without one."""
+        try:
+            body = self.fs.cat_file(self._url(LATEST))
+        except FileNotFoundError:
+            return None
+        try:
+            return int(json.loads(body)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def load(self, step: int, rank: int | None = None) -> dict[str, Any]:
         """Load ``rank``'s file (default: own) of committed ``step``, verified against the marker.

@@ -12,16 +12,26 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+from ling_train.checkpoint import CheckpointError
 from ling_train.config import PRESETS, TrainConfig, preset
+from ling_train.interrupt import StopSignals, stop_report
 from ling_train.model import count_params
-from lingcore.errors import ConfigError
-from lingcore.log import setup_logging
+from lingcore.errors import ConfigError, StoreAccessError
+from lingcore.log import get_logger, setup_logging
 from loaders import FormatError, InvalidParameterError
+
+log = get_logger("ling_train")
 
 EXAMPLES = """examples:
   ling-train params --preset ling-lite
   ling-train --preset tiny --data corpus/ --ckpt pcache::file:///tmp/ckpt --steps 200 --ckpt-every 50
   ling-train --data pcache::s3://datasets/wiki --ckpt pcache::s3://ckpt/run1 --steps 1000 --ckpt-every 100 --resume
+  ling-train ckpt list pcache::s3://ckpt/run1
+
+exit codes: 0 done; 1 a failure while training (e.g. a checkpoint could not be saved); 2 bad settings,
+or data / checkpoint store unreachable, forbidden or not found (checked before step 1), or --resume with
+nothing to resume; 130 / 143 stopped by SIGINT / SIGTERM at a step boundary (the last committed step and
+the resume command are printed).
   torchrun --nproc-per-node 2 -m ling_train.cli --config train.toml
 """
 
@@ -30,7 +40,8 @@ _HELP = {
     "data": "corpus URL or path (repeat for several): local, FUSE path, pcache::s3://bucket/corpus",
     "ckpt": "checkpoint root URL, e.g. pcache::s3://bucket/run1 or pcache::file:///dir",
     "ckpt_every": "save every K steps (0: only at the end)",
-    "resume": "continue from the newest committed checkpoint under --ckpt",
+    "resume": "continue from the newest committed checkpoint under --ckpt (exit 2 when there is none)",
+    "resume_if_exists": "like --resume, but start from step 0 when nothing is committed under --ckpt",
     "log_file": "JSONL metrics file (one object per step)",
     "parallel": "ddp or fsdp (FSDP2 fully_shard) under torchrun",
 }
@@ -40,7 +51,8 @@ def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ling-train", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="TOML", help="TOML file with a [ling_train] table")
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    parser.add_argument("--log-level", default=None, help="DEBUG (errors with their traceback), INFO (default), "
+                                                          "WARNING")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = _HELP.get(f.name, f"default {f.default!r}")
@@ -87,17 +99,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ling_train.hf_io import hf_main
 
         return hf_main(argv)
+    if argv[:1] == ["ckpt"]:
+        from ling_train.ckptcmd import ckpt_main
+
+        return ckpt_main(argv[1:])
     args = _train_parser().parse_args(argv)
     setup_logging(args.log_level)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    stop = StopSignals()  # SIGINT/SIGTERM: stop at a step boundary, report, exit 130/143 without a traceback
+    restore = stop.install()
+    trainer, cfg = None, None
     try:
         cfg = TrainConfig.load(args.config, **overrides)
-        from ling_train.trainer import train
+        from ling_train.preflight import preflight
+        from ling_train.trainer import Trainer
 
-        result = train(cfg)
-    except (ConfigError, FormatError, InvalidParameterError, FileNotFoundError, ValueError) as exc:
+        preflight(cfg)
+        trainer = Trainer(cfg, stop=stop)
+        result = trainer.run()
+    except KeyboardInterrupt:  # before the loop, or a third signal
+        if trainer is None or trainer.rank == 0:
+            ckpt = trainer.ckpt if trainer is not None else None
+            for line in stop_report(stop.name, trainer.step if trainer is not None else None,
+                                    cfg.ckpt if cfg is not None else "",
+                                    ckpt.last_committed_step if ckpt is not None else None, None, argv):
+                print(line, file=sys.stderr)
+        return stop.exit_code
+    except (StoreAccessError, ConfigError, FormatError, InvalidParameterError, FileNotFoundError, ValueError) as exc:
+        log.debug("ling-train refused to start", exc_info=exc)
         print(f"ling-train: {exc}", file=sys.stderr)
         return 2
+    except (OSError, CheckpointError) as exc:
+        log.debug("ling-train failed", exc_info=exc)
+        print(f"ling-train: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        restore()
+    if result.stopped_by is not None:
+        if trainer.rank == 0:
+            for line in stop_report(stop.name, result.final_step, cfg.ckpt, result.last_committed,
+                                    result.abandoned_step, argv, result.finished_step):
+                print(line, file=sys.stderr)
+        return 128 + result.stopped_by
     if result.final_step and result.losses:
         last = result.losses[max(result.losses)]
         print(f"done: step {result.final_step}, last loss {last:.4f}, {result.tokens_per_s:,.0f} tokens/s, "

@@ -165,7 +165,8 @@ class TrainConfig:
         stop_at: Stop this job at this step (0: at ``steps``), checkpointing there; resume later.
         ckpt_every: Save every K steps (0: only at the end).
         keep_last: Committed checkpoints kept at the origin.
-        resume: Continue from the newest committed checkpoint under ``ckpt``, if any.
+        resume: Continue from the newest committed checkpoint under ``ckpt``; refused when there is none.
+        resume_if_exists: Like ``resume``, but start from step 0 when nothing is committed under ``ckpt``.
         batch_size: Sequences per rank per step.
         seq_len: Tokens per sequence.
         lr: Peak learning rate.
@@ -202,6 +203,7 @@ class TrainConfig:
     ckpt_every: int = 0
     keep_last: int = 3
     resume: bool = False
+    resume_if_exists: bool = False
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 3e-3
@@ -243,6 +245,8 @@ class TrainConfig:
             raise ConfigError("decay_frac", f"must be within [0, 1], got {self.decay_frac}")
         if self.resume and not self.ckpt:
             raise ConfigError("resume", "--resume needs --ckpt")
+        if self.resume_if_exists and not self.ckpt:
+            raise ConfigError("resume_if_exists", "--resume-if-exists needs --ckpt")
 
     def model_config(self) -> ModelConfig:
         """The preset with this run's vocabulary and routing overrides applied.

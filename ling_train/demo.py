@@ -323,5 +323,14 @@ def main(argv: list[str] | None = None) -> int:
                 target.unlink(missing_ok=True)
 
 
+def cli() -> int:
+    """``python -m ling_train.demo`` (``make demo``): :func:`main`, with Ctrl-C a one-line exit 130."""
+    try:
+        return main()
+    except KeyboardInterrupt:  # main's cleanup (servers, mounts, env) has run by now
+        print("ling_train demo: interrupted; servers stopped, mounts removed", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import IO, Any
 
 import torch
@@ -34,10 +35,15 @@ def flops_per_token(config: ModelConfig, active_params: int, seq_len: int) -> fl
 
 
 class MetricsLog:
-    """Writes every step to a JSONL file and every ``every`` steps to the console (rank 0 only)."""
+    """Writes every step to a JSONL file and every ``every`` steps to the console (rank 0 only).
 
-    def __init__(self, path: str, every: int, enabled: bool, stream: IO[str] | None = None) -> None:
-        self.every, self.enabled = every, enabled
+    Each JSONL line starts with ``run_id`` (one per process run: a resumed run appends lines with a new
+    id to the same file) and ``time`` (Unix seconds when the step ended).
+    """
+
+    def __init__(self, path: str, every: int, enabled: bool, stream: IO[str] | None = None,
+                 run_id: str = "") -> None:
+        self.every, self.enabled, self.run_id = every, enabled, run_id
         self.stream = stream or sys.stderr
         self._fh: IO[str] | None = None
         if enabled and path:
@@ -49,7 +55,7 @@ class MetricsLog:
         if not self.enabled:
             return
         if self._fh is not None:
-            self._fh.write(json.dumps(record) + "\n")
+            self._fh.write(json.dumps({"run_id": self.run_id, "time": round(time.time(), 3), **record}) + "\n")
             self._fh.flush()
         step = record["step"]
         if step % self.every == 0 or step == total_steps or record["status"] != "ok":

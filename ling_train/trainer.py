@@ -10,8 +10,10 @@ import contextlib
 import dataclasses
 import os
 import random
+import signal
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ling_train.anomaly import AnomalyGuard, SpikeConfig
-from ling_train.checkpoint import CheckpointManager, SaveStats
+from ling_train.checkpoint import CheckpointError, CheckpointManager, NothingToResumeError, SaveStats
 from ling_train.config import TRAINING_KNOBS, ModelConfig, TrainConfig, preset
+from ling_train.interrupt import StopSignals
 from ling_train.metrics import MetricsLog, flops_per_token, peak_flops
 from ling_train.model import LingModel, count_params
 from lingcore.log import get_logger
@@ -49,6 +52,11 @@ class TrainResult:
     counts: dict[str, int] = field(default_factory=dict)
     load_max_over_mean: list[float] = field(default_factory=list)  # last step, per MoE layer
     router_z: list[float] = field(default_factory=list)  # last step, per MoE layer
+    run_id: str = ""  # also on every line of the metrics JSONL
+    stopped_by: int | None = None  # the signal that stopped the run early (SIGINT, SIGTERM), if any
+    abandoned_step: int | None = None  # a checkpoint given up while stopping (never committed)
+    finished_step: int | None = None  # a checkpoint in flight at the stop, finished and committed
+    last_committed: int | None = None  # the newest committed step known to this rank (rank 0: exact)
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -182,8 +190,10 @@ class Trainer:
     hf_config: dict[str, Any] | None = None
 
     def __init__(self, cfg: TrainConfig, loss_hook: LossHook | None = None,
-                 ckpt_options: dict[str, Any] | None = None) -> None:
+                 ckpt_options: dict[str, Any] | None = None, stop: StopSignals | None = None) -> None:
         self.cfg = cfg
+        self.stop = stop or StopSignals()  # polled at step boundaries; installed by the CLI
+        self.run_id = uuid.uuid4().hex[:12]
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world, self.device = setup_distributed()
@@ -211,6 +221,22 @@ class Trainer:
         self.active_params = count_params(mc)[1]
         self.flops_per_token = flops_per_token(mc, self.active_params, cfg.seq_len)
         self.peak = peak_flops(cfg.peak_tflops)
+        self.resume_step = self._resume_step()
+
+    def _resume_step(self) -> int | None:
+        """The committed step to resume from; refuses ``--resume`` with nothing there (a mistyped --ckpt
+        must not silently start from step 0) unless ``--resume-if-exists`` says that is fine.
+
+        Raises:
+            NothingToResumeError: ``--resume`` and no committed checkpoint under ``--ckpt``.
+        """
+        cfg = self.cfg
+        if not (cfg.resume or cfg.resume_if_exists) or self.ckpt is None:
+            return None
+        latest = self.ckpt.latest_step()
+        if latest is None and not cfg.resume_if_exists:
+            raise NothingToResumeError(cfg.ckpt)
+        return latest
 
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -282,12 +308,10 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train up to ``cfg.stop_at`` (or ``cfg.steps``), checkpointing every ``ckpt_every`` steps and at the end."""
         cfg = self.cfg
-        if cfg.resume and self.ckpt is not None:
-            latest = self.ckpt.latest_step()
-            if latest is not None:
-                self.restore(latest)
-        result = TrainResult(start_step=self.step)
-        metrics = MetricsLog(cfg.log_file, cfg.log_every, enabled=self.rank == 0)
+        if self.resume_step is not None:
+            self.restore(self.resume_step)
+        result = TrainResult(start_step=self.step, run_id=self.run_id)
+        metrics = MetricsLog(cfg.log_file, cfg.log_every, enabled=self.rank == 0, run_id=self.run_id)
         batches = iter(self.loader)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else contextlib.nullcontext())
@@ -295,31 +319,8 @@ class Trainer:
         end = min(cfg.stop_at or cfg.steps, cfg.steps)
         run_t0 = time.perf_counter()
         try:
-            while self.step < end:
-                t0 = time.perf_counter()
-                batch = self.guard.due(self.step) or next(batches)
-                record = self._step(batch, autocast)
-                self.step += 1
-                stall = None
-                if self.ckpt is not None and cfg.ckpt_every and self.step % cfg.ckpt_every == 0 \
-                        and self.step < end:
-                    stall = self.ckpt.save(self.step, self.state()).stall
-                dt = time.perf_counter() - t0
-                result.step_times.append(dt)
-                result.step_ends.append(t0 + dt)
-                result.losses[self.step] = record["loss"]
-                result.statuses[self.step] = record["status"]
-                tps = tokens_per_step / dt
-                mfu = tps * self.flops_per_token / self.peak if self.peak else None
-                metrics.write({**record, "step": self.step, "tokens_per_s": tps, "mfu": mfu, "step_s": dt,
-                               "ckpt_stall_s": stall, **{f"count_{k}": v for k, v in self.guard.counts.items()}},
-                              cfg.steps)
-                result.load_max_over_mean = record["load_max_over_mean"]
-                result.router_z = record["router_z"]
-            if self.ckpt is not None and result.start_step < self.step:
-                self.ckpt.save_sync(self.step, self.state())
-            if self.ckpt is not None:
-                self.ckpt.wait()
+            with self.stop.deferring():
+                self._loop(result, metrics, batches, end, autocast)
         finally:
             metrics.close()
         elapsed = time.perf_counter() - run_t0
@@ -327,7 +328,63 @@ class Trainer:
         result.tokens_per_s = tokens_per_step * (self.step - result.start_step) / elapsed if elapsed else 0.0
         result.saves = list(self.ckpt.history) if self.ckpt else []
         result.counts = dict(self.guard.counts)
+        result.last_committed = self.ckpt.last_committed_step if self.ckpt else None
         return result
+
+    def _should_stop(self) -> bool:
+        """Whether a stop signal arrived (on any rank: every rank must stop at the same boundary)."""
+        flag = self.stop.requested
+        if self.world > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def _loop(self, result: TrainResult, metrics: MetricsLog, batches: Iterator[dict[str, torch.Tensor]], end: int,
+              autocast: Any) -> None:
+        """Steps up to ``end`` (or a stop signal), then the last checkpoint: saved at the end, or, when
+        stopped, the in-flight one finished or abandoned (:meth:`CheckpointManager.finish`)."""
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * cfg.seq_len * self.world
+        stopped = False
+        while self.step < end:
+            if self._should_stop():
+                stopped = True
+                break
+            t0 = time.perf_counter()
+            batch = self.guard.due(self.step) or next(batches)
+            record = self._step(batch, autocast)
+            self.step += 1
+            stall = None
+            if self.ckpt is not None and cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end:
+                stall = self.ckpt.save(self.step, self.state()).stall
+            dt = time.perf_counter() - t0
+            result.step_times.append(dt)
+            result.step_ends.append(t0 + dt)
+            result.losses[self.step] = record["loss"]
+            result.statuses[self.step] = record["status"]
+            tps = tokens_per_step / dt
+            mfu = tps * self.flops_per_token / self.peak if self.peak else None
+            metrics.write({**record, "step": self.step, "tokens_per_s": tps, "mfu": mfu, "step_s": dt,
+                           "ckpt_stall_s": stall, **{f"count_{k}": v for k, v in self.guard.counts.items()}},
+                          cfg.steps)
+            result.load_max_over_mean = record["load_max_over_mean"]
+            result.router_z = record["router_z"]
+        if not stopped and self.ckpt is not None and result.start_step < self.step:
+            self.ckpt.save(self.step, self.state())
+        if self.ckpt is not None:
+            in_flight = self.ckpt.in_flight
+            try:
+                result.abandoned_step = self.ckpt.finish(self.stop.abandon)
+            except CheckpointError as exc:
+                if not stopped:
+                    raise
+                log.error("%s", exc)  # stopping anyway: report it, then what is committed
+                result.abandoned_step = in_flight.step if in_flight is not None else None
+            if stopped and in_flight is not None and result.abandoned_step is None:
+                result.finished_step = in_flight.step
+        if stopped or self.stop.requested:  # a signal during the final save still ends the run as "stopped"
+            result.stopped_by = self.stop.signum or int(signal.SIGINT)
 
     def _step(self, batch: dict[str, torch.Tensor], autocast: Any) -> dict[str, Any]:
         top = int(batch["tokens"].max())  # on the host batch: no device sync

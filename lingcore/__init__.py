@@ -10,7 +10,9 @@ writing their own:
 - :mod:`lingcore.files`: full writes, directory fsync, owner-only secrets, whole-or-nothing puts
 - :mod:`lingcore.lmdb_env`: one LMDB environment per path per process
 - :mod:`lingcore.storage`: S3 options from flags and the ``AWS_*`` environment
-- :mod:`lingcore.errors`: :class:`ConfigError`, :class:`OriginUnavailableError`, :class:`StaleObjectError`
+- :mod:`lingcore.errors`: :class:`ConfigError`, :class:`OriginUnavailableError`, :class:`StaleObjectError`,
+  the store-access errors (:class:`StoreUnreachableError`, :class:`StoreForbiddenError`, ...)
+- :mod:`lingcore.probe`: bounded reachability probes and the classifier of store-access failures
 - :mod:`lingcore.versions`: :func:`object_version`
 - :mod:`lingcore.marker`: the ``pcache-commit/1`` commit-marker format
 - :mod:`lingcore.cli`: :func:`run_command`, the exit-code mapping of every CLI

@@ -36,3 +36,56 @@ class StaleObjectError(OSError):
     def __init__(self, url: str, version: str) -> None:
         self.url = url
         super().__init__(errno.ESTALE, f"{url} changed at the origin (was version {version}); reopen it")
+
+
+class StoreAccessError(OSError):
+    """A store could not be used at all: the base of the four cases :mod:`lingcore.probe` tells apart.
+
+    The message is one line, ``"<url>: <case>: <detail>"``, naming the URL as the user gave it.
+
+    Attributes:
+        url: The URL involved (as given by the user).
+        detail: What was wrong, in words (never credentials).
+        endpoint: The S3 endpoint used, when there is one.
+    """
+
+    case = "inaccessible"
+    code = errno.EIO
+
+    def __init__(self, url: str, detail: str, endpoint: str | None = None) -> None:
+        self.url, self.detail, self.endpoint = url, detail, endpoint
+        super().__init__(self.code, f"{url}: {self.case}: {detail}")
+
+    def __str__(self) -> str:  # without OSError's "[Errno N]" prefix: the message is for people
+        return str(self.args[1])
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str | None]]:  # picklable across processes
+        return type(self), (self.url, self.detail, self.endpoint)
+
+
+class StoreUnreachableError(StoreAccessError, ConnectionError):
+    """Nothing answered: connection refused, unknown host, timeouts (a stopped or mistyped endpoint)."""
+
+    case = "unreachable"
+    code = errno.EHOSTUNREACH
+
+
+class StoreForbiddenError(StoreAccessError, PermissionError):
+    """The store answered and refused: wrong secret or key, no credentials, or no permission."""
+
+    case = "forbidden"
+    code = errno.EACCES
+
+
+class StoreNotFoundError(StoreAccessError, FileNotFoundError):
+    """The store answered, but the bucket, prefix or object does not exist."""
+
+    case = "not found"
+    code = errno.ENOENT
+
+
+class BadEndpointError(StoreAccessError):
+    """The endpoint is malformed, or what answers there is not an S3 service."""
+
+    case = "bad endpoint"
+    code = errno.EINVAL

@@ -7,14 +7,15 @@ Public API:
   with ``torch.utils.data.DataLoader`` and torchdata's ``StatefulDataLoader``.
 * :class:`TokenLoader`: the fast batch loader for a ``TokenDataset`` (whole batches packed in workers,
   handed over compactly), with its own exact ``state_dict``.
-* :func:`open_corpus`, :func:`write_corpus`, :class:`CorpusWriter`: read and write the formats.
+* :func:`open_corpus`, :func:`write_corpus`, :class:`CorpusWriter`: read and write the formats;
+  :func:`probe_corpus`: a bounded check that a corpus URL's store answers and something is there.
 * ``loaders pack`` / ``loaders inspect`` on the command line.
 """
 
 from loaders.dataset import TokenDataset
 from loaders.errors import FormatError, InvalidParameterError
-from loaders.formats import Corpus, CorpusWriter, open_corpus, write_corpus
+from loaders.formats import Corpus, CorpusWriter, open_corpus, probe_corpus, write_corpus
 from loaders.loader import TokenLoader
 
 __all__ = ["Corpus", "CorpusWriter", "FormatError", "InvalidParameterError", "TokenDataset", "TokenLoader",
-           "open_corpus", "write_corpus"]
+           "open_corpus", "probe_corpus", "write_corpus"]

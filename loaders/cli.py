@@ -14,14 +14,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lingcore.errors import ConfigError
-from lingcore.log import setup_logging
-from lingcore.storage import url_storage_options
+from lingcore.errors import ConfigError, StoreAccessError
+from lingcore.log import get_logger, setup_logging
+from lingcore.probe import check_writable, diagnose, explain
+from lingcore.storage import split_url, url_storage_options
 from loaders.errors import FormatError, InvalidParameterError, MissingDependencyError
-from loaders.formats.corpus import FORMATS
+from loaders.formats.corpus import FORMATS, probe_corpus
 from loaders.formats.inspect import inspect_corpus
 from loaders.formats.pack import TXT_MODES, pack
 from loaders.formats.writer import DEFAULT_SHARD_SIZE
+
+log = get_logger("loaders")
 
 EXAMPLES = """examples:
   loaders pack data/*.jsonl --out corpus/ --format megatron --workers 8
@@ -56,11 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the written index.json")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--log-level", help="DEBUG (errors with their traceback), INFO (default), WARNING")
     p = sub.add_parser("inspect", help="print statistics and verify checksums, pointers and every document")
     p.add_argument("url", metavar="URL", help="corpus directory, Megatron prefix, or shard")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-verify", action="store_true", help="statistics only: skip checksums and reads")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--log-level", help="DEBUG (errors with their traceback), INFO (default), WARNING")
     return parser
 
 
@@ -93,7 +98,19 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"  [{low:>9,}, {high:>9,})  {count:>12,}  {bar}")
 
 
+def _remote(url: str) -> bool:
+    return split_url(url)[0] != "file"
+
+
 def _pack(args: argparse.Namespace) -> int:
+    # Bounded probes first: an unreachable store, a refused secret or a missing bucket is one line naming
+    # the URL within seconds, not a retry storm or a half-written corpus later.
+    for url in args.inputs:
+        problem = diagnose(url, url_storage_options(url, args.endpoint_url)) if _remote(url) else None
+        if problem is not None:
+            raise problem
+    if _remote(args.out):
+        check_writable(args.out, url_storage_options(args.out, args.endpoint_url))
     index = pack(args.inputs, args.out, format=args.format, tokenizer=args.tokenizer, text_field=args.text_field,
                  txt_mode=args.txt_mode, shard_size=args.shard_size, workers=args.workers, eos_id=args.eos_id,
                  options_for=_options_for(args.endpoint_url), progress=not args.quiet and not args.json,
@@ -107,6 +124,8 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if _remote(args.url):  # bounded: unreachable, forbidden or missing within seconds, one line
+        probe_corpus(args.url, storage_options=_options_for(args.endpoint_url)(args.url))
     report = inspect_corpus(args.url, verify=not args.no_verify,
                             storage_options=_options_for(args.endpoint_url)(args.url))
     if args.json:
@@ -117,19 +136,28 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``loaders`` command; return the exit status (1 with a message naming the file on error)."""
+    """Run the ``loaders`` command; return the exit status.
+
+    1 with a message naming the file when a corpus or an input is bad; 2 when the store cannot be used
+    (unreachable, forbidden, not found: one line naming the URL); 130 when interrupted.
+    """
     args = build_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.log_level)
     try:
         return _pack(args) if args.command == "pack" else _inspect(args)
-    except (FormatError, InvalidParameterError, ConfigError, MissingDependencyError, OSError) as exc:
-        print(f"loaders {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         hint = (f"; finished shards stay listed in {args.out}/_PACKING and the same command finishes the rest"
                 if args.command == "pack" else "")
         print(f"loaders {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - store failures become one line; anything else keeps its traceback
+        url = args.out if args.command == "pack" else args.url
+        shown = explain(exc, url, url_storage_options(url, args.endpoint_url))
+        if not isinstance(shown, (FormatError, InvalidParameterError, ConfigError, MissingDependencyError, OSError)):
+            raise
+        log.debug("loaders %s failed", args.command, exc_info=exc)
+        print(f"loaders {args.command}: error: {shown}", file=sys.stderr)
+        return 2 if isinstance(shown, StoreAccessError) else 1
 
 
 if __name__ == "__main__":

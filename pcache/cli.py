@@ -15,6 +15,7 @@ from typing import Any
 
 from lingcore.cli import run_command
 from lingcore.log import setup_logging
+from lingcore.probe import explain
 from lingcore.storage import storage_options
 from pcache import admin, devs3
 from pcache.errors import ConfigError
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s)")
     p.add_argument("--bucket", action="append", default=[], metavar="NAME",
                    help="create this bucket if missing (repeat for several)")
+    for command in sub.choices.values():
+        command.add_argument("--log-level", help="DEBUG (errors with their traceback), INFO (default), WARNING "
+                                                 "(env PCACHE_LOG_LEVEL)")
     return parser
 
 
@@ -147,7 +151,17 @@ def cmd_warm(args: argparse.Namespace) -> int:
                 tasks[url] = bar.add_task(f"warm {url}", total=total)
             bar.advance(tasks[url], done)
 
-        data = admin.warm(cache_config(args), args.urls, args.endpoint_url, progress)
+        config = cache_config(args)
+        data = {"files": 0, "bytes": 0}
+        for url in args.urls:  # one at a time, so a failure names its URL and says which case it is
+            try:
+                done = admin.warm(config, [url], args.endpoint_url, progress)
+            except Exception as exc:
+                shown = explain(exc, url, endpoint_url=args.endpoint_url)
+                if shown is exc:
+                    raise
+                raise shown from exc
+            data = {key: data[key] + done[key] for key in data}
     _emit(args, data, f"warmed {data['files']} file(s), {_human(data['bytes'])}")
     return 0
 
@@ -226,9 +240,10 @@ COMMANDS = {"stat": cmd_stat, "warm": cmd_warm, "flush": cmd_flush, "verify": cm
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log_format = getattr(args, "log_format", None)
-    setup_logging(json_format=(log_format == "json") if log_format else None)
+    setup_logging(args.log_level, json_format=(log_format == "json") if log_format else None)
     return run_command("pcache", COMMANDS, args,
-                       (ConfigError, ValueError, FileNotFoundError, PermissionError, TimeoutError))
+                       (ConfigError, ValueError, FileNotFoundError, PermissionError, TimeoutError),
+                       url_of=lambda a: getattr(a, "node", None))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def _run_until_killed(cmd: list[str], env: dict[str, str], delay: float) -> tupl
 def test_kill9_during_async_saves_always_resumes_the_newest_committed_step(corpus: str, tmp_path: Path) -> None:
     reference = _reference(corpus)
     root = f"pcache::file://{tmp_path}/ckpt"
-    cmd = [sys.executable, "-m", "ling_train.cli", "--data", corpus, "--ckpt", root, "--resume",
+    cmd = [sys.executable, "-m", "ling_train.cli", "--data", corpus, "--ckpt", root, "--resume-if-exists",
            "--cache-dir", str(tmp_path / "cache"), *ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PCACHE_UPLOADER_IDLE_EXIT": "1"}
     rng = random.Random(1234)

@@ -18,7 +18,7 @@ from loaders.errors import (
     UnknownDtypeError,
     UnsupportedVersionError,
 )
-from loaders.formats.corpus import FORMATS, Corpus, ShardReader, load_index, open_corpus
+from loaders.formats.corpus import FORMATS, Corpus, ShardReader, load_index, open_corpus, probe_corpus
 from loaders.formats.lmdbfmt import LmdbShard, LmdbShardWriter
 from loaders.formats.megatron import (
     MegatronIndex,
@@ -56,6 +56,7 @@ __all__ = [
     "encode_index",
     "load_index",
     "open_corpus",
+    "probe_corpus",
     "parse_index",
     "token_dtype",
     "write_corpus",

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lingcore.checksum import content_hash
+from lingcore.probe import PROBE_TIMEOUT, check_readable
 from lingcore.versions import object_version
 from loaders.errors import CorpusNotFoundError, CorruptIndexError, FormatError, InvalidParameterError
 from loaders.formats._io import Location
@@ -160,6 +161,26 @@ def open_corpus(url: str, *, storage_options: dict[str, Any] | None = None, on_e
     if loc.path.endswith(".tar") and loc.isfile():
         return _finish(loc.url, "wds", [WdsShard(loc, on_error=on_error)], _fingerprint([loc]))
     raise CorpusNotFoundError(url)
+
+
+def probe_corpus(url: str, *, storage_options: dict[str, Any] | None = None, endpoint_url: str | None = None,
+                 timeout: float = PROBE_TIMEOUT) -> None:
+    """Check, within ``timeout`` seconds, that the store holding ``url`` answers and that something is there.
+
+    A cheap look before :func:`open_corpus`, whose reads retry for longer and whose ``exists()`` checks
+    cannot tell a refused secret or a missing bucket from a missing ``index.json``. What is there (an
+    index, foreign shards, a Megatron prefix) is left for :func:`open_corpus` to judge.
+
+    Raises:
+        StoreAccessError: one line naming ``url``: unreachable, forbidden, or not found (a missing bucket
+            is named as such).
+    """
+    if url.rstrip("/").endswith("/" + INDEX_NAME):
+        url = url.rstrip("/")[: -len(INDEX_NAME) - 1]
+    base = url[: -len(".bin")] if url.endswith(".bin") else url
+    # A Megatron prefix NAME is no object itself: NAME.idx is.
+    check_readable(base, INDEX_NAME, storage_options, endpoint_url, timeout, siblings=(".idx",),
+                   missing=f"no corpus there (no {INDEX_NAME}, shards or Megatron prefix)")
 
 
 def _finish(url: str, fmt: str, shards: list[ShardReader], fingerprint: str) -> Corpus:
