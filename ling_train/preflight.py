@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from ling_train.config import TrainConfig
-from ling_train.trainer import data_options
+from ling_train.parts import data_options
 from lingcore.errors import StoreUnreachableError
 from lingcore.probe import check_writable
 from loaders import probe_corpus

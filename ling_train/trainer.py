@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import random
 import signal
 import time
 import uuid
@@ -20,16 +18,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 from ling_train.anomaly import AnomalyGuard, SpikeConfig
-from ling_train.checkpoint import CheckpointError, CheckpointManager, NothingToResumeError, SaveStats
-from ling_train.config import TRAINING_KNOBS, ModelConfig, TrainConfig, preset
+from ling_train.checkpoint import CheckpointManager
+from ling_train.ckptlayout import CheckpointError, NothingToResumeError, SaveStats
+from ling_train.config import TRAINING_KNOBS, ModelConfig, TrainConfig
 from ling_train.interrupt import StopSignals
 from ling_train.metrics import MetricsLog, flops_per_token, peak_flops
-from ling_train.model import LingModel, count_params
+from ling_train.model import count_params
+from ling_train.parts import (
+    build_model,
+    build_optimizer,
+    data_options,
+    load_model,
+    load_sharded_optimizer,
+    lr_at,
+    model_vocab,
+    rng_state,
+    set_rng_state,
+    setup_distributed,
+)
 from lingcore.log import get_logger
-from lingcore.storage import url_storage_options
 from loaders import InvalidParameterError, TokenDataset, TokenLoader
 
 log = get_logger(__name__)
@@ -57,129 +66,6 @@ class TrainResult:
     abandoned_step: int | None = None  # a checkpoint given up while stopping (never committed)
     finished_step: int | None = None  # a checkpoint in flight at the stop, finished and committed
     last_committed: int | None = None  # the newest committed step known to this rank (rank 0: exact)
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """Join the torchrun process group if there is one; return (rank, world size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Warmup-stable-decay: linear warmup, constant, then a linear decay over the last ``decay_frac``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = int(cfg.steps * cfg.decay_frac)
-    decay_start = cfg.steps - decay_steps
-    if decay_steps and step >= decay_start:
-        frac = (step - decay_start) / decay_steps
-        return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * frac)
-    return cfg.lr
-
-
-def data_options(url: str, cfg: TrainConfig) -> dict[str, Any]:
-    """fsspec options for a data URL: the pcache cache directory and S3 endpoint where they apply."""
-    opts = url_storage_options(url, cfg.endpoint_url or None)
-    if url.startswith("pcache::"):
-        opts["pcache"] = {"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}
-    return opts
-
-
-def model_vocab(cfg: TrainConfig, corpus_vocab: int | None) -> int:
-    """The embedding rows of this run: ``--vocab-size``, else the corpus's, else the preset's.
-
-    Raises:
-        InvalidParameterError: when the corpus's ids can exceed the chosen vocabulary (one line naming it).
-    """
-    chosen = cfg.vocab_size or corpus_vocab or preset(cfg.preset).vocab_size
-    if corpus_vocab is not None and corpus_vocab > chosen:
-        raise InvalidParameterError("vocab_size", f"{', '.join(cfg.data)} has token ids up to {corpus_vocab - 1} "
-                                                  f"(vocab_size {corpus_vocab} in its index.json), more than the "
-                                                  f"model's vocabulary of {chosen}")
-    return chosen
-
-
-def build_model(cfg: TrainConfig, device: torch.device, world: int,
-                model_config: ModelConfig | None = None) -> tuple[LingModel, nn.Module]:
-    """(the bare model, the module to call: DDP- or FSDP2-wrapped when distributed).
-
-    ``model_config`` replaces the preset's (a checkpoint's own architecture, see :meth:`Trainer.restore`).
-    """
-    torch.manual_seed(cfg.seed)
-    model = LingModel(model_config or cfg.model_config()).to(device)
-    if world == 1:
-        return model, model
-    if cfg.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        return model, model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95, eps 1e-8); weight decay on matrices only, not on norm scales."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _load_sharded_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Load an optimizer state saved as local shards back into DTensor-shaped state (FSDP2)."""
-    opt.load_state_dict(saved)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if not hasattr(p, "to_local"):
-                continue
-            from torch.distributed.tensor import DTensor
-
-            state = opt.state.get(p, {})
-            for key, value in list(state.items()):
-                if isinstance(value, torch.Tensor) and value.ndim > 0 and not isinstance(value, DTensor):
-                    state[key] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements,
-                                                    shape=p.shape, stride=p.stride())
-
-
-def _load_model(model: LingModel, saved: dict[str, torch.Tensor]) -> None:
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    with torch.no_grad():
-        for name, value in model.state_dict().items():
-            target = value.to_local() if hasattr(value, "to_local") else value
-            source = saved[name]
-            if hasattr(value, "to_local") and source.shape != target.shape:
-                # A whole tensor (an import-hf checkpoint) into an FSDP2 shard: dim 0 chunked like torch.chunk.
-                chunks = source.chunk(world, dim=0)
-                source = chunks[rank] if rank < len(chunks) else source[:0]
-            target.copy_(source)
 
 
 class Trainer:
@@ -241,7 +127,7 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """This rank's checkpoint content (rank 0 holds model and optimizer unless sharded)."""
-        state: dict[str, Any] = {"step": self.step, "world_size": self.world, "rng": _rng_state(),
+        state: dict[str, Any] = {"step": self.step, "world_size": self.world, "rng": rng_state(),
                                  "guard": self.guard.state_dict(),
                                  "loader": self.loader.state_dict()}
         if self.rank == 0 or self.sharded:
@@ -264,18 +150,18 @@ class Trainer:
         full = own if (self.rank == 0 or self.sharded or whole) else self.ckpt.load(step, rank=0)
         if "model_config" in full:
             self._adopt_architecture(ModelConfig.from_dict(full["model_config"]), step)
-        _load_model(self.model, full["model"])
+        load_model(self.model, full["model"])
         self.hf_config = full.get("hf_config")
         if "optim" not in full:  # weights only (import-hf): the optimizer starts fresh
             pass
         elif self.sharded:
-            _load_sharded_optimizer(self.opt, full["optim"])
+            load_sharded_optimizer(self.opt, full["optim"])
         else:
             self.opt.load_state_dict(full["optim"])
         if "loader" in own:  # weights only: the data starts from the beginning, the RNG as seeded
             self.loader.load_state_dict(own["loader"])
             self.guard.load_state_dict(own["guard"])
-            _set_rng_state(own["rng"])
+            set_rng_state(own["rng"])
         self.step = int(own["step"])
         log.info("resumed from committed step %d of %s", step, self.cfg.ckpt)
 
