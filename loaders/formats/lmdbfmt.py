@@ -53,6 +53,7 @@ LENGTHS_KEY = b"__loaders__/lengths"
 LMDB_DTYPES: dict[int, np.dtype[Any]] = {**DTYPE_CODES, 9: np.dtype(np.uint32)}
 _CODE_OF = {dtype: code for code, dtype in LMDB_DTYPES.items()}
 _INITIAL_MAP = 64 << 20
+_COMMIT_DOCS = 4096
 
 
 def doc_key(doc: int) -> bytes:
@@ -101,9 +102,12 @@ class LmdbShardWriter:
         self._tmp_path = self.path + ".tmp"
         if os.path.exists(self._tmp_path):
             shutil.rmtree(self._tmp_path)
-        # lock=False: one writer, and no lock.mdb to upload; sync happens once, in close()
+        # lock=False: one writer, and no lock.mdb to upload; sync happens once, in close(). meminit=True
+        # (zeroed page buffers) and commits every _COMMIT_DOCS documents, whatever batches they came in,
+        # make the file a function of the documents alone: both pack engines write byte-identical shards.
         self._env = lmdb.open(self._tmp_path, map_size=_INITIAL_MAP, subdir=True, lock=False, sync=False,
-                              meminit=False)
+                              meminit=True)
+        self._items: list[tuple[bytes, bytes]] = []
         self._lengths: list[np.ndarray] = []
         self.documents = 0
         self.tokens = 0
@@ -118,7 +122,10 @@ class LmdbShardWriter:
         for i, n in enumerate(lengths.tolist()):
             items.append((doc_key(self.documents + i), encode_value(flat[pos:pos + n])))
             pos += n
-        self._put(items)
+        self._items.extend(items)
+        while len(self._items) >= _COMMIT_DOCS:
+            self._put(self._items[:_COMMIT_DOCS])
+            del self._items[:_COMMIT_DOCS]
         self._lengths.append(lengths)
         self.documents += len(lengths)
         self.tokens += int(flat.size)
@@ -137,6 +144,9 @@ class LmdbShardWriter:
     def close(self) -> dict[str, str]:
         """Write the metadata keys and finish the shard; return its files by role (``data``)."""
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        if self._items:
+            self._put(self._items)
+            self._items = []
         meta = {"version": VALUE_VERSION, "dtype": self.dtype.name, "documents": self.documents,
                 "tokens": self.tokens}
         self._put([(LENGTHS_KEY, lengths.astype("<i8").tobytes()),
