@@ -240,6 +240,8 @@ def load_index(raw: bytes, url: str) -> dict[str, Any]:
         np.dtype(index.get("dtype"))
     except TypeError:
         need(False, f"bad dtype {index.get('dtype')!r}")
+    need(isinstance(index.get("documents"), int) and isinstance(index.get("tokens"), int),
+         "documents and tokens must be integers")
     shards = index.get("shards")
     need(isinstance(shards, list) and len(shards) > 0, "no shards listed")
     for i, shard in enumerate(shards):

@@ -41,6 +41,7 @@ from loaders.errors import (
     UnknownDtypeError,
 )
 from loaders.formats._io import CachedHandleMixin, HeaderDtypeMixin, Location
+from loaders.formats._lmdbcheck import check_environment
 from loaders.formats.megatron import DTYPE_CODES
 
 log = get_logger(__name__)
@@ -239,6 +240,7 @@ class LmdbShard(HeaderDtypeMixin, CachedHandleMixin):
         self._sizes = sizes or {}
         self._lengths: np.ndarray | None = None
         self._checked = False
+        self._safe: tuple[int, ...] | None = None  # identity of the data.mdb that check_environment passed
         self.skipped = 0
 
     @property
@@ -261,8 +263,11 @@ class LmdbShard(HeaderDtypeMixin, CachedHandleMixin):
 
     def _read_locked(self, handle: _Handle, doc: int, start: int, stop: int | None, expected: int) -> np.ndarray:
         # The caller holds handle.lock. The buffer is only valid until the transaction's next use: copy.
-        value = handle.txn.get(doc_key(doc))
         member = f"key {doc}"
+        try:
+            value = handle.txn.get(doc_key(doc))
+        except lmdb.Error as exc:  # CorruptedError, PageNotFoundError, ...: damage LMDB noticed itself
+            raise CorruptMemberError(self.url, member, f"LMDB: {exc}") from None
         if value is None:
             raise CorruptMemberError(self.url, member, "document missing")
         dtype, count = decode_header(value, self.url, member)
@@ -317,13 +322,23 @@ class LmdbShard(HeaderDtypeMixin, CachedHandleMixin):
             error = TruncatedDataError if size < expected else CorruptIndexError
             raise error(data.url, f"{size} bytes, index.json records {expected}")
         path = self.loc.path if self.loc.local else local_copy(data)
+        identity = self._identity()
+        if self._safe != identity:  # LMDB maps the file and trusts it: check it first (once per file version)
+            check_environment(os.path.join(path, "data.mdb"), data.url)
+            self._safe = identity
         try:
             env = lmdb.open(path, readonly=True, lock=False, subdir=True, readahead=False)
         except lmdb.Error as exc:
             raise CorruptIndexError(data.url, f"not a readable LMDB environment: {exc}") from None
-        return _Handle(env, self._identity())
+        return _Handle(env, identity)
 
     def _load_meta(self, env: Any, url: str) -> None:
+        try:
+            self._load_meta_txn(env, url)
+        except lmdb.Error as exc:  # CorruptedError, PageNotFoundError, ...: damage LMDB noticed itself
+            raise CorruptIndexError(url, f"LMDB: {exc}") from None
+
+    def _load_meta_txn(self, env: Any, url: str) -> None:
         with env.begin() as txn:
             raw_meta = txn.get(META_KEY)
             raw_lengths = txn.get(LENGTHS_KEY)
