@@ -88,7 +88,7 @@ class _Walk:
         if offset + PAGE_HEADER + _META.size > self.size:
             raise TruncatedDataError(self.url, f"{self.size} bytes end inside the meta page at byte {offset}")
         flags = int(self.buf[offset + 10]) | int(self.buf[offset + 11]) << 8
-        meta = _Meta(_META.unpack_from(self.buf, offset + PAGE_HEADER))
+        meta = _Meta(_META.unpack_from(self.buf.data, offset + PAGE_HEADER))
         if not flags & P_META or meta.magic != MAGIC:
             raise self.fail(f"no LMDB meta page at byte {offset}")
         if meta.version != DATA_VERSION:
