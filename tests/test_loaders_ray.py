@@ -169,3 +169,34 @@ def test_killed_worker_is_retried_and_output_is_identical(cluster: str, inputs: 
         killer.join()
     assert killed[0] > 0, f"no ray::{task} worker was seen running"
     assert remote == local and _files(tmp_path / "local") == _files(tmp_path / "ray")
+
+
+def test_ray_reads_and_writes_s3_directly(cluster: str, inputs: tuple[list[str], str], tmp_path: Path,
+                                          s3_options: dict[str, Any], bucket: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    monkeypatch.setenv("LOADERS_RAY_RANGE_BYTES", "60000")
+    fs = fsspec.filesystem("s3", **s3_options)
+    fs.put_file(inputs[0][0], f"{bucket}/raw/a.jsonl")
+
+    def options_for(url: str) -> dict[str, Any]:  # shipped to the tasks: each opens S3 itself
+        return dict(s3_options) if url.startswith("s3://") else {}
+
+    remote = pack([f"s3://{bucket}/raw/a.jsonl"], f"s3://{bucket}/corpus", format="wds", tokenizer=inputs[1],
+                  shard_size="24KiB", progress=False, engine="ray", ray_address=cluster, options_for=options_for)
+    local = pack([inputs[0][0]], str(tmp_path / "local"), format="wds", tokenizer=inputs[1], shard_size="24KiB",
+                 progress=False)
+    assert [s["files"] for s in remote["shards"]] == [s["files"] for s in local["shards"]]
+    written = {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.find(f"{bucket}/corpus")}
+    assert written == _files(tmp_path / "local") and not fs.exists(f"{bucket}/corpus/_PACKING")
+
+
+def test_engine_ray_without_ray_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loaders.errors import MissingDependencyError
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "hello"}\n')
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(MissingDependencyError, match="--engine ray needs the 'ray' package"):
+        pack([str(src)], str(tmp_path / "out"), format="megatron", engine="ray", progress=False)

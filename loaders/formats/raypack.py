@@ -221,16 +221,16 @@ class _Job:
                     plans += planner.feed(cut_r, lengths, drop)
                     self.range_docs.append(int(lengths.size))
                     cut_r += 1
-                    keep = {r for r, _, _ in planner.spans}
-                    for r in [r for r in self.refs if r < cut_r and r not in keep]:
-                        del self.refs[r]  # submitted tasks keep what they need alive
                 if planning and cut_r == len(self.ranges):
                     plans += planner.finish()
                     planning = False
                 if plans:
                     self.planned += plans
-                    self._save()  # the cut is recorded before any of its shards can be
+                    self._save()  # the cut (range counts, planned shards) is recorded with what it produced
                     writing.update({self._submit(p): p for p in plans})
+                keep = {r for r, _, _ in planner.spans}  # the open shard's ranges
+                for r in [r for r in self.refs if r < cut_r and r not in keep]:
+                    del self.refs[r]  # submitted tasks keep what they need alive
                 if not writing and not reading:
                     continue
                 done, _ = ray.wait([*reading, *writing], num_returns=1)
