@@ -106,6 +106,14 @@ def bench_pack(workdir: Path, repeat: int, smoke: bool) -> list[dict[str, Any]]:
             values=ray_mbps, seconds=seconds["ray-2"], baseline=f"{label}, same input and options",
             baseline_values=[mbps(nbytes, s) for s in seconds[base]], baseline_seconds=seconds[base],
             target=target, notes=note, extra={"ray_cluster_start_s": cluster_s}))
+    rows.append(make_row(
+        module="loaders", key="pack_local_w2_vs_w1",
+        measure="pack throughput, --engine local --workers 2 (how far this machine scales to 2 workers)",
+        unit="MB/s", nbytes=nbytes, values=[mbps(nbytes, s) for s in seconds["local-w2"]],
+        seconds=seconds["local-w2"], baseline="--engine local --workers 1, same input and options",
+        baseline_values=[mbps(nbytes, s) for s in seconds["local-w1"]], baseline_seconds=seconds["local-w1"],
+        target=None, notes="control for the two rows above: the local engine's own scaling on this machine "
+                           "(2 free cores would give close to 2x less pool start-up)"))
     log(f"loaders/pack: ray {median(ray_mbps):.1f} MB/s, local w1 "
         f"{median([mbps(nbytes, s) for s in seconds['local-w1']]):.1f}, w2 "
         f"{median([mbps(nbytes, s) for s in seconds['local-w2']]):.1f}")
