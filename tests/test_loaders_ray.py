@@ -200,3 +200,14 @@ def test_engine_ray_without_ray_is_a_clear_error(tmp_path: Path, monkeypatch: py
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(MissingDependencyError, match="--engine ray needs the 'ray' package"):
         pack([str(src)], str(tmp_path / "out"), format="megatron", engine="ray", progress=False)
+
+
+def test_no_documents_is_the_same_error_as_local(cluster: str, tmp_path: Path) -> None:
+    from loaders import InvalidParameterError
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n\n  \n")
+    for engine in ("local", "ray"):
+        with pytest.raises(InvalidParameterError, match="no documents to write"):
+            pack([str(src)], str(tmp_path / engine), format="megatron", engine=engine, ray_address=cluster,
+                 progress=False)

@@ -253,6 +253,8 @@ class _Job:
                 if finished:
                     self._save()
                 bar.update(task, shards=f"{len(self.done)}/{len(self.planned)}{'+' if planning else ''} shards")
+        if not self.planned:  # as CorpusWriter: an empty corpus would be an empty shard
+            raise InvalidParameterError("documents", f"no documents to write to {self.out.url}")
         shards = [self.done[p.name] for p in self.planned]
         index = index_document(format=self.format, dtype=self.dtype, tokenizer=self.spec.describe(),
                                eos_id=self.spec.eos_id, shard_size=self.shard_size, shards=shards)
