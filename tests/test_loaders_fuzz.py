@@ -60,3 +60,21 @@ def test_truncated_lmdb_is_a_typed_error_not_sigbus(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, f"rc {proc.returncode}: {proc.stderr[-2000:]}"
     assert proc.stdout.startswith("TruncatedDataError ") and "data.mdb" in proc.stdout
+
+
+def test_index_without_a_dtype_is_a_corrupt_index(tmp_path: Path) -> None:
+    # np.dtype(None) is float64, so a missing dtype used to pass load_index and fail later with KeyError
+    import json
+
+    import numpy as np
+
+    from loaders import write_corpus
+    from loaders.formats import CorruptIndexError, open_corpus
+
+    write_corpus(str(tmp_path), [np.arange(1, 9, dtype=np.uint16)], format="megatron")
+    index = json.loads((tmp_path / "index.json").read_text())
+    for dtype in (None, "float32"):
+        index.pop("dtype") if dtype is None else index.update(dtype=dtype)
+        (tmp_path / "index.json").write_text(json.dumps(index))
+        with pytest.raises(CorruptIndexError, match="bad dtype"):
+            open_corpus(str(tmp_path))
