@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-stamp
 APT_PKGS := fuse3 libfuse3-dev pkg-config
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test soak demo bench lint clean
 
 setup: $(STAMP)
 
@@ -19,11 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 	  else echo "warning: missing apt packages ($$missing); run as root or install them" >&2; fi; fi
 	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(PIP) -e '.[dev,bench]'
+	$(PIP) -e '.[dev,bench,ray]'
 	@touch $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The corpus-reader fuzzers with thousands of damaged corpora per format (make test runs 40).
+soak: setup
+	LOADERS_FUZZ_EXAMPLES=$${LOADERS_FUZZ_EXAMPLES:-5000} $(BIN)/python -m pytest -q tests/test_loaders_fuzz.py
 
 demo: setup
 	$(BIN)/python -m ling_train.demo

@@ -31,8 +31,16 @@ repeat. The first and last batch of every measurement are checked against the co
 :func:`check_rows`), every batch's shape and dtype are checked.
 
 Rows: tokens/s against each peer at each ``num_workers``; packing bandwidth of ``TokenDataset.batch``
-reading the mmapped ``.bin`` (source bytes per second) against a numpy copy of as many bytes from the same
-files; time to the first batch when resuming at sample 10^6 against a fresh start.
+reading the mmapped ``.bin`` (source bytes per second, ``cu_seqlens`` path; the ``doc_ids`` path as an
+informational row) against a numpy copy of as many bytes from the same files; time to the first batch when
+resuming at sample 10^6 against a fresh start; tokens/s of the same loader with ``boundaries="cu_seqlens"``
+against ``doc_ids`` (``varlen``); ``loaders pack --engine ray`` against the local engine (``pack``, see
+:mod:`bench._loaders_pack`).
+
+Groups (``BENCH_ONLY``): ``loaders`` runs all; ``loaders_throughput``, ``loaders_packing``,
+``loaders_resume``, ``loaders_varlen``, ``loaders_pack`` run one each. ``BENCH_LOADERS_SMOKE=1`` is a smoke
+run (4M tokens unless ``BENCH_LOADERS_MTOKENS`` says otherwise, 0.5 s timing windows, 1 repeat unless
+``BENCH_REPEAT`` says otherwise, a 4 MiB pack input): it checks every measure works, its figures are noisy.
 """
 
 from __future__ import annotations
@@ -79,14 +87,15 @@ BATCH = 8
 WORKERS = (0, 2)
 VOCAB = 50257
 SHARD_BYTES = 16 * MiB
-DURATION_S = 2.0
+SMOKE = os.environ.get("BENCH_LOADERS_SMOKE", "") == "1"
+DURATION_S = 0.5 if SMOKE else 2.0
 RESUME_AT = 10**6
-PACK_WINDOWS = 16384
-BULK_WINDOWS = 512
+PACK_WINDOWS = 2048 if SMOKE else 16384
 PEERS = ("mds", "litdata", "wds")
 SYSTEMS = ("ours", *PEERS)
 LOADER_OPTS: dict[str, Any] = {"pin_memory": False, "persistent_workers": False}
-TARGETS = {"mds": 2.0, "litdata": 1.5, "wds": 1.5, "packing": 0.5, "resume": 1 / 1.5}
+TARGETS = {"mds": 2.0, "litdata": 1.5, "wds": 1.5, "packing": 0.5, "resume": 1 / 1.5, "varlen": 1.0}
+GROUPS = ("throughput", "packing", "resume", "varlen", "pack")
 PEER_SHORT = {"mds": "mosaicml-streaming (MDS)", "litdata": "litdata TokensLoader", "wds": "plain webdataset"}
 PEER_LABEL = {
     "mds": "mosaicml-streaming MDS (StreamingDataset, pre-packed 2049-token samples)",
@@ -188,8 +197,11 @@ def check_rows(corpus: Corpus, rows: np.ndarray, what: str) -> float:
     return share
 
 
-def write_formats(corpus: Corpus, workdir: Path) -> dict[str, float]:
-    """Write the corpus in every system's format (untimed for the results); return seconds per format."""
+def write_formats(corpus: Corpus, workdir: Path, peers: bool = True) -> dict[str, float]:
+    """Write the corpus in every system's format (untimed for the results); return seconds per format.
+
+    ``peers=False`` writes only ours (Megatron) and the tar shards, for the groups that read nothing else.
+    """
     seconds: dict[str, float] = {}
     for name, fmt in (("ours", "megatron"), ("wds", "wds")):
         t0 = time.perf_counter()
@@ -201,6 +213,8 @@ def write_formats(corpus: Corpus, workdir: Path) -> dict[str, float]:
             raise AssertionError(f"{name}: wrote {index['tokens']} tokens, expected {corpus.tokens}")
         corpus.dirs[name] = out
         seconds[name] = time.perf_counter() - t0
+    if not peers:
+        return seconds
     t0 = time.perf_counter()
     corpus.dirs["mds"] = write_mds(corpus, workdir / "mds")
     seconds["mds"] = time.perf_counter() - t0
@@ -335,8 +349,10 @@ def _pack_windows(source: Iterator[tuple[np.ndarray]]) -> Iterator[torch.Tensor]
 def make_loader(system: str, corpus: Corpus, workers: int, seed: int) -> tuple[Any, Callable[[Any], torch.Tensor]]:
     """Build ``system``'s shuffled dataset and loader; return it and a function giving a batch's tokens."""
     opts = dict(LOADER_OPTS, batch_size=BATCH, num_workers=workers)
-    if system == "ours":
-        ds = TokenDataset([str(corpus.dirs["ours"])], seq_len=SEQ_LEN, seed=seed, shuffle=True, batch_size=BATCH)
+    if system in ("ours", "ours_cu"):
+        boundaries = "cu_seqlens" if system == "ours_cu" else "doc_ids"
+        ds = TokenDataset([str(corpus.dirs["ours"])], seq_len=SEQ_LEN, seed=seed, shuffle=True, batch_size=BATCH,
+                          boundaries=boundaries)
         return TokenLoader(ds, num_workers=workers), lambda b: b["tokens"]
     if system == "mds":
         streaming = import_streaming()
@@ -502,20 +518,25 @@ def throughput_note(peer: str, workers: int) -> str:
 
 
 def bench_packing(corpus: Corpus, repeat: int) -> list[dict[str, Any]]:
-    """Packing bandwidth of ``TokenDataset.batch`` from the mmapped ``.bin`` vs a numpy copy of as many bytes."""
-    ds = TokenDataset([str(corpus.dirs["ours"])], seq_len=SEQ_LEN, seed=0, shuffle=True, batch_size=BATCH)
+    """Packing bandwidth of ``TokenDataset.batch`` from the mmapped ``.bin`` vs a numpy copy of as many bytes.
+
+    The headline row is the ``cu_seqlens`` path (no per-token labels); the ``doc_ids`` path is a row of its own.
+    """
+    src = [str(corpus.dirs["ours"])]
+    ds = TokenDataset(src, seq_len=SEQ_LEN, seed=0, shuffle=True, batch_size=BATCH, boundaries="cu_seqlens")
+    ds_ids = TokenDataset(src, seq_len=SEQ_LEN, seed=0, shuffle=True, batch_size=BATCH)
     count = min(PACK_WINDOWS, corpus.tokens // WINDOW) // BATCH * BATCH  # the copy needs count * 2049 tokens
     nbytes = count * WINDOW * corpus.flat.itemsize
-    view = ds.sources[0]
+    view = ds_ids.sources[0]
     bins = [np.memmap(p, dtype=np.uint16, mode="r") for p in sorted(corpus.dirs["ours"].glob("*.bin"))]
     dst = np.ones(nbytes // 2, dtype=np.uint16)  # touched, so no page faults in the timed copies
     out = np.empty((BATCH, WINDOW), dtype=np.uint16)
     doc_ids = np.empty((BATCH, WINDOW), dtype=np.int32)
 
-    def ours() -> float:
+    def batches(dataset: TokenDataset) -> float:
         t0 = time.perf_counter()
         for b in range(count // BATCH):
-            ds.batch(b)
+            dataset.batch(b)
         return time.perf_counter() - t0
 
     def packer_only() -> float:
@@ -524,19 +545,10 @@ def bench_packing(corpus: Corpus, repeat: int) -> list[dict[str, Any]]:
             view.windows(c, out, doc_ids, "raise")
         return time.perf_counter() - t0
 
-    bulk_out = np.empty((BULK_WINDOWS, WINDOW), dtype=np.uint16)
-    bulk_ids = np.empty((BULK_WINDOWS, WINDOW), dtype=np.int32)
-
-    def bulk() -> float:
-        t0 = time.perf_counter()
-        for c in range(0, count - BULK_WINDOWS + 1, BULK_WINDOWS):
-            view.windows(c, bulk_out, bulk_ids, "raise")
-        return time.perf_counter() - t0
-
     def per_sample() -> float:
         t0 = time.perf_counter()
         for k in range(count):
-            ds.sample(k)
+            ds_ids.sample(k)
         return time.perf_counter() - t0
 
     def memcpy() -> float:
@@ -552,44 +564,79 @@ def bench_packing(corpus: Corpus, repeat: int) -> list[dict[str, Any]]:
             raise AssertionError(f"memcpy baseline copied {done} of {dst.size} tokens")
         return time.perf_counter() - t0
 
-    bulk_bytes = (count // BULK_WINDOWS) * BULK_WINDOWS * WINDOW * corpus.flat.itemsize
     # untimed: page cache, epoch stream, handles; and check what the packer produces
     rows = np.concatenate([ds.batch(b)["tokens"] for b in range(8)]).astype(np.int64)
     verified = check_rows(corpus, rows, "packing")
-    if not np.array_equal(rows[:BATCH], np.stack([ds.sample(k)["tokens"].numpy() for k in range(BATCH)])):
-        raise AssertionError("TokenDataset.batch(0) differs from samples 0..7")
-    ours()
+    same = np.concatenate([ds_ids.batch(b)["tokens"] for b in range(8)]).astype(np.int64)
+    if not np.array_equal(rows, same) or not np.array_equal(
+            rows[:BATCH], np.stack([ds.sample(k)["tokens"].numpy() for k in range(BATCH)])):
+        raise AssertionError("TokenDataset.batch(0..7) differs between paths or from samples 0..63")
+    batches(ds)
+    batches(ds_ids)
     memcpy()
-    base_s, ours_s, pack_s, sample_s, bulk_s = [], [], [], [], []
+    base_s, cu_s, ids_s, pack_s, sample_s = [], [], [], [], []
     for _ in range(repeat):
         settle()
         base_s.append(memcpy())
-        ours_s.append(ours())
+        cu_s.append(batches(ds))
+        ids_s.append(batches(ds_ids))
         pack_s.append(packer_only())
         sample_s.append(per_sample())
-        bulk_s.append(bulk())
-    log(f"loaders/packing: batch() {mbps(nbytes, median(ours_s)):.0f} MB/s, windows() "
-        f"{mbps(nbytes, median(pack_s)):.0f} MB/s, runs of {BULK_WINDOWS} {mbps(bulk_bytes, median(bulk_s)):.0f} MB/s, "
-        f"sample() {mbps(nbytes, median(sample_s)):.0f} MB/s, "
-        f"memcpy {mbps(nbytes, median(base_s)):.0f} MB/s")
+    log(f"loaders/packing: batch() cu_seqlens {mbps(nbytes, median(cu_s)):.0f} MB/s, doc_ids "
+        f"{mbps(nbytes, median(ids_s)):.0f} MB/s, windows() {mbps(nbytes, median(pack_s)):.0f} MB/s, "
+        f"sample() {mbps(nbytes, median(sample_s)):.0f} MB/s, memcpy {mbps(nbytes, median(base_s)):.0f} MB/s")
+    baseline = "numpy copy (np.copyto) of as many bytes from np.memmap of the same .bin files"
+    common = (f"{count} consecutive global samples (shuffled documents) in batches of {BATCH}, as a TokenLoader "
+              "worker asks for them (batch() packs sequential batches ahead in blocks of up to 2^20 tokens); "
+              "bytes = 2049 uint16 source tokens per window; page cache warm")
     return [make_row(
         module=NAME, key="packing_bandwidth", measure=f"packing bandwidth, TokenDataset.batch() x{count // BATCH} "
-                                                       "from the mmapped .bin (source bytes)",
-        unit="MB/s", nbytes=nbytes, values=[mbps(nbytes, s) for s in ours_s], seconds=ours_s,
-        baseline="numpy copy (np.copyto) of as many bytes from np.memmap of the same .bin files",
+                                                       "from the mmapped .bin, cu_seqlens (source bytes)",
+        unit="MB/s", nbytes=nbytes, values=[mbps(nbytes, s) for s in cu_s], seconds=cu_s, baseline=baseline,
         baseline_values=[mbps(nbytes, s) for s in base_s], baseline_seconds=base_s, target=TARGETS["packing"],
-        notes=f"{count} consecutive global samples (shuffled documents) in batches of {BATCH}, what a TokenLoader "
-              "worker does: windows in the corpus' uint16 plus int32 doc_ids (3x the bytes written), "
-              "fresh arrays per batch; bytes = 2049 uint16 source tokens per window; page cache warm; extra: the "
-              "packer alone (SourceView.windows into reused buffers), the packer in runs of "
-              f"{BULK_WINDOWS} windows (its bandwidth once per-call overhead is amortised), and "
-              "TokenDataset.sample() one window at a time widened to int64 (the plain DataLoader path)",
+        notes=f"{common}; boundaries='cu_seqlens': tokens are a read-only view of the one packed copy, plus a "
+              "few int32 boundaries per row; extra: the packer alone with doc_ids (SourceView.windows into "
+              "reused buffers) and TokenDataset.sample() one window at a time widened to int64 (the plain "
+              "DataLoader path)",
         extra={"packer_only_mbps": [mbps(nbytes, s) for s in pack_s],
                "sample_int64_mbps": [mbps(nbytes, s) for s in sample_s],
-               f"packer_runs_of_{BULK_WINDOWS}_mbps": [mbps(bulk_bytes, s) for s in bulk_s],
                "windows": count, "verified_share": verified,
-               "us_per_batch": [s / (count // BATCH) * 1e6 for s in ours_s]},
+               "us_per_batch": [s / (count // BATCH) * 1e6 for s in cu_s]},
+    ), make_row(
+        module=NAME, key="packing_bandwidth_doc_ids", measure="packing bandwidth, TokenDataset.batch() with "
+                                                              "per-token doc_ids (source bytes)",
+        unit="MB/s", nbytes=nbytes, values=[mbps(nbytes, s) for s in ids_s], seconds=ids_s, baseline=baseline,
+        baseline_values=[mbps(nbytes, s) for s in base_s], baseline_seconds=base_s, target=None,
+        notes=f"{common}; boundaries='doc_ids': windows copied into a fresh uint16 array plus int32 doc_ids "
+              "(3x the bytes written)",
+        extra={"us_per_batch": [s / (count // BATCH) * 1e6 for s in ids_s]},
     )]
+
+
+def bench_varlen(corpus: Corpus, repeat: int) -> list[dict[str, Any]]:
+    """tokens/s of TokenLoader with boundaries="cu_seqlens" against the same loader with doc_ids."""
+    rows: list[dict[str, Any]] = []
+    for workers in WORKERS:
+        results: dict[str, list[Measurement]] = {"ours_cu": [], "ours": []}
+        for r in range(repeat):
+            for system in (("ours_cu", "ours") if r % 2 == 0 else ("ours", "ours_cu")):
+                m = measure(system, corpus, workers, seed=r)
+                results[system].append(m)
+                log(f"loaders/varlen/w{workers}/{r}: {system:8s} {m.tokens_per_s / 1e6:7.2f} Mtok/s "
+                    f"({m.batches} batches, verified {m.verified:.1%})")
+        cu, ids = results["ours_cu"], results["ours"]
+        rows.append(make_row(
+            module=NAME, key=f"tokens_per_s_cu_seqlens_vs_doc_ids_w{workers}",
+            measure=f"tokens/s with cu_seqlens, seq_len {SEQ_LEN}, batch {BATCH}, shuffle, num_workers={workers}",
+            unit="Mtok/s", values=[m.tokens_per_s / 1e6 for m in cu], seconds=[m.seconds for m in cu],
+            baseline="the same TokenLoader with per-token doc_ids", baseline_values=[m.tokens_per_s / 1e6 for m in ids],
+            baseline_seconds=[m.seconds for m in ids], target=TARGETS["varlen"],
+            notes=f"TokenLoader(TokenDataset(..., boundaries=...)), timed as the peer rows (~{DURATION_S:g}s after "
+                  "warm-up, int64 tokens widened in the main process, first and last batch checked against the "
+                  "corpus); cu_seqlens hands over int32 boundaries per row instead of an int32 per token",
+            extra={"batches": [m.batches for m in cu], "baseline_batches": [m.batches for m in ids]},
+        ))
+    return rows
 
 
 def bench_resume(corpus: Corpus, repeat: int) -> list[dict[str, Any]]:
@@ -642,34 +689,52 @@ def bench_resume(corpus: Corpus, repeat: int) -> list[dict[str, Any]]:
 
 
 # -- entry point ------------------------------------------------------------------------------------
+def _wanted(group: str) -> bool:
+    return selected("loaders") or selected(f"loaders_{group}")
+
+
 def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
     """Run the loaders measures; see the module docstring. ``server`` is unused (all reads are local)."""
     del server
-    if not selected("loaders"):
+    groups = [g for g in GROUPS if _wanted(g)]
+    if not groups:
         return []
-    repeat = repeats()
-    mtokens = env_int("BENCH_LOADERS_MTOKENS", 64)
-    t0 = time.monotonic()
-    corpus = make_corpus(mtokens)
-    log(f"loaders: {corpus.tokens / 1e6:.1f}M tokens in {len(corpus.lengths)} documents "
-        f"({time.monotonic() - t0:.1f}s); converting to every format")
-    convert_s = write_formats(corpus, workdir)
-    warmed = sum(warm_page_cache(d) for d in corpus.dirs.values())
-    log(f"loaders: converted in {', '.join(f'{k} {v:.1f}s' for k, v in convert_s.items())}; "
-        f"{warmed / MB:.0f} MB read to warm the page cache")
+    repeat = env_int("BENCH_REPEAT", 1) if SMOKE else repeats()
     rows: list[dict[str, Any]] = []
-    for name, group in (("throughput", bench_throughput), ("packing", bench_packing), ("resume", bench_resume)):
+    convert_s: dict[str, float] = {}
+    corpus: Corpus | None = None
+    if [g for g in groups if g != "pack"]:
+        mtokens = env_int("BENCH_LOADERS_MTOKENS", 4 if SMOKE else 64)
+        t0 = time.monotonic()
+        corpus = make_corpus(mtokens)
+        log(f"loaders: {corpus.tokens / 1e6:.1f}M tokens in {len(corpus.lengths)} documents "
+            f"({time.monotonic() - t0:.1f}s); converting to every format")
+        convert_s = write_formats(corpus, workdir, peers="throughput" in groups)
+        warmed = sum(warm_page_cache(d) for d in corpus.dirs.values())
+        log(f"loaders: converted in {', '.join(f'{k} {v:.1f}s' for k, v in convert_s.items())}; "
+            f"{warmed / MB:.0f} MB read to warm the page cache")
+    table = {"throughput": bench_throughput, "packing": bench_packing, "resume": bench_resume,
+             "varlen": bench_varlen}
+    for name in groups:
         t1 = time.monotonic()
         try:
-            rows += group(corpus, repeat)
+            if name == "pack":
+                from bench._loaders_pack import bench_pack
+
+                rows += bench_pack(workdir, repeat, SMOKE)
+            else:
+                assert corpus is not None
+                rows += table[name](corpus, repeat)
         except Exception:
             tb = traceback.format_exc()
             log(f"loaders: {name} FAILED:\n{tb}")
             rows.append(error_row(NAME, name, f"{name} benchmarks", tb))
         log(f"loaders: {name} took {time.monotonic() - t1:.1f}s")
     for row in rows:
-        row.setdefault("extra", {})["corpus"] = {"tokens": corpus.tokens, "documents": len(corpus.lengths),
-                                                 "convert_s": convert_s}
+        if corpus is not None:
+            row.setdefault("extra", {})["corpus"] = {"tokens": corpus.tokens, "documents": len(corpus.lengths),
+                                                     "convert_s": convert_s}
+        row.setdefault("extra", {})["smoke"] = SMOKE
     with contextlib.suppress(Exception):
         import streaming.base.util as sutil
 

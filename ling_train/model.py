@@ -100,9 +100,10 @@ class Block(nn.Module):
 class LingModel(nn.Module):
     """Decoder-only Ling MoE language model.
 
-    ``forward(tokens, doc_ids=None)`` returns logits ``[B, L, vocab]``; with ``doc_ids`` attention is
-    block-diagonal per document (causal within each). :meth:`moe_layers` gives the MoE modules, whose
-    ``last`` router statistics hold the balance and z losses of the last forward.
+    ``forward(tokens, doc_ids=None, cu_seqlens=None)`` returns logits ``[B, L, vocab]``; with ``doc_ids``, or
+    ``cu_seqlens`` over the flattened ``B * L`` tokens (FlashAttention's varlen layout, every row starting a
+    segment), attention is block-diagonal per document (causal within each). :meth:`moe_layers` gives the
+    MoE modules, whose ``last`` router statistics hold the balance and z losses of the last forward.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -150,10 +151,16 @@ class LingModel(nn.Module):
             return torch.zeros((), device=self.embed.weight.device)
         return torch.stack([s.balance_loss + s.z_loss for s in stats]).sum()
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         seq = tokens.shape[1]
         cos, sin = rope_tables(seq, self.config.head_dim, self.config.rope_theta, tokens.device)
         mask = None
+        if cu_seqlens is not None and cu_seqlens.numel() > tokens.shape[0] + 1:  # a row holds several documents
+            # segment of each flattened position: how many boundaries are at or before it, less one
+            starts = cu_seqlens.to(device=tokens.device, dtype=torch.int64)
+            flat = torch.arange(tokens.numel(), device=tokens.device)
+            doc_ids = (torch.searchsorted(starts, flat, right=True) - 1).view_as(tokens)
         if doc_ids is not None and bool((doc_ids[:, -1] != doc_ids[:, 0]).any()):
             causal = torch.ones(seq, seq, dtype=torch.bool, device=tokens.device).tril()
             mask = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal

@@ -39,7 +39,7 @@ from ling_train.parts import (
     setup_distributed,
 )
 from lingcore.log import get_logger
-from loaders import InvalidParameterError, TokenDataset, TokenLoader
+from loaders import InvalidParameterError, TokenDataset, TokenLoader, trim_cu_seqlens
 
 log = get_logger(__name__)
 
@@ -85,8 +85,9 @@ class Trainer:
         self.rank, self.world, self.device = setup_distributed()
         if not cfg.data:
             raise ValueError("no --data given: a corpus URL or path is needed to train")
+        # cu_seqlens: document boundaries as a few integers per row instead of an int32 label per token
         self.dataset = TokenDataset(list(cfg.data), cfg.seq_len, seed=cfg.seed, batch_size=cfg.batch_size,
-                                    rank=self.rank, world_size=self.world,
+                                    rank=self.rank, world_size=self.world, boundaries="cu_seqlens",
                                     storage_options=data_options(cfg.data[0], cfg))
         self.cfg = cfg = dataclasses.replace(cfg, vocab_size=model_vocab(cfg, self.dataset.vocab_size))
         self.model, self.module = build_model(cfg, self.device, self.world)
@@ -278,11 +279,16 @@ class Trainer:
             raise InvalidParameterError("vocab_size", f"{', '.join(self.cfg.data)} holds token id {top}, beyond the "
                                         f"model's vocabulary of {self.cfg.vocab_size}; pass --vocab-size")
         tokens = batch["tokens"].to(self.device)
-        doc_ids = batch["doc_ids"].to(self.device)
+        width = tokens.shape[1]
+        if "cu_seqlens" in batch:  # the boundaries of the inputs, tokens[:, :-1] of each window
+            cu = torch.from_numpy(trim_cu_seqlens(batch["cu_seqlens"].numpy(), width, width - 1)).to(self.device)
+            inputs: dict[str, torch.Tensor] = {"cu_seqlens": cu}
+        else:  # a batch queued for reinjection by a checkpoint of an older version
+            inputs = {"doc_ids": batch["doc_ids"].to(self.device)[:, :-1]}
         self.model.set_step(self.step)
         self.module.train()
         with autocast:
-            logits = self.module(tokens[:, :-1], doc_ids[:, :-1])
+            logits = self.module(tokens[:, :-1], **inputs)
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         if self.loss_hook is not None:
             ce = self.loss_hook(self.step, ce)

@@ -9,6 +9,8 @@ Public API:
   handed over compactly), with its own exact ``state_dict``.
 * :func:`open_corpus`, :func:`write_corpus`, :class:`CorpusWriter`: read and write the formats;
   :func:`probe_corpus`: a bounded check that a corpus URL's store answers and something is there.
+* :func:`collate_varlen`, :func:`cu_seqlens_from_doc_ids`, :func:`trim_cu_seqlens`: ``cu_seqlens`` batches
+  (``TokenDataset(..., boundaries="cu_seqlens")``), the layout of FlashAttention's varlen kernels.
 * ``loaders pack`` / ``loaders inspect`` on the command line.
 """
 
@@ -16,6 +18,8 @@ from loaders.dataset import TokenDataset
 from loaders.errors import FormatError, InvalidParameterError
 from loaders.formats import Corpus, CorpusWriter, open_corpus, probe_corpus, write_corpus
 from loaders.loader import TokenLoader
+from loaders.varlen import collate_varlen, cu_seqlens_from_doc_ids, trim_cu_seqlens
 
 __all__ = ["Corpus", "CorpusWriter", "FormatError", "InvalidParameterError", "TokenDataset", "TokenLoader",
-           "open_corpus", "probe_corpus", "write_corpus"]
+           "collate_varlen", "cu_seqlens_from_doc_ids", "open_corpus", "probe_corpus", "trim_cu_seqlens",
+           "write_corpus"]

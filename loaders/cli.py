@@ -21,13 +21,14 @@ from lingcore.storage import split_url, url_storage_options
 from loaders.errors import FormatError, InvalidParameterError, MissingDependencyError
 from loaders.formats.corpus import FORMATS, probe_corpus
 from loaders.formats.inspect import inspect_corpus
-from loaders.formats.pack import TXT_MODES, pack
+from loaders.formats.pack import ENGINES, TXT_MODES, pack
 from loaders.formats.writer import DEFAULT_SHARD_SIZE
 
 log = get_logger("loaders")
 
 EXAMPLES = """examples:
   loaders pack data/*.jsonl --out corpus/ --format megatron --workers 8
+  loaders pack s3://raw/web/ --out s3://bucket/web-v1 --format megatron --engine ray --ray-address auto
   loaders pack books/ --out s3://bucket/books-v1 --format wds --shard-size 256MiB --endpoint-url http://127.0.0.1:8333
   loaders pack wiki.jsonl.zst --out corpus-lmdb --format lmdb --tokenizer tok/tokenizer.json
   loaders inspect corpus/
@@ -54,7 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
                    help=f"token bytes per shard, e.g. 256MiB (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="tokenizer processes (default: CPUs, at most 8)")
+                   help="tokenizer processes (default: CPUs, at most 8); with --engine ray, the CPUs of a "
+                        "local cluster it starts")
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: a process pool (default); ray: Ray tasks on a cluster (pip install "
+                        "'ling-storage[ray]'), same output")
+    p.add_argument("--ray-address", default="auto", metavar="ADDRESS",
+                   help="Ray cluster for --engine ray: 'auto' (default: a running cluster, else a local one), "
+                        "'local', or HOST:PORT")
     p.add_argument("--force", action="store_true", help="replace an existing corpus at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the written index.json")
@@ -114,7 +122,7 @@ def _pack(args: argparse.Namespace) -> int:
     index = pack(args.inputs, args.out, format=args.format, tokenizer=args.tokenizer, text_field=args.text_field,
                  txt_mode=args.txt_mode, shard_size=args.shard_size, workers=args.workers, eos_id=args.eos_id,
                  options_for=_options_for(args.endpoint_url), progress=not args.quiet and not args.json,
-                 overwrite=args.force)
+                 overwrite=args.force, engine=args.engine, ray_address=args.ray_address)
     if args.json:
         print(json.dumps(index, indent=1))
     else:

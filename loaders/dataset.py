@@ -27,14 +27,16 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lingcore.log import get_logger
-from loaders.errors import InvalidParameterError
+from loaders.errors import FormatError, InvalidParameterError
 from loaders.formats import open_corpus
 from loaders.order import MixSchedule, normalize_weights
 from loaders.packing import SourceView
+from loaders.varlen import BOUNDARIES, cu_seqlens_of
 
 log = get_logger(__name__)
 
 STATE_FORMAT = "loaders-state/1"
+BLOCK_TOKENS = 1 << 20  # batch() packs sequential batches in blocks of up to this many tokens
 
 
 class TokenDataset(IterableDataset):
@@ -43,6 +45,9 @@ class TokenDataset(IterableDataset):
     Each item is a dict: ``tokens`` (int64, ``seq_len + 1``) and ``doc_ids`` (int32, which document of the
     window each token belongs to, for attention masks). Two tensors only: DataLoader workers pay per
     tensor to hand a batch over. ``global_index(i)`` tells which global sample a rank's ``i``-th is.
+    With ``boundaries="cu_seqlens"`` items carry ``cu_seqlens`` (int32 segment starts plus the end, see
+    :mod:`loaders.varlen`) and ``max_seqlen`` (int32 scalar) instead of ``doc_ids``: FlashAttention's varlen
+    layout, no per-token labels (use :func:`loaders.collate_varlen` with a plain ``DataLoader``).
 
     Args:
         sources: Corpus URLs or paths (local, FUSE, or any fsspec URL such as ``pcache::s3://…``).
@@ -57,12 +62,13 @@ class TokenDataset(IterableDataset):
         shuffle_window: Documents per bounded shuffle block.
         storage_options: fsspec options for remote sources.
         on_error: ``"raise"`` or ``"skip"`` (corrupt documents are skipped, counted and logged).
+        boundaries: ``"doc_ids"`` (per-token document numbers) or ``"cu_seqlens"`` (segment boundaries).
     """
 
     def __init__(self, sources: Sequence[str] | str, seq_len: int, *, weights: Sequence[float] | None = None,
                  seed: int = 0, shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
                  batch_size: int = 1, shuffle_window: int = 8192, storage_options: dict[str, Any] | None = None,
-                 on_error: str = "raise") -> None:
+                 on_error: str = "raise", boundaries: str = "doc_ids") -> None:
         super().__init__()
         sources = [sources] if isinstance(sources, str) else list(sources)
         if not sources:
@@ -75,6 +81,9 @@ class TokenDataset(IterableDataset):
             raise InvalidParameterError("shuffle_window", f"must be > 0, got {shuffle_window}")
         if on_error not in ("raise", "skip"):
             raise InvalidParameterError("on_error", f"must be 'raise' or 'skip', got {on_error!r}")
+        if boundaries not in BOUNDARIES:
+            raise InvalidParameterError("boundaries", f"expected one of {BOUNDARIES}, got {boundaries!r}")
+        self.boundaries = boundaries
         self.weights = normalize_weights(weights, len(sources))
         self.seq_len, self.seed, self.shuffle, self.batch_size = seq_len, seed, shuffle, batch_size
         self.shuffle_window = shuffle_window
@@ -92,6 +101,8 @@ class TokenDataset(IterableDataset):
         self.skipped = 0
         self._forked = False  # set when workers forked from this process may have iterated it
         self._warmed = -1
+        self._block: _Block | None = None  # batches packed ahead by batch()
+        self._last_batch: int | None = None
         _UNWARMED.add(self)
 
     @property
@@ -125,12 +136,16 @@ class TokenDataset(IterableDataset):
     def sample(self, k: int) -> dict[str, torch.Tensor]:
         """Return global sample ``k`` (what any rank or worker yields for it)."""
         out = np.empty((1, self.seq_len + 1), dtype=np.int64)
+        if self.boundaries == "cu_seqlens":
+            cu, longest = self.fill([k], out, None)
+            return {"tokens": torch.from_numpy(out[0]), "cu_seqlens": torch.from_numpy(cu),
+                    "max_seqlen": torch.tensor(longest, dtype=torch.int32)}
         doc_ids = np.empty((1, self.seq_len + 1), dtype=np.int32)
         self.fill([k], out, doc_ids)
         return {"tokens": torch.from_numpy(out[0]), "doc_ids": torch.from_numpy(doc_ids[0])}
 
-    def fill(self, samples: Sequence[int], out: np.ndarray, doc_ids: np.ndarray) -> None:
-        """Fill ``out[i]`` and ``doc_ids[i]`` with global sample ``samples[i]``.
+    def fill(self, samples: Sequence[int], out: np.ndarray, doc_ids: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """Fill ``out[i]`` (and ``doc_ids[i]``) with global sample ``samples[i]``; return its ``cu_seqlens``.
 
         Consecutive samples that are consecutive windows of one source (the common case: one rank, one
         source, or long runs of a heavy source) are packed as one contiguous token range.
@@ -138,10 +153,32 @@ class TokenDataset(IterableDataset):
         Args:
             samples: Global sample numbers.
             out: ``[len(samples), seq_len + 1]`` tokens, of :attr:`token_dtype` or wider.
-            doc_ids: ``[len(samples), seq_len + 1]`` int32.
+            doc_ids: ``[len(samples), seq_len + 1]`` int32, or None (``cu_seqlens`` only).
+
+        Returns:
+            ``(cu_seqlens, max_seqlen)`` of the rows (computed only when ``doc_ids`` is None; else empty, 0).
         """
-        runs: list[tuple[int, int, int]] = []  # (source, first window, rows)
+        starts: list[tuple[np.ndarray, np.ndarray]] | None = [] if doc_ids is None else None
+        row = 0
+        for s, c, rows in self._runs(samples):
+            part: list[tuple[np.ndarray, np.ndarray]] | None = [] if starts is not None else None
+            ids = None if doc_ids is None else doc_ids[row:row + rows]
+            self.skipped += self.sources[s].windows(c, out[row:row + rows], ids, self.on_error, part)
+            if starts is not None and part is not None:
+                starts += [(r + row, o) for r, o in part]
+            row += rows
+        if starts is None:
+            return np.zeros(0, np.int32), 0
+        return cu_seqlens_of(starts, len(samples), out.shape[1])
+
+    def _runs(self, samples: Sequence[int]) -> list[tuple[int, int, int]]:
+        """Group samples into (source, first window, rows) runs of consecutive windows of one source."""
+        runs: list[tuple[int, int, int]] = []
         single = len(self.sources) == 1  # then sample k is window k: no schedule lookups
+        if single and len(samples) > 1:  # runs are where consecutive sample numbers are consecutive
+            ks = np.asarray(samples, dtype=np.int64)
+            cuts = [0, *(np.flatnonzero(np.diff(ks) != 1) + 1).tolist(), ks.size]
+            return [(0, int(ks[a]), b - a) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
         for k in samples:
             s = 0 if single else self.schedule.source_of(k)
             c = k if single else self.schedule.count_before(s, k)
@@ -149,24 +186,60 @@ class TokenDataset(IterableDataset):
                 runs[-1] = (s, runs[-1][1], runs[-1][2] + 1)
             else:
                 runs.append((s, c, 1))
-        row = 0
-        for s, c, rows in runs:
-            self.skipped += self.sources[s].windows(c, out[row:row + rows], doc_ids[row:row + rows], self.on_error)
-            row += rows
+        return runs
 
-    def batch(self, b: int) -> dict[str, np.ndarray]:
+    def batch(self, b: int) -> dict[str, Any]:
         """Return this rank's ``b``-th batch (counted from ``position``) as numpy arrays.
 
         ``tokens`` keeps the storage dtype (:attr:`token_dtype`), four times smaller than int64 for
         uint16 corpora, so handing it from a worker process to the trainer is cheap; :class:`TokenLoader`
-        widens it. ``doc_ids`` is int32.
+        widens it. ``doc_ids`` is int32; or, with ``boundaries="cu_seqlens"``, ``cu_seqlens`` (int32) and
+        ``max_seqlen`` (int), and ``tokens`` may be a read-only view whose rows share their overlapping
+        token (no copy beyond the one packing makes).
+
+        Batches asked for in a regular sequence (``b``, ``b + step``, …, as a TokenLoader worker does) are
+        packed ahead in growing blocks, so the per-call cost is amortised; the batches are the same.
         """
-        first = b * self.batch_size
-        samples = [self.global_index(i) for i in range(first, first + self.batch_size)]
-        out = np.empty((self.batch_size, self.seq_len + 1), dtype=self.token_dtype)
-        doc_ids = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int32)
-        self.fill(samples, out, doc_ids)
-        return {"tokens": out, "doc_ids": doc_ids}
+        block = self._block
+        last, self._last_batch = self._last_batch, b
+        if block is not None and block.position == self.position:
+            i, rem = divmod(b - block.first, block.step)
+            if rem == 0 and 0 <= i < block.count:
+                return block.get(i)
+        count, step = 1, 1
+        if block is not None and block.position == self.position and last is not None and b > last:
+            step = b - last
+            if block.step == step or block.count == 1:
+                most = max(1, BLOCK_TOKENS // (self.batch_size * (self.seq_len + 1)))
+                count = min(most, 2 * block.count)
+        self._block = self._pack_block(b, step, count)
+        return self._block.get(0)
+
+    def _pack_block(self, first: int, step: int, count: int) -> _Block:
+        size, width = self.batch_size, self.seq_len + 1
+        rows = (np.arange(first, first + count * step, step, dtype=np.int64)[:, None] * size
+                + np.arange(size, dtype=np.int64)).reshape(-1)
+        samples = (self.position + rows * self.world_size + self.rank).tolist()  # global_index of each row
+        n = len(samples)
+        if self.boundaries == "doc_ids":
+            out = np.empty((n, width), dtype=self.token_dtype)
+            doc_ids = np.empty((n, width), dtype=np.int32)
+            self.fill(samples, out, doc_ids)
+            return _Block(self.position, first, step, count, size, width, out, doc_ids)
+        runs = self._runs(samples)
+        view = None
+        if len(runs) == 1 and self.sources[runs[0][0]].corpus.dtype == self.token_dtype:
+            try:  # the zero-copy form; on a corrupt document fill() below finds (and maybe skips) it
+                view = self.sources[runs[0][0]].run_view(runs[0][1], n, width)
+            except FormatError:
+                view = None
+        if view is not None:
+            tokens, starts = view
+            cu, _ = cu_seqlens_of([starts], n, width)
+        else:
+            tokens = np.empty((n, width), dtype=self.token_dtype)
+            cu, _ = self.fill(samples, tokens, None)
+        return _Block(self.position, first, step, count, size, width, tokens, None, cu)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self._warm()
@@ -248,6 +321,28 @@ class TokenDataset(IterableDataset):
         self.position, self._consumed, self._worker_next = int(state["position"]), 0, None
         if "worker_next" in state and get_worker_info() is not None:
             self._worker_next = int(state["worker_next"])
+
+
+class _Block:
+    """``count`` batches (``first``, ``first + step``, …) packed at once; :meth:`get` hands out batch ``i``."""
+
+    def __init__(self, position: int, first: int, step: int, count: int, size: int, width: int, tokens: np.ndarray,
+                 doc_ids: np.ndarray | None, cu: np.ndarray | None = None) -> None:
+        self.position, self.first, self.step, self.count, self.size = position, first, step, count, size
+        self.tokens, self.doc_ids = tokens, doc_ids
+        if cu is not None:
+            cu64 = cu.astype(np.int64)
+            # where each batch's rows begin among the block's boundaries, and each batch's longest segment
+            self.edges = np.searchsorted(cu64, np.arange(count + 1, dtype=np.int64) * size * width).tolist()
+            self.longest = np.maximum.reduceat(np.diff(cu64), self.edges[:-1]).tolist()
+            self.cu, self.span = cu, size * width
+
+    def get(self, i: int) -> dict[str, Any]:
+        rows = slice(i * self.size, (i + 1) * self.size)
+        if self.doc_ids is not None:
+            return {"tokens": self.tokens[rows], "doc_ids": self.doc_ids[rows]}
+        cu = self.cu[self.edges[i]:self.edges[i + 1] + 1] - np.int32(i * self.span)
+        return {"tokens": self.tokens[rows], "cu_seqlens": cu, "max_seqlen": self.longest[i]}
 
 
 # Datasets whose streams are not built yet: built in the parent right before a fork (DataLoader

@@ -49,16 +49,22 @@ def _keep(item: Any) -> Any:
     return item  # no collation in the worker: numpy arrays pickle as bytes, tensors would need shm
 
 
-def to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Turn a packed batch into the tensors training uses: int64 ``tokens``, int32 ``doc_ids``."""
-    return {"tokens": torch.from_numpy(batch["tokens"].astype(np.int64)),
-            "doc_ids": torch.from_numpy(np.ascontiguousarray(batch["doc_ids"]))}
+def to_tensors(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Turn a packed batch into the tensors training uses: int64 ``tokens``, int32 ``doc_ids`` (or int32
+    ``cu_seqlens`` and a scalar int32 ``max_seqlen``)."""
+    tokens = torch.from_numpy(batch["tokens"].astype(np.int64))  # also makes a row-sharing view contiguous
+    if "doc_ids" in batch:
+        return {"tokens": tokens, "doc_ids": torch.from_numpy(np.ascontiguousarray(batch["doc_ids"]))}
+    return {"tokens": tokens, "cu_seqlens": torch.from_numpy(np.ascontiguousarray(batch["cu_seqlens"])),
+            # from_numpy of a 0-d array: a third of torch.tensor(int)'s cost, which shows at small batches
+            "max_seqlen": torch.from_numpy(np.array(batch["max_seqlen"], dtype=np.int32))}
 
 
 class TokenLoader:
     """Iterate a :class:`~loaders.TokenDataset` in batches of its ``batch_size``, exactly resumable.
 
-    Yields dicts with ``tokens`` (int64 ``[batch_size, seq_len + 1]``) and ``doc_ids`` (int32, same shape),
+    Yields dicts with ``tokens`` (int64 ``[batch_size, seq_len + 1]``) and ``doc_ids`` (int32, same shape) or,
+    for a ``boundaries="cu_seqlens"`` dataset, ``cu_seqlens`` and ``max_seqlen`` (see :mod:`loaders.varlen`),
     the same batches, in the same order, as ``DataLoader(dataset, batch_size=dataset.batch_size)`` for any
     ``num_workers``. The stream is endless (epochs follow each other); stop after as many steps as you need.
 

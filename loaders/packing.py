@@ -14,6 +14,7 @@ Documents that fail to read fall back to the per-window path, which can skip the
 from __future__ import annotations
 
 from bisect import bisect_right
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -65,14 +66,18 @@ class SourceView:
             self._epochs[epoch] = cached
         return cached
 
-    def windows(self, c: int, out: np.ndarray, doc_ids: np.ndarray, on_error: str) -> int:
+    def windows(self, c: int, out: np.ndarray, doc_ids: np.ndarray | None, on_error: str,
+                starts: list[tuple[np.ndarray, np.ndarray]] | None = None) -> int:
         """Fill ``out[i]`` with the source's window ``c + i``; return corrupt documents skipped.
 
         Args:
             c: The first window (counted over all epochs).
             out: ``[n, seq_len + 1]`` tokens (any integer dtype wide enough for the corpus).
-            doc_ids: ``[n, seq_len + 1]`` int32: which document of its window each token belongs to.
+            doc_ids: ``[n, seq_len + 1]`` int32: which document of its window each token belongs to; or None
+                when ``starts`` is given instead.
             on_error: ``"raise"`` or ``"skip"``.
+            starts: Receives ``(rows, offsets)`` int64 arrays: row ``rows[k]`` of ``out`` has a document
+                starting at ``offsets[k]`` (``1 .. seq_len``; a row's own start is implied), rows ascending.
         """
         done = skipped = 0
         n = out.shape[0]
@@ -80,18 +85,41 @@ class SourceView:
             epoch, j = divmod(c + done, self.windows_per_epoch)
             m = min(n - done, self.windows_per_epoch - j)
             try:
-                self._run(epoch, j, out[done:done + m], doc_ids[done:done + m])
+                flat, takes = self._run(epoch, j, m, out.shape[1])
+                out[done:done + m] = _overlapping_rows(flat, m, out.shape[1], self.seq_len)
+                if doc_ids is not None:
+                    self._doc_ids(takes, doc_ids[done:done + m])
+                if starts is not None:
+                    rows, offsets = self._starts(takes)
+                    starts.append((rows + done, offsets))
             except FormatError:
                 if on_error != "skip":
                     raise
+                ids = doc_ids if doc_ids is not None else np.empty(out.shape, np.int32)
                 for i in range(done, done + m):  # slow path: finds and skips the corrupt documents
-                    skipped += self.window(c + i, out[i], doc_ids[i], on_error)
+                    skipped += self.window(c + i, out[i], ids[i], on_error)
+                    if starts is not None:
+                        offsets = np.flatnonzero(np.diff(ids[i])) + 1
+                        starts.append((np.full(offsets.size, i, np.int64), offsets.astype(np.int64)))
             done += m
         return skipped
 
-    def _run(self, epoch: int, j: int, out: np.ndarray, doc_ids: np.ndarray) -> None:
-        """Pack windows ``j .. j + len(out)`` of ``epoch`` (all inside it) from one contiguous range."""
-        m, width = out.shape
+    def run_view(self, c: int, n: int, width: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]] | None:
+        """Windows ``c .. c + n`` as a read-only ``[n, width]`` view of one packed buffer, and their document
+        starts (as :meth:`windows` reports them); None when they cross an epoch (use :meth:`windows`).
+
+        The zero-copy form of :meth:`windows` for the ``cu_seqlens`` path: the packed buffer is the only copy
+        made, and consecutive rows share their overlapping token. Raises :class:`FormatError` like it.
+        """
+        epoch, j = divmod(c, self.windows_per_epoch)
+        if j + n > self.windows_per_epoch:
+            return None
+        flat, takes = self._run(epoch, j, n, width)
+        return _overlapping_rows(flat, n, width, self.seq_len), self._starts(takes)
+
+    def _run(self, epoch: int, j: int, m: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of windows ``j .. j + m`` of ``epoch`` (all inside it) as one contiguous range, and how many
+        each covering document contributes."""
         order, ends = self.stream(epoch)
         start = j * self.seq_len
         count = (m - 1) * self.seq_len + width
@@ -104,10 +132,19 @@ class SourceView:
         takes[-1] -= int(ends[p1 - 1]) - (start + count)  # the last document is cut at the range's end
         lo = np.zeros(docs.size, np.int64)
         lo[0] = first
-        flat = self._gather(docs, lo, lo + takes, count)
-        out[...] = _overlapping_rows(flat, m, width, self.seq_len)
-        ids = _overlapping_rows(np.repeat(np.arange(docs.size, dtype=np.int32), takes), m, width, self.seq_len)
+        return self._gather(docs, lo, lo + takes, count), takes
+
+    def _doc_ids(self, takes: np.ndarray, doc_ids: np.ndarray) -> None:
+        m, width = doc_ids.shape
+        ids = _overlapping_rows(np.repeat(np.arange(takes.size, dtype=np.int32), takes), m, width, self.seq_len)
         np.subtract(ids, ids[:, :1], out=doc_ids)
+
+    def _starts(self, takes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # A document starting at stream position s > 0 of the run lies in row (s - 1) // seq_len at offset
+        # 1 .. seq_len (offset 0 of the next row is that row's own start). Empty documents start nothing.
+        begins = np.cumsum(takes[:-1])[takes[1:] > 0]
+        rows = (begins - 1) // self.seq_len
+        return rows, begins - rows * self.seq_len
 
     def _gather(self, docs: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: int) -> np.ndarray:
         """Tokens ``lo:hi`` of each document, concatenated (``count`` tokens)."""
@@ -116,13 +153,15 @@ class SourceView:
         first = int(shard_of[0])
         if (shard_of == first).all():
             pieces = _pieces(self.corpus.shards[first], local, lo, hi)
-        else:
-            pieces = [b""] * docs.size
+        else:  # gather per shard, then put the pieces back in stream order with one C-level lookup
+            by_shard = np.argsort(shard_of, kind="stable")
+            grouped: list[Any] = []
             for s in np.unique(shard_of).tolist():
-                at = np.flatnonzero(shard_of == s)
-                for i, piece in zip(at.tolist(), _pieces(self.corpus.shards[s], local[at], lo[at], hi[at]),
-                                    strict=True):
-                    pieces[i] = piece
+                at = by_shard[len(grouped):len(grouped) + int(np.count_nonzero(shard_of == s))]
+                grouped += _pieces(self.corpus.shards[s], local[at], lo[at], hi[at])
+            where = np.empty_like(by_shard)
+            where[by_shard] = np.arange(by_shard.size)
+            pieces = list(itemgetter(*where.tolist())(grouped)) if where.size > 1 else grouped
         joined = b"".join(pieces)
         if len(joined) != count * self.corpus.dtype.itemsize:  # before frombuffer: it may end mid-token
             raise FormatError(self.corpus.url, f"documents {docs.tolist()} are shorter than their index says")

@@ -257,10 +257,13 @@ def load_index(raw: bytes, url: str) -> dict[str, Any]:
     need(index.get("schema_version") == INDEX_VERSION,
          f"unsupported schema_version {index.get('schema_version')!r} (expected {INDEX_VERSION})")
     need(index.get("format") in FORMATS, f"format must be one of {FORMATS}, got {index.get('format')!r}")
-    try:
-        np.dtype(index.get("dtype"))
+    try:  # np.dtype(None) is float64: a missing dtype must not pass for one
+        kind = np.dtype(index["dtype"]).kind if isinstance(index.get("dtype"), str) else ""
     except TypeError:
-        need(False, f"bad dtype {index.get('dtype')!r}")
+        kind = ""
+    need(kind in ("i", "u"), f"bad dtype {index.get('dtype')!r} (integer token types only)")
+    need(isinstance(index.get("documents"), int) and isinstance(index.get("tokens"), int),
+         "documents and tokens must be integers")
     shards = index.get("shards")
     need(isinstance(shards, list) and len(shards) > 0, "no shards listed")
     for i, shard in enumerate(shards):

@@ -41,6 +41,7 @@ from loaders.errors import (
     UnknownDtypeError,
 )
 from loaders.formats._io import CachedHandleMixin, HeaderDtypeMixin, Location
+from loaders.formats._lmdbcheck import check_environment
 from loaders.formats.megatron import DTYPE_CODES
 
 log = get_logger(__name__)
@@ -53,6 +54,7 @@ LENGTHS_KEY = b"__loaders__/lengths"
 LMDB_DTYPES: dict[int, np.dtype[Any]] = {**DTYPE_CODES, 9: np.dtype(np.uint32)}
 _CODE_OF = {dtype: code for code, dtype in LMDB_DTYPES.items()}
 _INITIAL_MAP = 64 << 20
+_COMMIT_DOCS = 4096
 
 
 def doc_key(doc: int) -> bytes:
@@ -101,9 +103,12 @@ class LmdbShardWriter:
         self._tmp_path = self.path + ".tmp"
         if os.path.exists(self._tmp_path):
             shutil.rmtree(self._tmp_path)
-        # lock=False: one writer, and no lock.mdb to upload; sync happens once, in close()
+        # lock=False: one writer, and no lock.mdb to upload; sync happens once, in close(). meminit=True
+        # (zeroed page buffers) and commits every _COMMIT_DOCS documents, whatever batches they came in,
+        # make the file a function of the documents alone: both pack engines write byte-identical shards.
         self._env = lmdb.open(self._tmp_path, map_size=_INITIAL_MAP, subdir=True, lock=False, sync=False,
-                              meminit=False)
+                              meminit=True)
+        self._items: list[tuple[bytes, bytes]] = []
         self._lengths: list[np.ndarray] = []
         self.documents = 0
         self.tokens = 0
@@ -118,7 +123,10 @@ class LmdbShardWriter:
         for i, n in enumerate(lengths.tolist()):
             items.append((doc_key(self.documents + i), encode_value(flat[pos:pos + n])))
             pos += n
-        self._put(items)
+        self._items.extend(items)
+        while len(self._items) >= _COMMIT_DOCS:
+            self._put(self._items[:_COMMIT_DOCS])
+            del self._items[:_COMMIT_DOCS]
         self._lengths.append(lengths)
         self.documents += len(lengths)
         self.tokens += int(flat.size)
@@ -137,6 +145,9 @@ class LmdbShardWriter:
     def close(self) -> dict[str, str]:
         """Write the metadata keys and finish the shard; return its files by role (``data``)."""
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        if self._items:
+            self._put(self._items)
+            self._items = []
         meta = {"version": VALUE_VERSION, "dtype": self.dtype.name, "documents": self.documents,
                 "tokens": self.tokens}
         self._put([(LENGTHS_KEY, lengths.astype("<i8").tobytes()),
@@ -229,6 +240,7 @@ class LmdbShard(HeaderDtypeMixin, CachedHandleMixin):
         self._sizes = sizes or {}
         self._lengths: np.ndarray | None = None
         self._checked = False
+        self._safe: tuple[int, ...] | None = None  # identity of the data.mdb that check_environment passed
         self.skipped = 0
 
     @property
@@ -251,8 +263,11 @@ class LmdbShard(HeaderDtypeMixin, CachedHandleMixin):
 
     def _read_locked(self, handle: _Handle, doc: int, start: int, stop: int | None, expected: int) -> np.ndarray:
         # The caller holds handle.lock. The buffer is only valid until the transaction's next use: copy.
-        value = handle.txn.get(doc_key(doc))
         member = f"key {doc}"
+        try:
+            value = handle.txn.get(doc_key(doc))
+        except lmdb.Error as exc:  # CorruptedError, PageNotFoundError, ...: damage LMDB noticed itself
+            raise CorruptMemberError(self.url, member, f"LMDB: {exc}") from None
         if value is None:
             raise CorruptMemberError(self.url, member, "document missing")
         dtype, count = decode_header(value, self.url, member)
@@ -307,13 +322,23 @@ class LmdbShard(HeaderDtypeMixin, CachedHandleMixin):
             error = TruncatedDataError if size < expected else CorruptIndexError
             raise error(data.url, f"{size} bytes, index.json records {expected}")
         path = self.loc.path if self.loc.local else local_copy(data)
+        identity = self._identity()
+        if self._safe != identity:  # LMDB maps the file and trusts it: check it first (once per file version)
+            check_environment(os.path.join(path, "data.mdb"), data.url)
+            self._safe = identity
         try:
             env = lmdb.open(path, readonly=True, lock=False, subdir=True, readahead=False)
         except lmdb.Error as exc:
             raise CorruptIndexError(data.url, f"not a readable LMDB environment: {exc}") from None
-        return _Handle(env, self._identity())
+        return _Handle(env, identity)
 
     def _load_meta(self, env: Any, url: str) -> None:
+        try:
+            self._load_meta_txn(env, url)
+        except lmdb.Error as exc:  # CorruptedError, PageNotFoundError, ...: damage LMDB noticed itself
+            raise CorruptIndexError(url, f"LMDB: {exc}") from None
+
+    def _load_meta_txn(self, env: Any, url: str) -> None:
         with env.begin() as txn:
             raw_meta = txn.get(META_KEY)
             raw_lengths = txn.get(LENGTHS_KEY)

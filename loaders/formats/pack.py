@@ -46,6 +46,7 @@ from loaders.formats.writer import DEFAULT_SHARD_SIZE, CorpusWriter, token_dtype
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 TXT_MODES = ("file", "paragraph")
+ENGINES = ("local", "ray")
 CHUNK_CHARS = 1 << 20
 CHUNK_DOCS = 1024
 OptionsFor = Callable[[str], dict[str, Any]]
@@ -107,26 +108,43 @@ def expand_inputs(inputs: Sequence[str], options_for: OptionsFor | None = None) 
     return files
 
 
-def iter_texts(f: InputFile, text_field: str = "text", txt_mode: str = "file") -> Iterator[tuple[str, int]]:
+def iter_texts(f: InputFile, text_field: str = "text", txt_mode: str = "file", start: int = 0,
+               end: int | None = None) -> Iterator[tuple[str, int]]:
     """Yield ``(document text, input bytes consumed)`` from one input file.
+
+    ``start``/``end`` select the JSONL lines that *start* in bytes ``[start, end)`` of an uncompressed
+    file, so byte ranges that tile a file yield each line exactly once (the Ray engine's input splits).
 
     Raises:
         FormatError: naming ``file:line`` for a bad JSON line or a missing/non-string text field, or the
             file for text that is not UTF-8.
     """
+    if (start or end is not None) and (f.kind != "jsonl" or f.compression):
+        raise InvalidParameterError("start", f"{f.loc.url}: only uncompressed JSONL files split into ranges")
     with f.loc.fs.open(f.loc.path, "rb", compression=f.compression) as fh:
         if f.kind == "jsonl":
-            for lineno, line in enumerate(fh, 1):
+            pos, lineno = start, 1 if start == 0 else 0  # 0: counted only when a message needs it
+            if start:
+                fh.seek(start - 1)
+                pos += len(fh.readline()) - 1  # the rest of the line that started before the range
+            for line in fh:
+                if end is not None and pos >= end:
+                    return
+                here, pos = pos, pos + len(line)
                 if not line.strip():
+                    lineno += lineno > 0
                     continue
-                where = f"{f.loc.url}:{lineno}"
+                number = lineno
+                lineno += lineno > 0
                 try:
                     obj = json.loads(line)
                 except ValueError as exc:
-                    raise FormatError(where, f"not a JSON object: {exc}") from None
+                    raise FormatError(f"{f.loc.url}:{number or _line_at(f, here)}",
+                                      f"not a JSON object: {exc}") from None
                 text = obj.get(text_field) if isinstance(obj, dict) else None
                 if not isinstance(text, str):
-                    raise FormatError(where, f"no string field {text_field!r} (use --text-field)")
+                    raise FormatError(f"{f.loc.url}:{number or _line_at(f, here)}",
+                                      f"no string field {text_field!r} (use --text-field)")
                 yield text, len(line)
             return
         raw = fh.read()
@@ -141,6 +159,18 @@ def iter_texts(f: InputFile, text_field: str = "text", txt_mode: str = "file") -
     kept = [p for p in paragraphs if p]
     for i, paragraph in enumerate(kept):
         yield paragraph, (len(raw) if i == len(kept) - 1 else 0)
+
+
+def _line_at(f: InputFile, offset: int) -> int:
+    """The 1-based number of the line starting at byte ``offset`` (counted only for an error message)."""
+    with f.loc.fs.open(f.loc.path, "rb") as fh:
+        count, done = 1, 0
+        while done < offset:
+            block = fh.read(min(8 << 20, offset - done))
+            if not block:
+                break
+            count, done = count + block.count(b"\n"), done + len(block)
+    return count
 
 
 def _chunks(files: list[InputFile], text_field: str, txt_mode: str) -> Iterator[tuple[list[str], int]]:
@@ -181,7 +211,7 @@ def _encoded(chunks: Iterator[tuple[list[str], int]], spec: TokenizerSpec,
 def pack(inputs: Sequence[str], out: str, *, format: str, tokenizer: str = "bytes", text_field: str = "text",
          txt_mode: str = "file", shard_size: int | str = DEFAULT_SHARD_SIZE, workers: int = 1,
          eos_id: int | None = None, options_for: OptionsFor | None = None, progress: bool = True,
-         overwrite: bool = False) -> dict[str, Any]:
+         overwrite: bool = False, engine: str = "local", ray_address: str | None = "auto") -> dict[str, Any]:
     """Tokenize ``inputs`` into a corpus at ``out``; return its ``index.json``.
 
     Args:
@@ -197,11 +227,16 @@ def pack(inputs: Sequence[str], out: str, *, format: str, tokenizer: str = "byte
         options_for: Returns fsspec storage options for a URL (e.g. an S3 endpoint).
         progress: Show a progress bar on stderr.
         overwrite: Replace an existing corpus at ``out``.
+        engine: ``"local"`` (a process pool of ``workers``) or ``"ray"`` (Ray tasks; byte-identical output).
+        ray_address: With ``engine="ray"``: the cluster (``auto``: a running one, else a local one of
+            ``workers`` CPUs).
     """
     if txt_mode not in TXT_MODES:
         raise InvalidParameterError("txt_mode", f"expected one of {TXT_MODES}, got {txt_mode!r}")
     if workers < 1:
         raise InvalidParameterError("workers", f"must be >= 1, got {workers}")
+    if engine not in ENGINES:
+        raise InvalidParameterError("engine", f"expected one of {ENGINES}, got {engine!r}")
     spec = load_tokenizer(tokenizer, eos_id=eos_id, storage_options=options_for(tokenizer) if options_for else None)
     files = expand_inputs(inputs, options_for)
     total = sum(f.size for f in files)
@@ -212,6 +247,13 @@ def pack(inputs: Sequence[str], out: str, *, format: str, tokenizer: str = "byte
         "inputs": [(f.loc.url, f.size, f.version) for f in files], "format": format,
         "tokenizer": spec.describe(), "text_field": text_field, "txt_mode": txt_mode,
         "shard_size": shard_size}, sort_keys=True).encode())
+    if engine == "ray":
+        from loaders.formats.raypack import pack_ray
+
+        return pack_ray(files, out, spec=spec, format=format, dtype=token_dtype(spec.vocab_size, format),
+                        shard_size=shard_size, text_field=text_field, txt_mode=txt_mode, resume_key=resume_key,
+                        options_for=options_for, overwrite=overwrite, progress=progress, address=ray_address,
+                        workers=workers)
     writer = CorpusWriter(out, format=format, dtype=token_dtype(spec.vocab_size, format), shard_size=shard_size,
                           tokenizer=spec.describe(), eos_id=spec.eos_id,
                           storage_options=options_for(out) if options_for else None, overwrite=overwrite,

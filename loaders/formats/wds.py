@@ -101,6 +101,28 @@ class WdsShardWriter:
         return {"tar": self.name + ".tar", "members": self.name + ".members.npy"}
 
 
+def _load_members(raw: bytes, url: str) -> np.ndarray:
+    """Parse a member table ``.npy``, checking its header against its size before building the array.
+
+    ``np.load`` would allocate what a damaged header asks for and raise whatever its header parser does.
+    """
+    try:
+        fp = io.BytesIO(raw)
+        version = np.lib.format.read_magic(fp)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy version {version}")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fp)
+        count = 1
+        for n in shape:
+            count *= int(n)
+        if dtype.hasobject or len(raw) - fp.tell() != count * dtype.itemsize:
+            raise ValueError(f"{shape} {dtype} does not fill the {len(raw) - fp.tell()} bytes after the header")
+        return np.frombuffer(raw, dtype, count, fp.tell()).reshape(shape, order="F" if fortran else "C")
+    except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, TokenError, ...
+        raise CorruptIndexError(url, f"unreadable member table: {exc}") from None
+
+
 class _Handle:
     """An open tar: an mmap (local) or a :class:`RangeReader` (remote), and its size."""
 
@@ -258,10 +280,7 @@ class WdsShard(HeaderDtypeMixin, CachedHandleMixin):
 
     def _load_table(self, handle: _Handle, size: int) -> np.ndarray:
         if self._members is not None:
-            try:
-                table = np.load(io.BytesIO(self._members.read_bytes()), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise CorruptIndexError(self._members.url, f"unreadable member table: {exc}") from None
+            table = _load_members(self._members.read_bytes(), self._members.url)
             if table.ndim != 2 or table.shape[1] != 4 or table.dtype.kind != "i":
                 raise CorruptIndexError(self._members.url, f"member table has shape {table.shape}, "
                                                            "expected (documents, 4) integers")

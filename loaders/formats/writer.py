@@ -123,47 +123,17 @@ class CorpusWriter:
 
     def _resumable(self, overwrite: bool) -> list[dict[str, Any]]:
         """Finished shards of an interrupted write of the same inputs that still verify (a prefix)."""
-        packing = self.out.child(PACKING_NAME)
-        if not packing.exists():
-            return []
-        try:
-            state = json.loads(packing.read_bytes())
-            shards = list(state["shards"]) if state.get("key") == self.resume_key and self.resume_key else None
-        except (ValueError, KeyError, TypeError):
-            shards = None
-        if shards is None:
-            if not overwrite:
-                raise FileExistsError(f"{self.out.url} holds an interrupted pack of other inputs or options; "
-                                      "pass overwrite=True (--force) to replace it")
-            return []
+        state = read_packing(self.out, self.resume_key, overwrite)
         kept = []
-        for shard in shards:
-            try:
-                intact = all(hash_file(self.out.child(f["path"])) == (f["bytes"], f["xxh3_128"])
-                             for f in shard["files"].values())
-            except (OSError, KeyError, TypeError):
-                intact = False
-            if not intact:
+        for shard in (state or {}).get("shards", []):
+            if not shard_intact(self.out, shard):
                 break  # later shards start where this one ends: they cannot be kept without it
             kept.append(shard)
         return kept
 
     def _write_packing(self) -> None:
         """Record the finished shards in ``_PACKING`` (whole-or-nothing: a torn file would lose them)."""
-        data = json.dumps({"key": self.resume_key, "format": self.format, "shards": self._shards}).encode()
-        self._put(self.out.child(PACKING_NAME), data)
-
-    def _put(self, target: Location, data: bytes) -> None:
-        if self.out.local:
-            tmp = target.path + ".tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target.path)  # readers see the old file or the complete new one
-        else:
-            self.out.fs.makedirs(self.out.path, exist_ok=True)  # object stores: a no-op
-            self.out.fs.pipe_file(target.path, data)  # one PUT replaces an object whole
+        write_packing(self.out, {"key": self.resume_key, "format": self.format, "shards": self._shards})
 
     def add(self, tokens: Any) -> None:
         """Append one document (a 1-D array or sequence of token ids)."""
@@ -220,12 +190,8 @@ class CorpusWriter:
             self.add_batch(flat, lengths)
 
     def _new_shard(self) -> Any:
-        name = f"shard-{len(self._shards):05d}"
-        if self.format == "megatron":
-            return MegatronShardWriter(self._stage, name, self.dtype)
-        if self.format == "wds":
-            return WdsShardWriter(self._stage, name, self.dtype, first_document=self.documents_written)
-        return LmdbShardWriter(self._stage, name, self.dtype)
+        return new_shard_writer(self.format, self._stage, f"shard-{len(self._shards):05d}", self.dtype,
+                                self.documents_written)
 
     @property
     def documents_written(self) -> int:
@@ -236,20 +202,7 @@ class CorpusWriter:
     def _finish_shard(self) -> None:
         writer, self._writer = self._writer, None
         first = sum(s["documents"] for s in self._shards)
-        files: dict[str, Any] = {}
-        for role, rel in writer.close().items():
-            local = Location.from_url(os.path.join(self._stage, rel))
-            size, digest = hash_file(local)
-            files[role] = {"path": rel, "bytes": size, "xxh3_128": digest}
-            if not self.out.local:
-                target = self.out.child(rel)
-                self.out.fs.makedirs(target.path.rsplit("/", 1)[0], exist_ok=True)
-                self.out.fs.put_file(local.path, target.path)
-                os.unlink(local.path)
-        if self.format == "lmdb" and not self.out.local:
-            shutil.rmtree(os.path.join(self._stage, writer.name + ".lmdb"), ignore_errors=True)
-        self._shards.append({"name": writer.name, "first_document": first, "documents": writer.documents,
-                             "tokens": writer.tokens, "files": files})
+        self._shards.append(publish_shard(self.out, self._stage, writer, first))
         self._write_packing()
         log.debug("shard written", extra={"url": self.out.url, "shard": writer.name})
 
@@ -267,15 +220,9 @@ class CorpusWriter:
         if not self._shards:
             self.abort()
             raise InvalidParameterError("documents", f"no documents to write to {self.out.url}")
-        index = {
-            "schema": INDEX_SCHEMA, "schema_version": INDEX_VERSION, "format": self.format,
-            "dtype": self.dtype.name, "tokenizer": self.tokenizer, "eos_id": self.eos_id,
-            # The model's embedding needs at least this many rows (trainers take it from here).
-            "vocab_size": (self.tokenizer or {}).get("vocab_size"),
-            "documents": self.documents, "tokens": self.tokens, "shard_size": self.shard_size,
-            "shards": self._shards,
-        }
-        self._put(self.out.child(INDEX_NAME), (json.dumps(index, indent=1) + "\n").encode())
+        index = index_document(format=self.format, dtype=self.dtype, tokenizer=self.tokenizer, eos_id=self.eos_id,
+                               shard_size=self.shard_size, shards=self._shards)
+        put_small(self.out, INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
         packing = self.out.child(PACKING_NAME)
         packing.fs.rm_file(packing.path)
         self._cleanup()
@@ -302,6 +249,115 @@ class CorpusWriter:
                  tb: TracebackType | None) -> None:
         if exc_type is not None and not self._closed:
             self.abort()
+
+
+ShardWriter = MegatronShardWriter | WdsShardWriter | LmdbShardWriter
+
+
+def new_shard_writer(format: str, directory: str, name: str, dtype: Any, first_document: int) -> ShardWriter:
+    """Return the writer of one ``format`` shard ``name`` in the local ``directory``."""
+    if format == "megatron":
+        return MegatronShardWriter(directory, name, dtype)
+    if format == "wds":
+        return WdsShardWriter(directory, name, dtype, first_document=first_document)
+    return LmdbShardWriter(directory, name, dtype)
+
+
+def publish_shard(out: Location, stage: str, writer: ShardWriter, first_document: int) -> dict[str, Any]:
+    """Close ``writer`` (staged in ``stage``), put its files in ``out``; return the shard's index entry.
+
+    Sizes and xxh3-128 come from the staged files. A local output gets them by rename (``stage`` may be
+    ``out`` itself: nothing moves); a remote one by upload, checked by the stored size. Each file appears
+    whole or not at all, and the shard counts as written only once its entry is recorded.
+    """
+    files: dict[str, Any] = {}
+    in_place = out.local and os.path.abspath(stage) == out.path
+    for role, rel in writer.close().items():
+        staged = os.path.join(stage, rel)
+        size, digest = hash_file(Location.from_url(staged))
+        files[role] = {"path": rel, "bytes": size, "xxh3_128": digest}
+        target = out.child(rel)
+        if in_place:
+            continue
+        if out.local:
+            os.makedirs(os.path.dirname(target.path), exist_ok=True)
+            os.replace(staged, target.path)
+            continue
+        out.fs.makedirs(target.path.rsplit("/", 1)[0], exist_ok=True)
+        out.fs.put_file(staged, target.path)
+        os.unlink(staged)
+        stored = target.size()
+        if stored != size:
+            raise OSError(f"{target.url}: uploaded {size} bytes but the store holds {stored}")
+    if writer.format == "lmdb" and not in_place:
+        shutil.rmtree(os.path.join(stage, writer.name + ".lmdb"), ignore_errors=True)
+    return {"name": writer.name, "first_document": first_document, "documents": writer.documents,
+            "tokens": writer.tokens, "files": files}
+
+
+def shard_intact(out: Location, entry: Mapping[str, Any]) -> bool:
+    """True when every file of a shard entry is in ``out`` with its recorded size and xxh3-128."""
+    try:
+        return all(hash_file(out.child(f["path"])) == (f["bytes"], f["xxh3_128"]) for f in entry["files"].values())
+    except (OSError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def read_packing(out: Location, resume_key: str | None, overwrite: bool) -> dict[str, Any] | None:
+    """The ``_PACKING`` state of an interrupted write of the same inputs (``resume_key``), if any.
+
+    Raises:
+        FileExistsError: ``out`` holds an interrupted write of other inputs or options and not ``overwrite``.
+    """
+    packing = out.child(PACKING_NAME)
+    if not packing.exists():
+        return None
+    try:
+        state = json.loads(packing.read_bytes())
+        same = bool(resume_key) and state.get("key") == resume_key and isinstance(state.get("shards"), list)
+    except (ValueError, TypeError, AttributeError):
+        same = False
+    if same:
+        return dict(state)
+    if not overwrite:
+        raise FileExistsError(f"{out.url} holds an interrupted pack of other inputs or options; "
+                              "pass overwrite=True (--force) to replace it")
+    return None
+
+
+def write_packing(out: Location, state: Mapping[str, Any]) -> None:
+    """Replace ``_PACKING`` with ``state``: ``key``, ``format``, ``shards`` (the finished prefix), extras."""
+    put_small(out, PACKING_NAME, json.dumps(state).encode())
+
+
+def put_small(out: Location, name: str, data: bytes) -> None:
+    """Write a small file in ``out`` whole-or-nothing (readers see the old file or the complete new one)."""
+    target = out.child(name)
+    if out.local:
+        os.makedirs(out.path, exist_ok=True)
+        tmp = target.path + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target.path)
+    else:
+        out.fs.makedirs(out.path, exist_ok=True)  # object stores: a no-op
+        out.fs.pipe_file(target.path, data)  # one PUT replaces an object whole
+
+
+def index_document(*, format: str, dtype: Any, tokenizer: Mapping[str, Any] | None, eos_id: int | None,
+                   shard_size: int, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``index.json`` of a corpus of ``shards`` (their entries, in order)."""
+    return {
+        "schema": INDEX_SCHEMA, "schema_version": INDEX_VERSION, "format": format,
+        "dtype": np.dtype(dtype).name, "tokenizer": dict(tokenizer) if tokenizer is not None else None,
+        "eos_id": eos_id,
+        # The model's embedding needs at least this many rows (trainers take it from here).
+        "vocab_size": (tokenizer or {}).get("vocab_size"),
+        "documents": sum(int(s["documents"]) for s in shards), "tokens": sum(int(s["tokens"]) for s in shards),
+        "shard_size": shard_size, "shards": shards,
+    }
 
 
 def write_corpus(url: str, docs: Iterable[Any], *, format: str, dtype: Any = np.uint16,
