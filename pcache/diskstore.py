@@ -4,7 +4,8 @@ Each block is a self-describing file ``blocks/<aa>/<key hex>``::
 
     magic "PCB2" | flags u8 | 3 pad | raw_len u64 | stored_len u64 | xxh3-64(raw) u64 | key 16B | payload
 
-Publication is atomic: write ``tmp/…``, ``rename`` into place, then commit the index entry. A reader
+Publication is atomic: write ``tmp/…`` (with ``O_DIRECT`` where possible, :mod:`pcache.blockfile`),
+``rename`` into place, then commit the index entry. A reader
 needs no index lookup (the file's presence is the hit) and verifies on every read that the header
 names the key it asked for and that the payload matches its checksum. A file copied or renamed over
 another block's file therefore fails like a flipped byte or a truncated file: the block is dropped,
@@ -28,8 +29,9 @@ from typing import Any, NamedTuple
 import lmdb
 
 from lingcore.checksum import block_checksum
-from lingcore.files import unlink_quiet, write_all
+from lingcore.files import unlink_quiet
 from lingcore.log import get_logger
+from pcache.blockfile import BlockFileWriter
 from pcache.diskmaint import DiskMaintenance
 from pcache.errors import CacheFullError, CacheIndexError
 from pcache.eviction import S3Fifo
@@ -69,6 +71,8 @@ class DiskStore(DiskMaintenance):
         compression: ``"none"`` or ``"zstd"``.
         zstd_level: Compression level.
         reserved: Returns bytes of the budget held by data that must not be evicted (staged uploads).
+        direct_writes: Write new block files with ``O_DIRECT`` where the file system allows it (see
+            :mod:`pcache.blockfile`).
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class DiskStore(DiskMaintenance):
         compression: str = "none",
         zstd_level: int = 3,
         reserved: Callable[[], int] | None = None,
+        direct_writes: bool = True,
     ) -> None:
         self.cache_dir = cache_dir
         self.blocks_dir = os.path.join(cache_dir, "blocks")
@@ -86,6 +91,7 @@ class DiskStore(DiskMaintenance):
         self.compression = compression
         self.zstd_level = zstd_level
         self.reserved = reserved or (lambda: 0)
+        self.writer = BlockFileWriter(direct_writes)
         for d in (self.blocks_dir, self.tmp_dir):
             os.makedirs(d, exist_ok=True)
         self._hits: dict[bytes, int] = {}
@@ -289,14 +295,12 @@ class DiskStore(DiskMaintenance):
         path = self.block_path(key)
         tmp = os.path.join(self.tmp_dir, f"{key.hex()}.{uuid.uuid4().hex}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self.writer.create(tmp, (header, payload))
             try:
-                write_all(fd, header)
-                write_all(fd, payload)
-            finally:
-                os.close(fd)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.replace(tmp, path)
+                os.replace(tmp, path)
+            except FileNotFoundError:  # the first block under this prefix: make its directory (once)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.replace(tmp, path)
         except OSError as exc:
             unlink_quiet(tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -56,7 +56,7 @@ class BlockCache:
         self.block_size = config.block_size
         self.memory = MemoryLRU(config.memory_bytes)
         self.disk = DiskStore(config.cache_dir, config.disk_bytes, config.compression, config.zstd_level,
-                              reserved=reserved)
+                              reserved=reserved, direct_writes=config.direct_writes)
         self.locks = StripeLocks(os.path.join(config.cache_dir, "locks"))
         self.flight = SingleFlight()
         self.pool = ThreadPoolExecutor(config.fetch_workers, thread_name_prefix="pcache-fetch")
