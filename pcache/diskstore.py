@@ -31,7 +31,7 @@ import lmdb
 from lingcore.checksum import block_checksum
 from lingcore.files import unlink_quiet
 from lingcore.log import get_logger
-from pcache.blockfile import BlockFileWriter
+from pcache.blockfile import BlockFileWriter, Staged
 from pcache.diskmaint import DiskMaintenance
 from pcache.errors import CacheFullError, CacheIndexError
 from pcache.eviction import S3Fifo
@@ -116,7 +116,7 @@ class DiskStore(DiskMaintenance):
         hexkey = key.hex()
         return os.path.join(self.blocks_dir, hexkey[:2], hexkey)
 
-    def _encode(self, key: bytes, data: bytes) -> tuple[bytes, bytes]:
+    def _encode(self, key: bytes, data: Any) -> tuple[bytes, Any]:
         flags, payload = 0, data
         if self.compression == "zstd":
             import zstandard
@@ -284,18 +284,29 @@ class DiskStore(DiskMaintenance):
                 log.warning("could not record cache statistics: %s", exc)
 
     # -- writes ----------------------------------------------------------------------------------
-    def publish(self, key: bytes, data: bytes) -> None:
+    def stage(self, key: bytes, data: Any) -> Staged:
+        """Encode ``data`` (bytes-like) as the block file of ``key`` and copy it out of the caller's buffer.
+
+        The caller may reuse ``data`` at once; :meth:`publish_staged` writes the copy.
+        """
+        header, payload = self._encode(key, data)
+        return self.writer.stage((header, payload))
+
+    def publish(self, key: bytes, data: Any) -> None:
         """Atomically store ``data`` under ``key`` and evict until the budget holds.
 
         Raises:
             CacheFullError: when the file system or the index is full; nothing partial is left behind.
             CacheIndexError: when the index fails even after a rebuild (the block is not kept).
         """
-        header, payload = self._encode(key, data)
+        self.publish_staged(key, self.stage(key, data))
+
+    def publish_staged(self, key: bytes, staged: Staged) -> None:
+        """:meth:`publish` for a block already :meth:`stage` d."""
         path = self.block_path(key)
         tmp = os.path.join(self.tmp_dir, f"{key.hex()}.{uuid.uuid4().hex}")
         try:
-            self.writer.create(tmp, (header, payload))
+            self.writer.create(tmp, staged)
             try:
                 os.replace(tmp, path)
             except FileNotFoundError:  # the first block under this prefix: make its directory (once)
@@ -306,7 +317,7 @@ class DiskStore(DiskMaintenance):
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFullError(path, str(exc)) from exc
             raise
-        stored = HEADER.size + len(payload)
+        stored = staged.length
         apply_pending = self._take_pending()
 
         def record(txn: Any, fifo: S3Fifo) -> list[bytes]:
