@@ -1,13 +1,15 @@
 """Writing new block files: with ``O_DIRECT`` from reused aligned buffers where the file system allows it.
 
-Why: a buffered write of a new file copies every byte into freshly allocated page-cache pages. Measured
-on this project's VMs, a cold 1 GiB read through pcache spent 2.5-4 of its 3-4.5 CPU-seconds in that
-copy (``copy_folio_from_iter_atomic``): pages the guest has not touched recently are faulted in from
-the host one by one. Rewriting pages already cached costs 0.12 CPU-s per GiB, an ``O_DIRECT`` write
-from a reused buffer 0.12 as well, whatever the state of the page cache. It also keeps cache fills from
-flushing the page cache (a cold scan through a cache larger than RAM would otherwise evict everything
-else on the node) and from piling up dirty pages. The cost moves to the first re-read of a block that
-is no longer in the memory tier: it comes from the device (and then stays in the page cache).
+Why: a buffered write of a new file copies every byte into freshly allocated page-cache pages. On
+this project's VMs (Firecracker, balloon free-page reporting) pages the guest has not touched recently
+fault in from the host one by one: perf put 41% of a cold 1 GiB read's CPU samples in that copy
+(``copy_folio_from_iter_atomic``), and the read cost 2.8-3.4 CPU-s per GiB with buffered block writes
+against 2.2-2.5 with ``O_DIRECT`` (a micro-benchmark of the writes alone: 2.1-2.6 system CPU-s per
+GiB of new files, 0.12 to rewrite cached pages or to write ``O_DIRECT`` from a reused buffer). It also
+keeps cache fills from flushing the page cache (a cold scan through a cache larger than RAM would
+otherwise evict everything else on the node) and from piling up dirty pages. The cost moves to the
+first re-read of a block that is no longer in the memory tier: it comes from the device (and then
+stays in the page cache).
 
 ``O_DIRECT`` needs the memory address, the file offset and the length aligned to the device's block
 size. The block format (:mod:`pcache.diskstore`) has a 40-byte header before the payload, so both are
