@@ -13,13 +13,18 @@ and stops at EOF.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import xxhash
+
+from lingcore.files import write_all
 
 
 def _cpu() -> tuple[float, float]:
@@ -41,7 +46,7 @@ def _client(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         fs.engine  # noqa: B018  (the per-process engine: LMDB, thread pools, made before the window)
         fs.fs.connect()  # the origin's S3 session
         return fs, {}
-    if kind in ("s3fs", "s3fs_chunked"):
+    if kind in ("s3fs", "s3fs_chunked", "ceiling"):
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **spec["opts"])
         fs.connect()
         return fs, ({"block_size": spec["chunk"]} if kind == "s3fs_chunked" else {})
@@ -49,13 +54,27 @@ def _client(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 
 def read(spec: dict[str, Any]) -> dict[str, Any]:
-    """Open and read ``spec["path"]`` once, cold; return timings, CPU seconds and the bytes' digest."""
+    """Open and read ``spec["path"]`` once, cold; return timings, CPU seconds and the bytes' digest.
+
+    With ``spec["sink_fd"]`` the client streams instead, as ``rclone cat`` does: ``readinto`` one reused
+    buffer of ``spec["chunk"]`` bytes, each chunk written to that pipe, whose reader (the benchmark
+    process) hashes it; the digest field is then empty.
+    """
     fs, open_kw = _client(spec)
     chunk = int(spec.get("chunk") or 0)
+    sink = spec.get("sink_fd")
+    digest = ""
     c0, t0 = _cpu(), time.perf_counter()
-    with fs.open(spec["path"], "rb", **open_kw) as f:
-        # s3fs_chunked: one sequential stream of chunk-sized range GETs.
-        data = b"".join(iter(lambda: f.read(chunk), b"")) if spec["client"] == "s3fs_chunked" else f.read()
+    with contextlib.nullcontext() if spec["client"] == "ceiling" else fs.open(spec["path"], "rb", **open_kw) as f:
+        if spec["client"] == "ceiling":
+            data = _ceiling(fs, spec["path"], chunk)
+            nbytes = len(data)
+        elif sink is not None:
+            nbytes = _stream(f, chunk, int(sink))
+        else:
+            # s3fs_chunked: one sequential stream of chunk-sized range GETs.
+            data = b"".join(iter(lambda: f.read(chunk), b"")) if spec["client"] == "s3fs_chunked" else f.read()
+            nbytes = len(data)
     t1 = time.perf_counter()
     counters: dict[str, Any] = {}
     if spec["client"] == "pcache":
@@ -64,9 +83,37 @@ def read(spec: dict[str, Any]) -> dict[str, Any]:
         counters = dict(fs.engine.counters)
     c1, t2 = _cpu(), time.perf_counter()
     user, system = c1[0] - c0[0], c1[1] - c0[1]
+    if sink is None:
+        digest = xxhash.xxh3_128_hexdigest(data)
     return {"read_s": t1 - t0, "read_and_publish_s": t2 - t0, "cpu_s": user + system, "cpu_user_s": user,
-            "cpu_sys_s": system, "nbytes": len(data),
-            "xxh3_128": xxhash.xxh3_128_hexdigest(data), "counters": counters}
+            "cpu_sys_s": system, "nbytes": nbytes, "xxh3_128": digest, "counters": counters}
+
+
+def _ceiling(fs: Any, path: str, chunk: int) -> bytearray:
+    """What any client could get here: ``chunk``-sized range GETs on 16 threads, each received straight
+    into its place in one buffer (no cache, no disk, no per-block objects)."""
+    from pcache.s3range import S3RangeReader
+
+    size = int(fs.info(path)["size"])
+    out = bytearray(size)
+    reader = S3RangeReader(fs)
+    with memoryview(out) as view, ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda off: reader.get_range_into(path, off, min(size, off + chunk),
+                                                        view[off:min(size, off + chunk)]), range(0, size, chunk)))
+    return out
+
+
+def _stream(f: Any, chunk: int, fd: int) -> int:
+    """Copy ``f`` to ``fd`` through one reused buffer; close ``fd``; return the byte count."""
+    view = memoryview(bytearray(chunk))
+    nbytes = 0
+    try:
+        while n := f.readinto(view):
+            write_all(fd, view[:n])
+            nbytes += n
+    finally:
+        os.close(fd)
+    return nbytes
 
 
 def proxy(upstream: str, latency_s: float) -> None:

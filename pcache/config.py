@@ -47,6 +47,10 @@ class CacheConfig:
         disk_bytes: Disk tier budget for clean blocks plus staged (not yet uploaded) write-back files.
         compression: ``"none"`` or ``"zstd"`` for blocks on disk.
         zstd_level: zstd level when compression is on.
+        direct_writes: Write new disk-tier blocks with ``O_DIRECT`` (bypassing the page cache) where the
+            file system accepts it, else buffered. Cheaper in CPU per cold byte and keeps cache fills
+            from evicting the rest of the page cache; the first re-read of a block that left the memory
+            tier then comes from the device. False: always buffered.
         readahead_blocks: Maximum blocks prefetched ahead of a sequential reader.
         max_inflight_bytes: Bound on bytes being fetched from the origin at once, per process.
         fetch_workers: Threads fetching blocks from the origin in parallel, per process.
@@ -83,6 +87,7 @@ class CacheConfig:
     disk_bytes: int = 16 * GiB
     compression: str = "none"
     zstd_level: int = 3
+    direct_writes: bool = True
     readahead_blocks: int = 16
     max_inflight_bytes: int = 128 * MiB
     fetch_workers: int = 16

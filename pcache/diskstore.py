@@ -4,7 +4,8 @@ Each block is a self-describing file ``blocks/<aa>/<key hex>``::
 
     magic "PCB2" | flags u8 | 3 pad | raw_len u64 | stored_len u64 | xxh3-64(raw) u64 | key 16B | payload
 
-Publication is atomic: write ``tmp/…``, ``rename`` into place, then commit the index entry. A reader
+Publication is atomic: write ``tmp/…`` (with ``O_DIRECT`` where possible, :mod:`pcache.blockfile`),
+``rename`` into place, then commit the index entry. A reader
 needs no index lookup (the file's presence is the hit) and verifies on every read that the header
 names the key it asked for and that the payload matches its checksum. A file copied or renamed over
 another block's file therefore fails like a flipped byte or a truncated file: the block is dropped,
@@ -28,8 +29,9 @@ from typing import Any, NamedTuple
 import lmdb
 
 from lingcore.checksum import block_checksum
-from lingcore.files import unlink_quiet, write_all
+from lingcore.files import unlink_quiet
 from lingcore.log import get_logger
+from pcache.blockfile import BlockFileWriter, Staged
 from pcache.diskmaint import DiskMaintenance
 from pcache.errors import CacheFullError, CacheIndexError
 from pcache.eviction import S3Fifo
@@ -69,6 +71,8 @@ class DiskStore(DiskMaintenance):
         compression: ``"none"`` or ``"zstd"``.
         zstd_level: Compression level.
         reserved: Returns bytes of the budget held by data that must not be evicted (staged uploads).
+        direct_writes: Write new block files with ``O_DIRECT`` where the file system allows it (see
+            :mod:`pcache.blockfile`).
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class DiskStore(DiskMaintenance):
         compression: str = "none",
         zstd_level: int = 3,
         reserved: Callable[[], int] | None = None,
+        direct_writes: bool = True,
     ) -> None:
         self.cache_dir = cache_dir
         self.blocks_dir = os.path.join(cache_dir, "blocks")
@@ -86,6 +91,7 @@ class DiskStore(DiskMaintenance):
         self.compression = compression
         self.zstd_level = zstd_level
         self.reserved = reserved or (lambda: 0)
+        self.writer = BlockFileWriter(direct_writes)
         for d in (self.blocks_dir, self.tmp_dir):
             os.makedirs(d, exist_ok=True)
         self._hits: dict[bytes, int] = {}
@@ -110,7 +116,7 @@ class DiskStore(DiskMaintenance):
         hexkey = key.hex()
         return os.path.join(self.blocks_dir, hexkey[:2], hexkey)
 
-    def _encode(self, key: bytes, data: bytes) -> tuple[bytes, bytes]:
+    def _encode(self, key: bytes, data: Any) -> tuple[bytes, Any]:
         flags, payload = 0, data
         if self.compression == "zstd":
             import zstandard
@@ -278,31 +284,40 @@ class DiskStore(DiskMaintenance):
                 log.warning("could not record cache statistics: %s", exc)
 
     # -- writes ----------------------------------------------------------------------------------
-    def publish(self, key: bytes, data: bytes) -> None:
+    def stage(self, key: bytes, data: Any) -> Staged:
+        """Encode ``data`` (bytes-like) as the block file of ``key`` and copy it out of the caller's buffer.
+
+        The caller may reuse ``data`` at once; :meth:`publish_staged` writes the copy.
+        """
+        header, payload = self._encode(key, data)
+        return self.writer.stage((header, payload))
+
+    def publish(self, key: bytes, data: Any) -> None:
         """Atomically store ``data`` under ``key`` and evict until the budget holds.
 
         Raises:
             CacheFullError: when the file system or the index is full; nothing partial is left behind.
             CacheIndexError: when the index fails even after a rebuild (the block is not kept).
         """
-        header, payload = self._encode(key, data)
+        self.publish_staged(key, self.stage(key, data))
+
+    def publish_staged(self, key: bytes, staged: Staged) -> None:
+        """:meth:`publish` for a block already :meth:`stage` d."""
         path = self.block_path(key)
         tmp = os.path.join(self.tmp_dir, f"{key.hex()}.{uuid.uuid4().hex}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self.writer.create(tmp, staged)
             try:
-                write_all(fd, header)
-                write_all(fd, payload)
-            finally:
-                os.close(fd)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.replace(tmp, path)
+                os.replace(tmp, path)
+            except FileNotFoundError:  # the first block under this prefix: make its directory (once)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.replace(tmp, path)
         except OSError as exc:
             unlink_quiet(tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFullError(path, str(exc)) from exc
             raise
-        stored = HEADER.size + len(payload)
+        stored = staged.length
         apply_pending = self._take_pending()
 
         def record(txn: Any, fifo: S3Fifo) -> list[bytes]:

@@ -13,15 +13,17 @@ import io
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from lingcore.log import get_logger
 from pcache.config import CacheConfig
 from pcache.diskstore import DiskStore
 from pcache.errors import CacheFullError
+from pcache.fill import DirectFill
 from pcache.keys import ObjectRef, block_key
 from pcache.locks import SingleFlight, StripeLocks
 from pcache.memory import MemoryLRU
+from pcache.origin import RangeFetch
 
 log = get_logger(__name__)
 
@@ -48,7 +50,7 @@ _MAX_SCRATCH_BLOCKS = 8
 
 
 
-class BlockCache:
+class BlockCache(DirectFill):
     """Tiered block reads for one ``cache_dir`` in one process."""
 
     def __init__(self, config: CacheConfig, reserved: Callable[[], int] | None = None) -> None:
@@ -56,7 +58,7 @@ class BlockCache:
         self.block_size = config.block_size
         self.memory = MemoryLRU(config.memory_bytes)
         self.disk = DiskStore(config.cache_dir, config.disk_bytes, config.compression, config.zstd_level,
-                              reserved=reserved)
+                              reserved=reserved, direct_writes=config.direct_writes)
         self.locks = StripeLocks(os.path.join(config.cache_dir, "locks"))
         self.flight = SingleFlight()
         self.pool = ThreadPoolExecutor(config.fetch_workers, thread_name_prefix="pcache-fetch")
@@ -246,13 +248,24 @@ class BlockCache:
 
     def _copy_blocks(self, obj: ObjectRef, first: int, last: int, start: int, end: int, out: memoryview,
                      fetch: Fetch) -> None:
-        """Copy bytes ``[start, end)`` into ``out`` block by block, in order, as blocks become available."""
+        """Fill ``out`` with bytes ``[start, end)`` block by block, in order, as blocks become available.
+
+        A block that lies wholly inside the range and must come from the origin is received straight
+        into its place in ``out`` where the fetcher can do that (see :meth:`_get_into`); every other
+        block is copied in from its tier.
+        """
         bs = self.block_size
+
+        def dest(i: int) -> memoryview | None:
+            lo, hi = i * bs, min(obj.size, (i + 1) * bs)
+            return out[lo - start:hi - start] if start <= lo and hi <= end else None
+
         pos = 0
-        for i, block in self._blocks(obj, first, last, fetch):
+        for i, block in self._blocks(obj, first, last, fetch, dest):
             lo = max(start, i * bs) - i * bs
             hi = min(end, (i + 1) * bs) - i * bs
-            out[pos:pos + hi - lo] = memoryview(block)[lo:hi]
+            if block is not None:
+                out[pos:pos + hi - lo] = memoryview(block)[lo:hi]
             pos += hi - lo
 
     def _scratch(self, count: int) -> list[bytearray]:
@@ -283,8 +296,9 @@ class BlockCache:
         self._count("hits_disk", len(views))
         return b"".join(views)
 
-    def _blocks(self, obj: ObjectRef, first: int, last: int, fetch: Fetch) -> Iterator[tuple[int, bytes]]:
-        """Yield ``(index, block)`` for ``first..last`` in order.
+    def _blocks(self, obj: ObjectRef, first: int, last: int, fetch: Fetch,
+                dest: Callable[[int], memoryview | None]) -> Iterator[tuple[int, bytes | None]]:
+        """Yield ``(index, block)`` for ``first..last`` in order; None: the block is already in ``dest(index)``.
 
         Memory hits and local disk reads happen inline (faster than a thread handoff); when some block
         must come from the origin, the missing ones go through the fetch pool with a bounded window.
@@ -297,13 +311,25 @@ class BlockCache:
                 yield i, self.get_block(obj, i, fetch)
             return
         window = max(1, min(self.config.fetch_workers, self.config.max_inflight_bytes // bs))
-        pending: dict[int, Future[bytes]] = {}
+        filler = fetch if isinstance(fetch, RangeFetch) and fetch.can_fill else None
+        pending: dict[int, Future[bytes | None]] = {}
         nxt = first
-        for i in range(first, last + 1):
-            while nxt <= last and len(pending) < window:
-                pending[nxt] = self.pool.submit(self.get_block, obj, nxt, fetch)
-                nxt += 1
-            yield i, pending.pop(i).result()
+        try:
+            for i in range(first, last + 1):
+                while nxt <= last and len(pending) < window:
+                    target = dest(nxt) if filler is not None else None
+                    if target is not None and filler is not None:
+                        pending[nxt] = self.pool.submit(self._get_into, obj, nxt, target, filler)
+                    else:
+                        pending[nxt] = self.pool.submit(self.get_block, obj, nxt, fetch)
+                    nxt += 1
+                yield i, pending.pop(i).result()
+        finally:
+            # On an error, fetches still running may be writing into the caller's buffer: they must end
+            # before it is handed back (each ends within origin_timeout).
+            for future in pending.values():
+                future.cancel()
+            wait(pending.values())
 
     def prefetch(self, obj: ObjectRef, indices: range, fetch: Fetch) -> int:
         """Start background loads of blocks not already cached or in flight; return how many started.

@@ -119,7 +119,8 @@ class SingleFlight:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._inflight: dict[bytes, Future[bytes]] = {}
+        # key -> (the owner's future, how many other callers wait on it)
+        self._inflight: dict[bytes, tuple[Future[bytes], list[int]]] = {}
 
     def in_flight(self, key: bytes) -> bool:
         """Return True if some thread is already producing ``key``."""
@@ -127,23 +128,45 @@ class SingleFlight:
 
     def run(self, key: bytes, producer: Callable[[], bytes]) -> bytes:
         """Return ``producer()``; concurrent callers with the same key share one call and its result."""
+        result = self._run(key, producer, None)
+        assert result is not None
+        return result
+
+    def run_into(self, key: bytes, producer: Callable[[], None], share: Callable[[], bytes]) -> bytes | None:
+        """Like :meth:`run` for a producer that fills its caller's own buffer.
+
+        The owner gets None (its buffer holds the value). Callers that waited on it get ``share()``,
+        made once and only if some caller waited; a caller that finds another owner gets that owner's
+        value, as with :meth:`run`.
+        """
+        return self._run(key, producer, share)
+
+    def _run(self, key: bytes, producer: Callable[[], bytes | None],
+             share: Callable[[], bytes] | None) -> bytes | None:
         with self._lock:
-            fut = self._inflight.get(key)
-            owner = fut is None
-            if owner:
-                fut = Future()
-                self._inflight[key] = fut
-        assert fut is not None
-        if not owner:
-            return fut.result()
+            entry = self._inflight.get(key)
+            if entry is not None:
+                entry[1][0] += 1
+            else:
+                fut, waiting = self._inflight[key] = (Future(), [0])
+        if entry is not None:
+            return entry[0].result()
         try:
             value = producer()
         except BaseException as exc:
-            fut.set_exception(exc)
-            raise
-        else:
-            fut.set_result(value)
-            return value
-        finally:
             with self._lock:
                 self._inflight.pop(key, None)
+            fut.set_exception(exc)
+            raise
+        with self._lock:
+            self._inflight.pop(key, None)  # later callers start afresh; the ones counted wait on fut
+            waiters = waiting[0]
+        if share is None:
+            assert value is not None
+            fut.set_result(value)
+            return value
+        try:
+            fut.set_result(share() if waiters else b"")
+        except BaseException as exc:
+            fut.set_exception(exc)
+        return None

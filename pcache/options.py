@@ -19,6 +19,9 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-bytes", help="disk tier budget, e.g. 500GiB (env PCACHE_DISK_BYTES)")
     p.add_argument("--memory-bytes", help="memory tier budget per process (env PCACHE_MEMORY_BYTES)")
     p.add_argument("--compression", choices=["none", "zstd"], help="compress blocks on disk")
+    p.add_argument("--direct-writes", action=argparse.BooleanOptionalAction, default=None,
+                   help="write disk-tier blocks with O_DIRECT, bypassing the page cache (default on; env "
+                        "PCACHE_DIRECT_WRITES)")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--log-format", choices=["text", "json"], help="log format (env PCACHE_LOG_FORMAT)")
@@ -28,5 +31,6 @@ def cache_config(args: argparse.Namespace) -> CacheConfig:
     """Build the :class:`CacheConfig` from flags parsed by :func:`add_cache_options`, env and TOML."""
     return CacheConfig.load(args.config, cache_dir=args.cache_dir, block_size=args.block_size,
                             disk_bytes=args.disk_bytes, memory_bytes=args.memory_bytes,
-                            compression=args.compression, peers=getattr(args, "peers", None),
+                            compression=args.compression, direct_writes=getattr(args, "direct_writes", None),
+                            peers=getattr(args, "peers", None),
                             token_file=getattr(args, "token_file", None) if getattr(args, "peers", None) else None)

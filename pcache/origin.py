@@ -213,11 +213,12 @@ class Origin:
                          size=int(info["size"]))
 
     # -- data ------------------------------------------------------------------------------------
-    def fetcher(self, path: str, version: str | None = None) -> Any:
+    def fetcher(self, path: str, version: str | None = None) -> RangeFetch:
         """Return ``fetch(start, end) -> bytes`` for ``path`` pinned to ``version``, with retries.
 
         Each fetch ends within ``origin_timeout`` seconds: with the bytes, or with
-        :class:`OriginUnavailableError` naming the URL.
+        :class:`OriginUnavailableError` naming the URL. For S3, ``fetch.into(start, end, out)`` does
+        the same into a caller's buffer.
         """
         url = self.url(path)
         s3 = self._s3
@@ -226,13 +227,44 @@ class Origin:
 
             def call(start: int, end: int, deadline: float) -> bytes:
                 return s3.get_range(path, start, end, etag, deadline=deadline)
-        else:
 
-            def call(start: int, end: int, deadline: float) -> bytes:
-                return self.fs.cat_file(path, start=start, end=end)
+            def call_into(start: int, end: int, out: memoryview, deadline: float) -> None:
+                s3.get_range_into(path, start, end, out, etag, deadline=deadline)
 
-        def fetch(start: int, end: int) -> bytes:
-            deadline = time.monotonic() + self.origin_timeout
-            return retry_call(lambda: call(start, end, deadline), url=url, policy=self.policy, deadline=deadline)
+            return RangeFetch(url, self.policy, self.origin_timeout, call, call_into)
 
-        return fetch
+        def cat(start: int, end: int, deadline: float) -> bytes:
+            return self.fs.cat_file(path, start=start, end=end)
+
+        return RangeFetch(url, self.policy, self.origin_timeout, cat, None)
+
+
+class RangeFetch:
+    """A block fetcher for one object version: ``fetch(start, end) -> bytes``, plus :meth:`into` when
+    the origin can receive straight into a caller's buffer (:attr:`can_fill`).
+
+    Every call has its own deadline of ``timeout`` seconds, retries included.
+    """
+
+    def __init__(self, url: str, policy: RetryPolicy, timeout: float,
+                 call: Callable[[int, int, float], bytes],
+                 call_into: Callable[[int, int, memoryview, float], None] | None) -> None:
+        self.url = url
+        self.policy = policy
+        self.timeout = timeout
+        self._call = call
+        self._call_into = call_into
+        self.can_fill = call_into is not None
+
+    def __call__(self, start: int, end: int) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        return retry_call(lambda: self._call(start, end, deadline), url=self.url, policy=self.policy,
+                          deadline=deadline)
+
+    def into(self, start: int, end: int, out: memoryview) -> None:
+        """Fill ``out`` with bytes ``[start, end)`` (only when :attr:`can_fill`)."""
+        call_into = self._call_into
+        if call_into is None:
+            raise TypeError(f"{self.url}: this origin cannot fetch into a buffer")
+        deadline = time.monotonic() + self.timeout
+        retry_call(lambda: call_into(start, end, out, deadline), url=self.url, policy=self.policy, deadline=deadline)

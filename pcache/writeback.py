@@ -208,7 +208,7 @@ class WriteBack:
             if self._disk is None:
                 c = self.config
                 self._disk = DiskStore(c.cache_dir, c.disk_bytes, c.compression, c.zstd_level,
-                                       reserved=self.journal.pending_bytes)
+                                       reserved=self.journal.pending_bytes, direct_writes=c.direct_writes)
             return self._disk
 
     def reserved_bytes(self) -> int:

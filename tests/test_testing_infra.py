@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -199,6 +200,11 @@ class _FramingUpstream(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             self.wfile.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+        elif self.path == "/short":  # dies mid-body: half of the announced length, then close
+            self.send_header("Content-Length", str(2 * len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
         elif self.path == "/eof":
             self.send_header("Connection", "close")
             self.end_headers()
@@ -231,3 +237,25 @@ def test_proxy_relays_all_body_framings_over_keepalive(framing_upstream: str) ->
         conn.request("PUT", "/length", body=iter([b"ab", b"cde"]), encode_chunked=True)
         assert conn.getresponse().read() == b"abcde"
         assert proxy.method_counts() == {"PUT": 6}
+
+
+def test_proxy_splices_large_bodies_and_survives_cut_ones(framing_upstream: str) -> None:
+    """Content-Length bodies are spliced socket to socket; a client or an upstream leaving mid-body only
+    ends that connection."""
+    with ChaosProxy(framing_upstream) as proxy:
+        port = int(proxy.endpoint_url.rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        body = os.urandom(5 * MiB)  # several pipe-fulls
+        for _ in range(2):  # keep-alive: the second body follows the first on both connections
+            conn.request("PUT", "/length", body=body)
+            assert conn.getresponse().read() == body
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # a client that leaves
+            sock.sendall(b"PUT /length HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        cut = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        cut.request("PUT", "/short", body=b"x" * MiB)
+        with pytest.raises(http.client.IncompleteRead):
+            cut.getresponse().read()
+        conn.request("PUT", "/length", body=body)
+        assert conn.getresponse().read() == body
+        assert proxy.method_counts() == {"PUT": 5}

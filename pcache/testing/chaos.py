@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
 from pcache.testing.holds import Fault, Hold
+from pcache.testing.splice import SPLICE, Splicer
 
 __all__ = ["ChaosProxy", "Fault", "Hold", "RequestRecord"]
 
@@ -97,6 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     _upstream: http.client.HTTPConnection | None = None
+    _splicer: Splicer | None = None
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # tests run many thousands of requests; stderr noise helps nobody
@@ -108,7 +110,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def finish(self) -> None:
         self._drop_upstream()
+        self._drop_splicer()
         super().finish()
+
+    def _drop_splicer(self) -> None:
+        if self._splicer is not None:
+            self._splicer.close()
+            self._splicer = None
 
     # ------------------------------------------------------------------ request body
     def _read_exact(self, n: int) -> Iterator[bytes]:
@@ -162,8 +170,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._relay_response(resp)
         except OSError:
-            # Client went away mid-body; the upstream connection holds unread data, so drop both.
+            # Client went away mid-body; the upstream connection (and the splice pipe) hold unread data,
+            # so drop them all.
             self._drop_upstream()
+            self._drop_splicer()
             self.close_connection = True
 
     def _inject_failure(self, path: str, query: str, rng: str | None) -> None:
@@ -247,6 +257,20 @@ class _Handler(BaseHTTPRequestHandler):
             conn.send(b"0\r\n\r\n")
         return conn.getresponse()
 
+    def _splice_body(self, resp: http.client.HTTPResponse, upstream: socket.socket) -> None:
+        """Relay a Content-Length body with ``splice`` (see :mod:`pcache.testing.splice`)."""
+        # http.client may already hold the first body bytes in its read buffer: send those from Python
+        # (peek returns the buffer without reading more when it is not empty), splice the rest.
+        head = resp.read(min(len(resp.fp.peek(1)), resp.length or 0))
+        self.wfile.write(head)
+        if self._splicer is None:
+            self._splicer = Splicer()
+        self._splicer.relay(upstream, self.connection, resp.length or 0)
+        resp.length = 0
+        resp.read()  # marks the response complete, so the connection can send the next request
+        if resp.will_close:
+            self._drop_upstream()
+
     def _relay_response(self, resp: http.client.HTTPResponse) -> None:
         no_body = self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
         self.send_response_only(resp.status, resp.reason)
@@ -268,6 +292,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
+        if mode == "length" and SPLICE and resp.length and self._upstream is not None \
+                and self._upstream.sock is not None:
+            self._splice_body(resp, self._upstream.sock)
+            return
         view = memoryview(bytearray(_BUF_SIZE))
         while True:
             n = resp.readinto(view)
