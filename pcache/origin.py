@@ -31,6 +31,11 @@ from pcache.s3range import S3RangeReader
 # (bounds: at least 1 s, at most 30 s, else metadata_ttl): during an outage each open would otherwise
 # wait out the full retry cycle before falling back.
 _DOWN_MIN_S, _DOWN_MAX_S = 1.0, 30.0
+# With a usable stale answer in hand, a revalidation gets three quick tries within this many seconds: a reader
+# of a fully cached object should not wait out the whole retry budget (about 3 s of backoff, and
+# origin_timeout when the origin never answers) before it is served from the cache.
+_STALE_REVALIDATE = RetryPolicy(attempts=3, base_delay=0.05)
+_STALE_REVALIDATE_S = 3.0
 
 
 class Origin:
@@ -74,9 +79,13 @@ class Origin:
         return f"{self.identity}{self.url(path)}"
 
     # -- metadata --------------------------------------------------------------------------------
-    def _call(self, path: str, call: Callable[[], Any]) -> Any:
-        """One metadata call at the origin: past the backend's listing cache, within the deadline."""
+    def _call(self, path: str, call: Callable[[], Any], revalidate: bool = False) -> Any:
+        """One metadata call at the origin: past the backend's listing cache, within the deadline
+        (a short one when ``revalidate``: a stale answer can be served if it fails)."""
         self.fs.invalidate_cache(path)
+        if revalidate:
+            return retry_call(call, url=self.url(path), policy=_STALE_REVALIDATE,
+                              deadline=time.monotonic() + min(self.origin_timeout, _STALE_REVALIDATE_S))
         return retry_call(call, url=self.url(path), policy=self.policy,
                           deadline=time.monotonic() + self.origin_timeout)
 
@@ -94,7 +103,7 @@ class Origin:
             return self._stale(path, cached, now, None)  # type: ignore[arg-type]
         may_store = remember is None or remember()
         try:
-            value = self._call(path, call)
+            value = self._call(path, call, revalidate=stale_ok)
         except FileNotFoundError:
             value = None
         except OriginUnavailableError as exc:
