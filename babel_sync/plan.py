@@ -1,0 +1,213 @@
+"""Planning one (rule, destination): list both sides to disk, then compare unit by unit.
+
+Both listings stream into LMDB (:mod:`babel_sync.listdb`); what stays in memory is the complete units'
+markers, the jobs (files that must move) and, one unit at a time, that unit's source and destination
+entries. A unit is in sync when the destination has its marker and a manifest whose records match the
+source listing (size, source ETag) and the destination listing (size, destination ETag). The manifest
+comes from the journal cache when the listed marker and manifest ETags match, so a no-op pass makes
+listing calls only.
+
+A listing is no snapshot (its pages are read at different times): a unit whose marker is newer than the
+listing start minus ``listing_settle_seconds`` is *held back*, reported in :attr:`Plan.held`, and
+planned again later (``babel-sync once`` waits out the margin and re-plans it in the same pass).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from babel_sync.config import Rule
+from babel_sync.errors import ListingError
+from babel_sync.journal import Journal
+from babel_sync.listdb import Listing
+from babel_sync.listing import Entry as ObjectInfo
+from babel_sync.units import (
+    Unit,
+    complete_units,
+    list_prefix,
+    matcher,
+    natural_key,
+    owner,
+    parse_manifest,
+    published,
+    unit_files,
+    watch_names,
+)
+
+if TYPE_CHECKING:
+    from babel_sync.engine import Syncer
+
+
+@dataclass
+class UnitJob:
+    """The work for one unit at one destination."""
+
+    rule: Rule
+    dest: str
+    unit: Unit
+    copy: list[ObjectInfo]
+    records: dict[str, dict[str, Any]]
+    stale: list[str]
+    was_published: bool
+    remaining: int = 0
+    failed: bool = False
+    published: bool = False
+    unpublished: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Held while the unit is unpublished, so no copy of the unit starts before its marker is gone.
+    unpublish_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Plan:
+    """What one (rule, destination) needs: unit jobs, unit removals and what is in sync already.
+
+    ``remove_units`` are gone at the source (``delete = true``): nothing replaces them, they go
+    whatever else happens. ``retire_units`` are beyond ``keep_last``: they go only once every kept unit
+    is published at the destination, so a failed or stopped pass never leaves fewer complete units.
+    ``held`` are complete units whose marker is too fresh to trust this listing (unit -> marker).
+    """
+
+    rule: Rule
+    dest: str
+    jobs: list[UnitJob]
+    remove_units: list[str]
+    dest_listing: Listing
+    retire_units: list[str] = field(default_factory=list)
+    in_sync_objects: int = 0
+    in_sync_bytes: int = 0
+    orphan_bytes: int = 0
+    oldest_pending: float = 0.0
+    held: dict[str, ObjectInfo] = field(default_factory=dict)
+    held_bytes: int = 0
+    #: Units kept by ``keep_last`` (all complete units without it): retirement waits for all of them.
+    kept: set[str] = field(default_factory=set)
+
+
+def cached_manifest(syncer: Syncer, dest: str, unit: str, entries: dict[str, ObjectInfo],
+                    rule: Rule) -> dict[str, Any] | None:
+    """The destination manifest of a published unit (journal cache first), or None."""
+    base = f"{unit}/" if unit else ""
+    name = syncer.options.manifest_name
+    marker = entries.get(base + rule.unit_marker)
+    man = entries.get(base + name)
+    if man is None:  # a manifest without its marker (killed between the two writes) still counts
+        return None
+    marker_etag = marker.etag if marker is not None else ""
+    key = Journal.manifest_key(syncer.dest_id(dest), unit)
+    cached = syncer.journal.get(key)
+    if cached and cached["marker_etag"] == marker_etag and cached["manifest_etag"] == man.etag:
+        return dict(cached["files"])
+    data, etag = syncer.store(dest).get_small(base + name)
+    files = parse_manifest(data, syncer.store(dest).url(base + name))
+    syncer.journal.put(key, {"marker_etag": marker_etag, "manifest_etag": etag, "files": files})
+    return files
+
+
+def _list_pair(syncer: Syncer, rule: Rule, dest: str, prefixes: list[str]) -> tuple[Listing, Listing, float]:
+    """List source and destination under ``prefixes`` at the same time; return both and the start time."""
+    src, dst = syncer.store(rule.source), syncer.store(dest)
+    src_listing = syncer.listings.new(watch_names(rule), matcher(rule, syncer.options.manifest_name))
+    dst_listing = syncer.listings.new(watch_names(rule))
+    started = time.time()
+    with ThreadPoolExecutor(2) as pool:
+        fs = pool.submit(src.list_tree, prefixes, src_listing.add)
+        fd = pool.submit(dst.list_tree, prefixes, dst_listing.add)
+        fs.result()
+        fd.result()
+    return src_listing, dst_listing, started
+
+
+def plan(syncer: Syncer, rule: Rule, dest: str, only: set[str] | None = None) -> Plan:
+    """List both sides and work out what (rule, dest) needs. Copies and deletes nothing.
+
+    Args:
+        only: Plan just these units (held back by an earlier plan): only their prefixes are listed and
+            no unit is removed.
+    """
+    options = syncer.options
+    if only is None:
+        prefixes = [list_prefix(p) for p in rule.include]
+    else:
+        prefixes = [f"{u}/" if u else "" for u in sorted(only)]
+    src_listing, dst_listing, started = _list_pair(syncer, rule, dest, prefixes)
+    match = matcher(rule, options.manifest_name)
+    every = complete_units(src_listing, rule, options.manifest_name)  # nested units own their files
+    found = every if only is None else {u: m for u, m in every.items() if u in only}
+    for marker in found.values():
+        if marker.mtime <= 0:
+            raise ListingError(syncer.store(rule.source).url(marker.key),
+                               "the listing has no LastModified for the marker")
+    settle = started - options.listing_settle_seconds
+    held = {u: m for u, m in found.items() if m.mtime > settle}
+    kept = set(found)
+    oldest: dict[str, str] = {}
+    if rule.keep_last:  # per parent directory: run1/ and run2/ each keep their own last N
+        groups: dict[str, list[str]] = {}
+        for u in found:
+            groups.setdefault(posixpath.dirname(u), []).append(u)
+        newest = {d: sorted(g, key=natural_key)[-rule.keep_last:] for d, g in groups.items()}
+        oldest = {d: k[0] for d, k in newest.items()}
+        kept = {u for k in newest.values() for u in k}
+    dest_units = published(dst_listing, rule)
+    result = Plan(rule, dest, [], [], dst_listing, held=held, kept=kept)
+    if only is None:
+        result.remove_units = sorted(dest_units - set(every)) if rule.delete else []
+        if rule.keep_last:  # retention only drops units older than the ones kept in their directory
+            result.retire_units = sorted(
+                u for u in dest_units - kept - set(result.remove_units) if posixpath.dirname(u) in oldest
+                and natural_key(u) < natural_key(oldest[posixpath.dirname(u)]))
+    unit_bytes = 0
+    for name in sorted(found, key=natural_key):
+        unit = Unit(name, found[name], unit_files(src_listing, name, rule.unit_marker, every, match))
+        unit_bytes += unit.bytes
+        if name in held:
+            result.held_bytes += unit.bytes
+        elif name in kept:
+            _plan_unit(syncer, result, unit, dest_units, every)
+    if only is None:
+        result.orphan_bytes = max(0, src_listing.bytes - unit_bytes)
+    return result
+
+
+def _plan_unit(syncer: Syncer, result: Plan, unit: Unit, dest_units: set[str], every: dict[str, Any]) -> None:
+    """Compare one unit with the destination; add a job unless it is in sync."""
+    rule, dest, name = result.rule, result.dest, unit.path
+    manifest_name = syncer.options.manifest_name
+    base = f"{name}/" if name else ""
+    there = {e.key: e for e in result.dest_listing.scan(base)}  # one unit's entries in memory at a time
+    manifest = cached_manifest(syncer, dest, name, there, rule)
+    did = syncer.dest_id(dest)
+    records: dict[str, dict[str, Any]] = {}
+    copy: list[ObjectInfo] = []
+    for obj in unit.files.values():
+        rel = obj.key[len(base):]
+        rec = (manifest or {}).get(rel) or syncer.journal.get(Journal.done_key(did, obj.key))
+        got = there.get(obj.key)
+        if (rec and rec["size"] == obj.size and rec["etag"] == obj.etag and got is not None
+                and got.size == obj.size and got.etag == rec["dest_etag"]):
+            records[rel] = {**rec, "path": rel}
+        else:
+            copy.append(obj)
+    marker_rel = unit.marker.key[len(base):]
+    mrec = (manifest or {}).get(marker_rel)
+    marker_ok = bool(mrec and mrec["etag"] == unit.marker.etag)
+    stale = [k for k in there if k not in unit.files and k != unit.marker.key and k != base + manifest_name
+             and owner(k, every) == name] if rule.delete else []
+    if manifest is not None and not copy and marker_ok and not stale and unit.marker.key in there:
+        result.in_sync_objects += len(unit.files) + 1
+        result.in_sync_bytes += unit.bytes
+        return
+    result.oldest_pending = min(result.oldest_pending or unit.marker.mtime, unit.marker.mtime)
+    # A manifest without its marker (a kill between the two writes) is unpublished too: it must not
+    # stay visible over files that are about to be replaced.
+    visible = name in dest_units or base + manifest_name in there
+    result.jobs.append(UnitJob(rule, dest, unit, copy, records, stale, was_published=visible))
+
+
+__all__ = ["Plan", "UnitJob", "cached_manifest", "plan"]
