@@ -2,7 +2,10 @@
 
 Layout under the output URL (``NAME`` = ``shard-00000``, ``shard-00001``, …)::
 
-    index.json                 written last: a reader that finds it finds every shard complete
+    index.json                 written after every shard: a reader that finds it finds every shard complete
+    _COMMITTED                 written after index.json: the commit marker (``lingcore.marker``) listing every
+                               file with its size and xxh3-128, so the corpus is a complete unit for pcache
+                               readers and for babel-sync's default rule
     NAME.bin, NAME.idx         format "megatron"
     NAME.tar, NAME.members.npy format "wds"
     NAME.lmdb/data.mdb         format "lmdb"
@@ -32,8 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from lingcore.checksum import content_hash
 from lingcore.config import parse_size
 from lingcore.log import get_logger
+from lingcore.marker import MARKER_NAME, build_marker
 from loaders.errors import InvalidParameterError
 from loaders.formats._io import Location, hash_file
 from loaders.formats.corpus import FORMATS, INDEX_NAME, INDEX_SCHEMA, INDEX_VERSION, PACKING_NAME
@@ -71,9 +76,9 @@ class CorpusWriter:
             an interrupted write with the same key, its finished shards that still verify are kept and
             the documents they hold are skipped; None never resumes.
 
-    Until ``index.json`` exists, a ``_PACKING`` file in ``url`` marks the directory as unfinished, so no
-    reader takes the shards written so far for a (smaller) corpus. It lists the finished shards. Used as
-    a context manager, an exception leaves no ``index.json`` behind.
+    Until ``index.json`` and ``_COMMITTED`` exist, a ``_PACKING`` file in ``url`` marks the directory as
+    unfinished, so no reader takes the shards written so far for a (smaller) corpus. It lists the
+    finished shards. Used as a context manager, an exception leaves no ``index.json`` behind.
     """
 
     def __init__(self, url: str, *, format: str, dtype: Any = np.uint16, shard_size: int | str = DEFAULT_SHARD_SIZE,
@@ -99,6 +104,9 @@ class CorpusWriter:
             raise FileExistsError(f"{index.url} exists; pass overwrite=True (--force) to replace the corpus")
         self.resume_key = resume_key
         kept = self._resumable(overwrite)
+        marker = self.out.child(MARKER_NAME)
+        if marker.exists():  # --force: unpublish first, so no reader trusts the old corpus while it changes
+            marker.fs.rm_file(marker.path)
         if index.exists():  # --force: the old index must never describe the new shards
             index.fs.rm_file(index.path)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -275,7 +283,14 @@ class CorpusWriter:
             "documents": self.documents, "tokens": self.tokens, "shard_size": self.shard_size,
             "shards": self._shards,
         }
-        self._put(self.out.child(INDEX_NAME), (json.dumps(index, indent=1) + "\n").encode())
+        index_bytes = (json.dumps(index, indent=1) + "\n").encode()
+        self._put(self.out.child(INDEX_NAME), index_bytes)
+        # The commit marker after index.json: one unit convention for every writer (pcache commits,
+        # loaders pack), so babel-sync's default rule and pcache's read_commit take the corpus as it is.
+        files = [{"path": f["path"], "size": f["bytes"], "xxh3_128": f["xxh3_128"]}
+                 for shard in self._shards for f in shard["files"].values()]
+        files.append({"path": INDEX_NAME, "size": len(index_bytes), "xxh3_128": content_hash(index_bytes)})
+        self._put(self.out.child(MARKER_NAME), build_marker(self.out.url, files))
         packing = self.out.child(PACKING_NAME)
         packing.fs.rm_file(packing.path)
         self._cleanup()
