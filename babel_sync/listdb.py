@@ -93,9 +93,9 @@ class Listing:
 
     def add(self, entries: list[Entry]) -> None:
         """Store one page of entries (thread-safe; one write transaction)."""
-        rows = [(e, *_db_key(e.key)) for e in entries]
         with self._lock, self._env.begin(write=True, db=self._db) as txn:  # type: ignore[attr-defined]
-            for e, key, long in rows:
+            for e in entries:  # encoded inside the lock: a page waiting for it holds one copy, not two
+                key, long = _db_key(e.key)
                 if not txn.put(key, _encode(e, long), overwrite=False):
                     continue  # listed twice (overlapping ranges): keep the first
                 self.count += 1

@@ -21,7 +21,9 @@ arrive; nothing here keeps the keys.
 Key order: S3 lists in byte order, SeaweedFS in path-component order (``a/x`` before ``a-x``), and
 SeaweedFS skips the subtree of a ``StartAfter`` that names a directory. A range therefore ends at the
 first key that is beyond ``hi`` in *both* orders and not below ``hi/``: whichever order the server uses,
-no key is left between two ranges (a few may be listed twice; the sink keeps one).
+no key is left between two ranges (a few may be listed twice; the sink keeps one). Once a page comes
+back out of byte order, the server is known to sort by path components and ranges end by that order
+alone (no more double listing).
 """
 
 from __future__ import annotations
@@ -89,9 +91,14 @@ def _components(key: str) -> list[str]:
     return key.split("/")
 
 
-def beyond(key: str, hi: str | None) -> bool:
-    """True when ``key`` lies after the range bound ``hi`` whatever order the server lists in."""
-    if hi is None or key <= hi:
+def beyond(key: str, hi: str | None, path_order: bool = False) -> bool:
+    """True when ``key`` lies after the range bound ``hi`` whatever order the server lists in.
+
+    Args:
+        path_order: The server is known to list in path-component order (a page was out of byte
+            order), so byte order need not agree.
+    """
+    if hi is None or (key <= hi and not path_order):
         return False
     return _components(key) > _components(hi) and not key.startswith(hi + "/")
 
@@ -154,6 +161,8 @@ class ParallelLister:
         self._busy = 0
         self._in_flight = 0
         self._error: BaseException | None = None
+        #: Set once a page comes back out of byte order: the server sorts by path components (SeaweedFS).
+        self.path_order = False
         self.stats = ListingStats()
 
     def run(self, prefixes: Iterable[str]) -> ListingStats:
@@ -216,8 +225,10 @@ class ParallelLister:
         """Fetch one page of ``task``; return the tasks that continue it (none when it is done)."""
         page = self._fetch(task.prefix, None if task.token else task.lo, task.token, False, worker)
         entries = page.entries
+        if not self.path_order and any(a.key > b.key for a, b in zip(entries, entries[1:], strict=False)):
+            self.path_order = True  # ranges stop where this server's order says, not later
         if task.hi is not None:
-            cut = next((i for i, e in enumerate(entries) if beyond(e.key, task.hi)), None)
+            cut = next((i for i, e in enumerate(entries) if beyond(e.key, task.hi, self.path_order)), None)
             if cut is not None:
                 self._emit(entries[:cut])
                 return []

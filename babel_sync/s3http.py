@@ -13,6 +13,7 @@ import base64
 import contextlib
 import html
 import re
+import threading
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus as unquote  # S3 url-encodes a space as "+"
@@ -53,6 +54,7 @@ def _ns(root: ElementTree.Element) -> str:
     return root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
 
 
+_CONTENTS = re.compile(rb"<Contents>(.*?)</Contents>", re.DOTALL)
 _FIELD = re.compile(rb"<(Key|ETag|Size|LastModified)>([^<]*)</")
 _PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>")
 _TRUNCATED = re.compile(rb"<IsTruncated>\s*true\s*</IsTruncated>", re.IGNORECASE)
@@ -79,8 +81,8 @@ def parse_list_page(data: bytes, strip: int = 0) -> Page:
     encoded = b"<EncodingType>url</EncodingType>" in data
     times: dict[bytes, float] = {}  # a page shares a few distinct timestamps
     entries: list[Entry] = []
-    for block in data.split(b"<Contents>")[1:]:
-        fields = dict(_FIELD.findall(block))
+    for block in _CONTENTS.finditer(data):  # one block at a time: no second copy of the page
+        fields = dict(_FIELD.findall(block.group(1)))
         if b"Key" not in fields:
             raise http_error(200, b"", "ListObjectsV2")
         stamp = fields.get(b"LastModified", b"")
@@ -115,6 +117,7 @@ class HttpS3:
         self.bucket, self.signer, self.limiter = bucket, signer, limiter
         self._http = urllib3.PoolManager(maxsize=pool_size)
         self._timeout = timeout
+        self._parse_gate = threading.BoundedSemaphore(4)
 
     def request(self, method: str, key: str | None, params: dict[str, str], headers: dict[str, str],
                 where: str, body: bytes | bytearray | None = None, operation: str = "") -> Any:
@@ -195,10 +198,14 @@ class HttpS3:
         Parsed with regular expressions over the bytes (see :func:`parse_list_page`): ElementTree plus
         ``findtext`` per field cost 4x as much CPU, which bounds a parallel listing of 10^6 keys.
         """
-        data = self._body(self._send("GET", url, None, None, where, "ListObjectsV2"), where)
-        if not data:
-            raise http_error(200, data, "ListObjectsV2")
-        return parse_list_page(data, strip)
+        resp = self._send("GET", url, None, None, where, "ListObjectsV2")
+        # Pages whose answer has arrived wait here with their bytes in the socket, not in this process:
+        # parsing is GIL-bound anyway, and 32 parsed pages at once were most of a listing's peak memory.
+        with self._parse_gate:
+            data = self._body(resp, where)
+            if not data:
+                raise http_error(200, data, "ListObjectsV2")
+            return parse_list_page(data, strip)
 
     def uploads_page(self, params: dict[str, str], where: str) -> dict[str, Any]:
         """One ListMultipartUploads page (every pass sweeps for orphan uploads)."""
