@@ -16,7 +16,7 @@ from lingcore.log import get_logger
 log = get_logger("babel_sync")
 _COUNTERS = ("objects_copied", "bytes_copied", "bytes_sent", "bytes_resumed", "objects_skipped",
              "bytes_skipped", "objects_verified", "bytes_verified", "objects_deleted", "units_published",
-             "units_removed", "integrity_retries", "parts_in_flight_max")
+             "units_removed", "integrity_retries", "parts_in_flight_max", "units_waited")
 
 
 def _err(rule: str, dest: str, url: str, exc: BaseException) -> dict[str, Any]:
@@ -45,6 +45,7 @@ def _settle(syncer: Syncer, plans: list[Plan], stats: Stats, errors: list[dict[s
             return
         again: list[Plan] = []
         for plan in pending:
+            stats.add("units_waited", len(plan.held))
             try:
                 extra = syncer.plan(plan.rule, plan.dest, only=set(plan.held))
             except Exception as exc:  # noqa: BLE001 - a listing error: the units stay held and are reported
