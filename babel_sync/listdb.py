@@ -29,7 +29,8 @@ from babel_sync.listing import Entry
 from lingcore.checksum import block_checksum
 from lingcore.lmdb_env import open_env
 
-_HEAD = struct.Struct("<Qd")
+_SIZE = struct.Struct("<Q")
+_MTIME = struct.Struct("<d")
 _LONG = 480
 _MAX_KEY = 500
 
@@ -51,16 +52,37 @@ def _db_key(key: str) -> tuple[bytes, bool]:
     return raw[:_LONG] + b"\xff" + block_checksum(raw).to_bytes(8, "big"), True
 
 
+def value_prefix(size: int, etag: str) -> bytes:
+    """The start of a stored value: size and ETag. ``value.startswith(value_prefix(...))`` compares an
+    entry with a manifest record without decoding it (the no-op pass does this for every object)."""
+    return _SIZE.pack(size) + etag.encode() + b"\0"
+
+
+def value_size(value: bytes) -> int:
+    """The size stored in a value."""
+    return int(_SIZE.unpack_from(value)[0])
+
+
 def _encode(e: Entry, long: bool) -> bytes:
-    value = _HEAD.pack(e.size, e.mtime) + e.etag.encode()
-    return value + b"\0" + e.key.encode() if long else value
+    # size | etag | NUL | mtime [| full key]: the fixed-size fields around the ETag keep the prefix
+    # (size, etag) comparable as bytes.
+    value = value_prefix(e.size, e.etag) + _MTIME.pack(e.mtime)
+    return value + e.key.encode() if long else value
 
 
 def _decode(raw_key: bytes, value: bytes) -> Entry:
-    size, mtime = _HEAD.unpack_from(value)
-    rest = bytes(value[_HEAD.size:])
-    etag, sep, full = rest.partition(b"\0")
-    return Entry((full if sep else bytes(raw_key)).decode(), size, etag.decode(), mtime)
+    size = value_size(value)
+    end = value.index(b"\0", _SIZE.size)
+    mtime = _MTIME.unpack_from(value, end + 1)[0]
+    full = value[end + 1 + _MTIME.size:]
+    return Entry((full or raw_key).decode(), size, value[_SIZE.size:end].decode(), mtime)
+
+
+def _key(raw_key: bytes, value: bytes) -> str:
+    if len(raw_key) <= _MAX_KEY:
+        return raw_key.decode()
+    end = value.index(b"\0", _SIZE.size)
+    return value[end + 1 + _MTIME.size:].decode()
 
 
 class Listing:
@@ -120,24 +142,39 @@ class Listing:
 
     def scan(self, prefix: str = "") -> Iterator[Entry]:
         """Entries whose key starts with ``prefix``, in byte order (read in batches, no long transaction)."""
+        for raw, value in self._raw(prefix):
+            e = _decode(raw, value)
+            if e.key.startswith(prefix):
+                yield e
+
+    def scan_raw(self, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        """(key, stored value) under ``prefix``: for :func:`value_prefix` comparisons and :func:`value_size`."""
+        for raw, value in self._raw(prefix):
+            key = _key(raw, value)
+            if key.startswith(prefix):
+                yield key, value
+
+    def decode(self, key: str, value: bytes) -> Entry:
+        """The entry of a (key, value) pair from :meth:`scan_raw`."""
+        return _decode(key.encode(), value) if len(key.encode()) <= _MAX_KEY else _decode(b"", value)
+
+    def _raw(self, prefix: str) -> Iterator[tuple[bytes, bytes]]:
         start = prefix.encode()
         raw_prefix = start[:_LONG]
         while True:
-            batch: list[Entry] = []
             with self._env.begin(db=self._db) as txn:  # type: ignore[attr-defined]
                 cur = txn.cursor()
                 if not cur.set_range(start):
                     return
+                batch = []
                 for raw, value in cur:
                     if not raw.startswith(raw_prefix):
                         break
-                    batch.append(_decode(raw, value))
+                    batch.append((raw, value))
                     if len(batch) >= 4096:
-                        start = bytes(raw) + b"\0"  # the next key after this one
+                        start = raw + b"\0"  # the next key after this one
                         break
-            for e in batch:
-                if e.key.startswith(prefix):
-                    yield e
+            yield from batch
             if len(batch) < 4096:
                 return
 
@@ -183,4 +220,4 @@ class ListingStore:
                 listing.drop()
 
 
-__all__ = ["Listing", "ListingStore"]
+__all__ = ["Listing", "ListingStore", "value_prefix", "value_size"]

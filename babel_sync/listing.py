@@ -71,6 +71,10 @@ class _Task:
     lo: str | None
     hi: str | None
     token: str | None = None
+    #: Fetch one key only: does a bounded range go on after a full page? (Most end there by design.)
+    probe: bool = False
+    #: Keys sampled from the last full page (a probe splits with them when the range goes on).
+    sample: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -208,7 +212,8 @@ class ParallelLister:
                 self._busy -= 1
                 self._cond.notify_all()
 
-    def _fetch(self, prefix: str, start_after: str | None, token: str | None, delimiter: bool, worker: str) -> Page:
+    def _fetch(self, prefix: str, start_after: str | None, token: str | None, delimiter: bool, worker: str,
+               max_keys: int = PAGE) -> Page:
         with self._cond:
             self._in_flight += 1
             self.stats.requests += 1
@@ -216,14 +221,15 @@ class ParallelLister:
             self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
             self.stats.per_worker[worker] = self.stats.per_worker.get(worker, 0) + 1
         try:
-            return self._call(lambda: self._page(prefix, start_after, token, delimiter, PAGE), prefix)
+            return self._call(lambda: self._page(prefix, start_after, token, delimiter, max_keys), prefix)
         finally:
             with self._cond:
                 self._in_flight -= 1
 
     def _step(self, task: _Task, worker: str) -> list[_Task]:
         """Fetch one page of ``task``; return the tasks that continue it (none when it is done)."""
-        page = self._fetch(task.prefix, None if task.token else task.lo, task.token, False, worker)
+        page = self._fetch(task.prefix, None if task.token else task.lo, task.token, False, worker,
+                           1 if task.probe else PAGE)
         entries = page.entries
         if not self.path_order and any(a.key > b.key for a, b in zip(entries, entries[1:], strict=False)):
             self.path_order = True  # ranges stop where this server's order says, not later
@@ -237,10 +243,15 @@ class ParallelLister:
             return []
         if not entries or not page.token:
             raise ListingError(f"{task.prefix}*", "a truncated listing page without keys or continuation token")
+        keys = [e.key for e in entries]
+        if task.hi is not None and not task.probe:
+            # A range split off a page is sized to end about here: one key tells whether it does,
+            # instead of a whole page of keys that belong to the next range.
+            return [_Task(task.prefix, task.lo, task.hi, page.token, probe=True, sample=[*keys[::10], keys[-1]])]
         with self._cond:
             spare = len(self._queue) < self.workers
         if spare:
-            ranges = self._split(task, entries, worker)
+            ranges = self._split(task, task.sample + keys if task.probe else keys, worker)
             if ranges:
                 return ranges
         return [_Task(task.prefix, task.lo, task.hi, page.token)]
@@ -251,10 +262,9 @@ class ParallelLister:
             with self._cond:
                 self.stats.entries += len(entries)
 
-    def _split(self, task: _Task, entries: list[Entry], worker: str) -> list[_Task]:
-        """Split the rest of ``task`` after its page into ranges; [] when no boundary fits."""
-        last = entries[-1].key
-        keys = [e.key for e in entries]
+    def _split(self, task: _Task, keys: list[str], worker: str) -> list[_Task]:
+        """Split the rest of ``task`` after ``keys`` (the page just read, last key last) into ranges."""
+        last = keys[-1]
         limit = 2 * self.workers
         lo, hi = min(keys), max(keys)
         common = next((i for i, (a, b) in enumerate(zip(lo, hi, strict=False)) if a != b), min(len(lo), len(hi)))
@@ -269,7 +279,8 @@ class ParallelLister:
             if len(dirs) > limit:  # evenly spaced: each range covers about as many directories
                 step = len(dirs) / limit
                 dirs = [dirs[int(i * step)] for i in range(limit)]
-        chars = char_boundaries(keys, last, len(task.prefix), max(0, limit - len(dirs)))
+        chars = [b for b in char_boundaries(keys, last, len(task.prefix), max(0, limit - len(dirs)))
+                 if b + "/" not in dirs]  # a directory's own name: its subtree would be listed twice
         bounds: list[str] = []
         for b in sorted({*dirs, *chars}):
             if not after(b, last) or (task.hi is not None and not after(task.hi, b)):

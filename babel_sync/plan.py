@@ -24,18 +24,19 @@ from typing import TYPE_CHECKING, Any
 from babel_sync.config import Rule
 from babel_sync.errors import ListingError
 from babel_sync.journal import Journal
-from babel_sync.listdb import Listing
+from babel_sync.listdb import Listing, value_prefix, value_size
 from babel_sync.listing import Entry as ObjectInfo
 from babel_sync.units import (
     Unit,
     complete_units,
+    has_nested,
     list_prefix,
     matcher,
     natural_key,
+    owned_files,
     owner,
     parse_manifest,
     published,
-    unit_files,
     watch_names,
 )
 
@@ -163,51 +164,84 @@ def plan(syncer: Syncer, rule: Rule, dest: str, only: set[str] | None = None) ->
                 u for u in dest_units - kept - set(result.remove_units) if posixpath.dirname(u) in oldest
                 and natural_key(u) < natural_key(oldest[posixpath.dirname(u)]))
     unit_bytes = 0
+    ordered = sorted(every)
     for name in sorted(found, key=natural_key):
-        unit = Unit(name, found[name], unit_files(src_listing, name, rule.unit_marker, every, match))
-        unit_bytes += unit.bytes
-        if name in held:
-            result.held_bytes += unit.bytes
-        elif name in kept:
-            _plan_unit(syncer, result, unit, dest_units, every)
+        owned = owned_files(src_listing, name, found[name].key, every, ordered, rule, options.manifest_name, match)
+        if name in held or name not in kept:
+            size = found[name].size + sum(value_size(v) for _, v in owned)
+            unit_bytes += size
+            if name in held:
+                result.held_bytes += size
+        else:
+            unit_bytes += _plan_unit(syncer, result, name, found[name], src_listing, owned, dest_units, every,
+                                     ordered)
     if only is None:
         result.orphan_bytes = max(0, src_listing.bytes - unit_bytes)
     return result
 
 
-def _plan_unit(syncer: Syncer, result: Plan, unit: Unit, dest_units: set[str], every: dict[str, Any]) -> None:
-    """Compare one unit with the destination; add a job unless it is in sync."""
-    rule, dest, name = result.rule, result.dest, unit.path
+def _in_sync(manifest: dict[str, Any], base: str, owned: list[tuple[str, bytes]], there: dict[str, bytes]) -> bool:
+    """True when every file of the unit matches its manifest record at the source and the destination.
+
+    Compares the stored listing values as bytes (size and ETag prefix): no entry is decoded.
+    """
+    for key, value in owned:
+        rec = manifest.get(key[len(base):])
+        if rec is None or not value.startswith(value_prefix(rec["size"], rec["etag"])):
+            return False
+        got = there.get(key)
+        if got is None or not got.startswith(value_prefix(rec["size"], rec["dest_etag"])):
+            return False
+    return True
+
+
+def _plan_unit(syncer: Syncer, result: Plan, name: str, marker: ObjectInfo, src_listing: Listing,
+               owned: list[tuple[str, bytes]], dest_units: set[str], every: dict[str, Any],
+               ordered: list[str]) -> int:
+    """Compare one unit with the destination; add a job unless it is in sync. Returns the unit's bytes."""
+    rule, dest = result.rule, result.dest
     manifest_name = syncer.options.manifest_name
     base = f"{name}/" if name else ""
-    there = {e.key: e for e in result.dest_listing.scan(base)}  # one unit's entries in memory at a time
-    manifest = cached_manifest(syncer, dest, name, there, rule)
+    there = dict(result.dest_listing.scan_raw(base))  # one unit's entries in memory at a time
+    total = marker.size + sum(value_size(v) for _, v in owned)
+    heads = {k: result.dest_listing.decode(k, there[k]) for k in (marker.key, base + manifest_name) if k in there}
+    manifest = cached_manifest(syncer, dest, name, heads, rule)
+    marker_rel = marker.key[len(base):]
+    mrec = (manifest or {}).get(marker_rel)
+    marker_ok = bool(mrec and mrec["etag"] == marker.etag) and marker.key in there
+    nested = has_nested(ordered, name)
+    if manifest is not None and marker_ok and _in_sync(manifest, base, owned, there):
+        # Every source file has its copy; with delete, the destination must hold nothing more.
+        extra = 0
+        if rule.delete:
+            extra = sum(1 for k in there if k not in (marker.key, base + manifest_name)
+                        and (not nested or owner(k, every) == name)) - len(owned)
+        if extra == 0:
+            result.in_sync_objects += len(owned) + 1
+            result.in_sync_bytes += total
+            return total
+    unit = Unit(name, marker, {k: src_listing.decode(k, v) for k, v in owned})
+    dest_entries = {k: result.dest_listing.decode(k, v) for k, v in there.items()}
     did = syncer.dest_id(dest)
     records: dict[str, dict[str, Any]] = {}
     copy: list[ObjectInfo] = []
     for obj in unit.files.values():
         rel = obj.key[len(base):]
         rec = (manifest or {}).get(rel) or syncer.journal.get(Journal.done_key(did, obj.key))
-        got = there.get(obj.key)
+        got = dest_entries.get(obj.key)
         if (rec and rec["size"] == obj.size and rec["etag"] == obj.etag and got is not None
                 and got.size == obj.size and got.etag == rec["dest_etag"]):
             records[rel] = {**rec, "path": rel}
         else:
             copy.append(obj)
-    marker_rel = unit.marker.key[len(base):]
-    mrec = (manifest or {}).get(marker_rel)
-    marker_ok = bool(mrec and mrec["etag"] == unit.marker.etag)
-    stale = [k for k in there if k not in unit.files and k != unit.marker.key and k != base + manifest_name
-             and owner(k, every) == name] if rule.delete else []
-    if manifest is not None and not copy and marker_ok and not stale and unit.marker.key in there:
-        result.in_sync_objects += len(unit.files) + 1
-        result.in_sync_bytes += unit.bytes
-        return
-    result.oldest_pending = min(result.oldest_pending or unit.marker.mtime, unit.marker.mtime)
+    stale = [k for k in dest_entries if k not in unit.files and k != marker.key and k != base + manifest_name
+             and (not nested or owner(k, every) == name)] if rule.delete else []
+    result.oldest_pending = min(result.oldest_pending or marker.mtime, marker.mtime)
     # A manifest without its marker (a kill between the two writes) is unpublished too: it must not
     # stay visible over files that are about to be replaced.
     visible = name in dest_units or base + manifest_name in there
     result.jobs.append(UnitJob(rule, dest, unit, copy, records, stale, was_published=visible))
+    return total
 
 
 __all__ = ["Plan", "UnitJob", "cached_manifest", "plan"]

@@ -8,6 +8,7 @@ that have their marker.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import time
@@ -110,12 +111,34 @@ def owner(key: str, units: Container[str]) -> str | None:
         head = head.rpartition("/")[0]
 
 
-def unit_files(listing: Listing, unit: str, marker: str, units: Container[str],
-               match: Callable[[str], bool]) -> dict[str, ObjectInfo]:
-    """The files of ``unit`` (keys matching the rule, owned by no deeper unit), marker excluded."""
+def has_nested(ordered: list[str], unit: str) -> bool:
+    """True when another complete unit lies below ``unit`` (``ordered``: every unit, sorted)."""
     base = f"{unit}/" if unit else ""
-    return {e.key: e for e in listing.scan(base)
-            if e.key != base + marker and match(e.key) and owner(e.key, units) == unit}
+    i = bisect.bisect_right(ordered, unit)
+    return i < len(ordered) and ordered[i].startswith(base)
+
+
+def covers(rule: Rule, base: str) -> bool:
+    """True when every key below ``base`` matches the rule's globs (no exclude; an include ``LITERAL**``
+    whose literal starts ``base``), so a unit's keys need no glob match one by one."""
+    if rule.exclude:
+        return False
+    for pattern in rule.include:
+        if pattern.endswith("**") and not any(c in pattern[:-2] for c in "*?[") and base.startswith(pattern[:-2]):
+            return True
+    return False
+
+
+def owned_files(listing: Listing, unit: str, marker: str, units: Container[str], ordered: list[str], rule: Rule,
+                manifest_name: str, match: Callable[[str], bool]) -> list[tuple[str, bytes]]:
+    """(key, stored value) of the files of ``unit``: keys matching the rule, owned by no deeper unit, marker
+    and manifests excluded. Values stay encoded (see :meth:`Listing.scan_raw`)."""
+    base = f"{unit}/" if unit else ""
+    nested = has_nested(ordered, unit)
+    glob = not covers(rule, base)
+    return [(k, v) for k, v in listing.scan_raw(base)
+            if k != marker and (match(k) if glob else k.rpartition("/")[2] != manifest_name)
+            and (not nested or owner(k, units) == unit)]
 
 
 def published(listing: Listing, rule: Rule) -> set[str]:

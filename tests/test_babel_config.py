@@ -15,7 +15,15 @@ from babel_sync.config import Rule
 from babel_sync.listdb import ListingStore
 from babel_sync.listing import Entry
 from babel_sync.shard import part_size
-from babel_sync.units import complete_units, glob_regex, list_prefix, matcher, natural_key, unit_files, watch_names
+from babel_sync.units import (
+    complete_units,
+    glob_regex,
+    list_prefix,
+    matcher,
+    natural_key,
+    owned_files,
+    watch_names,
+)
 
 ISSUE_TOML = """
 [sites.a]
@@ -139,7 +147,8 @@ def test_globs_units_and_part_sizes(tmp_path: Path) -> None:
     listing.add([Entry(k, 1, "e", 0.0) for k in keys])
     units = complete_units(listing, rule, "_M")
     assert list(units) == ["d/v1"]
-    assert sorted(unit_files(listing, "d/v1", "_COMMITTED", units, matcher(rule, "_M"))) == ["d/v1/a", "d/v1/sub/b"]
+    files = owned_files(listing, "d/v1", "d/v1/_COMMITTED", units, sorted(units), rule, "_M", matcher(rule, "_M"))
+    assert [k for k, _ in files] == ["d/v1/a", "d/v1/sub/b"]
     assert (listing.objects, listing.bytes) == (7, 7)  # what the rule matches (not x/, not the manifest)
     cfg = load_config(write(tmp_path, ISSUE_TOML), env=ENV).options
     assert part_size(256 << 20, cfg) == 8 << 20  # four parts per slot: 256 MiB / 32, at least min_part_size
