@@ -26,9 +26,10 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 
 from babel_sync.listing import Entry
-from lingcore.checksum import block_checksum
+from lingcore.checksum import block_checksum, content_hasher
 from lingcore.lmdb_env import open_env
 
+_NAMES = itertools.count()  # database names are unique in the process (Syncers share its environment)
 _SIZE = struct.Struct("<Q")
 _MTIME = struct.Struct("<d")
 _LONG = 480
@@ -149,10 +150,29 @@ class Listing:
 
     def scan_raw(self, prefix: str = "") -> Iterator[tuple[str, bytes]]:
         """(key, stored value) under ``prefix``: for :func:`value_prefix` comparisons and :func:`value_size`."""
+        exact = len(prefix.encode()) <= _LONG  # then every stored key under the raw prefix is under prefix
         for raw, value in self._raw(prefix):
-            key = _key(raw, value)
-            if key.startswith(prefix):
+            key = raw.decode() if len(raw) <= _MAX_KEY else _key(raw, value)
+            if exact or key.startswith(prefix):
                 yield key, value
+
+    def fingerprint(self, prefix: str, skip_key: str, skip_name: str) -> tuple[int, int, str]:
+        """(count, total bytes, xxh3-128 of every key, size and ETag) under ``prefix``, leaving out
+        ``skip_key`` and keys whose file name is ``skip_name``.
+
+        One tight pass over the stored bytes, nothing decoded: the no-op pass compares it with the
+        fingerprint of the last pass that found the unit in sync.
+        """
+        hasher = content_hasher()
+        skip, tail, name = skip_key.encode(), b"/" + skip_name.encode(), skip_name.encode()
+        count = total = 0
+        for raw, value in self._raw(prefix):
+            if raw in (skip, name) or raw.endswith(tail):
+                continue
+            hasher.update(raw + b"\0" + value[:value.index(b"\0", _SIZE.size) + 1])
+            count += 1
+            total += _SIZE.unpack_from(value)[0]
+        return count, total, str(hasher.hexdigest())
 
     def decode(self, key: str, value: bytes) -> Entry:
         """The entry of a (key, value) pair from :meth:`scan_raw`."""
@@ -199,7 +219,6 @@ class ListingStore:
         # Sparse: the map is address space, the file grows with the data (about 70 bytes per entry).
         self.env = open_env(self.path, map_size=1 << 38, max_dbs=4096, sync=False, metasync=False,
                             readahead=False)
-        self._names = itertools.count()
         self._open: list[Listing] = []
         self._lock = threading.Lock()
         atexit.register(shutil.rmtree, self.path, True)
@@ -207,7 +226,7 @@ class ListingStore:
     def new(self, watch: Iterable[str] = (), match: Callable[[str], bool] | None = None) -> Listing:
         """A fresh, empty listing."""
         with self._lock:
-            listing = Listing(self.env, f"l{next(self._names)}".encode(), watch, match)
+            listing = Listing(self.env, f"l{next(_NAMES)}".encode(), watch, match)
             self._open.append(listing)
             return listing
 

@@ -29,6 +29,7 @@ from babel_sync.listing import Entry as ObjectInfo
 from babel_sync.units import (
     Unit,
     complete_units,
+    covers,
     has_nested,
     list_prefix,
     matcher,
@@ -166,15 +167,15 @@ def plan(syncer: Syncer, rule: Rule, dest: str, only: set[str] | None = None) ->
     unit_bytes = 0
     ordered = sorted(every)
     for name in sorted(found, key=natural_key):
-        owned = owned_files(src_listing, name, found[name].key, every, ordered, rule, options.manifest_name, match)
         if name in held or name not in kept:
+            owned = owned_files(src_listing, name, found[name].key, every, ordered, rule, options.manifest_name,
+                                match)
             size = found[name].size + sum(value_size(v) for _, v in owned)
             unit_bytes += size
             if name in held:
                 result.held_bytes += size
         else:
-            unit_bytes += _plan_unit(syncer, result, name, found[name], src_listing, owned, dest_units, every,
-                                     ordered)
+            unit_bytes += _plan_unit(syncer, result, name, found[name], src_listing, dest_units, every, ordered)
     if only is None:
         result.orphan_bytes = max(0, src_listing.bytes - unit_bytes)
     return result
@@ -195,21 +196,47 @@ def _in_sync(manifest: dict[str, Any], base: str, owned: list[tuple[str, bytes]]
     return True
 
 
+def _fingerprints(syncer: Syncer, result: Plan, name: str, marker: ObjectInfo, src_listing: Listing,
+                  heads: dict[str, ObjectInfo]) -> tuple[int, int, dict[str, Any]]:
+    """(files, their bytes, the state to compare with the journal) of a unit every key of which is its own."""
+    base = f"{name}/" if name else ""
+    manifest_name = syncer.options.manifest_name
+    count, nbytes, src_fp = src_listing.fingerprint(base, marker.key, manifest_name)
+    _, _, dst_fp = result.dest_listing.fingerprint(base, marker.key, manifest_name)
+    dest_marker, manifest = heads.get(marker.key), heads.get(base + manifest_name)
+    return count, nbytes, {"marker": marker.etag, "dest_marker": dest_marker.etag if dest_marker else None,
+                           "manifest": manifest.etag if manifest else None, "src": src_fp, "dst": dst_fp}
+
+
 def _plan_unit(syncer: Syncer, result: Plan, name: str, marker: ObjectInfo, src_listing: Listing,
-               owned: list[tuple[str, bytes]], dest_units: set[str], every: dict[str, Any],
-               ordered: list[str]) -> int:
-    """Compare one unit with the destination; add a job unless it is in sync. Returns the unit's bytes."""
+               dest_units: set[str], every: dict[str, Any], ordered: list[str]) -> int:
+    """Compare one unit with the destination; add a job unless it is in sync. Returns the unit's bytes.
+
+    Fast path, for a unit that owns every key below it (no nested unit, include globs covering it): the
+    fingerprints of both listings under the unit, with the marker and manifest ETags, equal to those of
+    the last pass that found it in sync mean it still is: no manifest is read, no entry decoded.
+    """
     rule, dest = result.rule, result.dest
     manifest_name = syncer.options.manifest_name
     base = f"{name}/" if name else ""
+    heads = {k: e for k in (marker.key, base + manifest_name) if (e := result.dest_listing.get(k)) is not None}
+    nested = has_nested(ordered, name)
+    fp_key = Journal.fingerprint_key(syncer.dest_id(dest), name)
+    state: dict[str, Any] | None = None
+    if not nested and covers(rule, base):
+        count, nbytes, state = _fingerprints(syncer, result, name, marker, src_listing, heads)
+        if state["dest_marker"] is not None and state["manifest"] is not None and syncer.journal.get(fp_key) == state:
+            result.in_sync_objects += count + 1
+            result.in_sync_bytes += nbytes + marker.size
+            return nbytes + marker.size
+    owned = owned_files(src_listing, name, marker.key, every, ordered, rule, manifest_name,
+                        matcher(rule, manifest_name))
     there = dict(result.dest_listing.scan_raw(base))  # one unit's entries in memory at a time
     total = marker.size + sum(value_size(v) for _, v in owned)
-    heads = {k: result.dest_listing.decode(k, there[k]) for k in (marker.key, base + manifest_name) if k in there}
     manifest = cached_manifest(syncer, dest, name, heads, rule)
     marker_rel = marker.key[len(base):]
     mrec = (manifest or {}).get(marker_rel)
     marker_ok = bool(mrec and mrec["etag"] == marker.etag) and marker.key in there
-    nested = has_nested(ordered, name)
     if manifest is not None and marker_ok and _in_sync(manifest, base, owned, there):
         # Every source file has its copy; with delete, the destination must hold nothing more.
         extra = 0
@@ -219,6 +246,8 @@ def _plan_unit(syncer: Syncer, result: Plan, name: str, marker: ObjectInfo, src_
         if extra == 0:
             result.in_sync_objects += len(owned) + 1
             result.in_sync_bytes += total
+            if state is not None:
+                syncer.journal.put(fp_key, state)
             return total
     unit = Unit(name, marker, {k: src_listing.decode(k, v) for k, v in owned})
     dest_entries = {k: result.dest_listing.decode(k, v) for k, v in there.items()}

@@ -185,6 +185,11 @@ class HttpS3:
             resp.release_conn()
         return buf if pos == len(buf) else buf[:pos]
 
+    def get(self, key: str, where: str) -> tuple[bytes, str]:
+        """GET a whole (small) object, unpinned; return (bytes, ETag)."""
+        resp = self.request("GET", key, {}, {}, where, operation="GetObject")
+        return self._body(resp, where), str(resp.headers.get("ETag", "")).strip('"')
+
     def put(self, key: str, data: bytes | bytearray, md5: bytes, params: dict[str, str], where: str) -> str:
         """PUT an object (or, with ``partNumber``/``uploadId`` params, a part) with Content-MD5; its ETag."""
         headers = {"Content-MD5": base64.b64encode(md5).decode(), "Content-Length": str(len(data))}

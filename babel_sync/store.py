@@ -208,6 +208,8 @@ class S3Store:
     def get_small(self, rel: str) -> tuple[bytes, str]:
         """Read a small object (a manifest) whole; return (bytes, etag)."""
         def attempt() -> tuple[bytes, str]:
+            if self._signer is not None:  # no botocore client just for a manifest (verify, first passes)
+                return self._http.get(self.key(rel), self.url(rel))
             resp = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))
             return resp["Body"].read(), str(resp.get("ETag", "")).strip('"')
 

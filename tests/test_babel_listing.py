@@ -11,7 +11,6 @@ import json
 import random
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -92,31 +91,6 @@ def test_byte_order_server_with_awkward_names() -> None:
         server.shutdown()
 
 
-_PROBE = textwrap.dedent('''
-    import json, sys, tempfile
-    from babel_sync.config import Site, SyncOptions
-    from babel_sync.listdb import ListingStore
-    from babel_sync.store import S3Store
-
-    def status(name):
-        for line in open("/proc/self/status"):
-            if line.startswith(name):
-                return int(line.split()[1]) * 1024
-
-    endpoint, state = sys.argv[1], sys.argv[2]
-    store = S3Store(Site("a", "s3://bkt", endpoint, key="AK", secret="SK"), SyncOptions(listing_workers=int(sys.argv[3]) if len(sys.argv) > 3 else 32))
-    listings = ListingStore(state)
-    warm = listings.new()
-    store.list_tree(["big/k000000"], warm.add)  # imports, threads, connections, the LMDB map
-    open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
-    before = status("VmRSS:")
-    listing = listings.new(match=lambda key: True)
-    stats = store.list_tree(["big/"], listing.add)
-    print(json.dumps({"objects": listing.objects, "growth": status("VmHWM:") - before,
-                      "requests": stats.requests}))
-''')
-
-
 def test_listing_100k_objects_stays_within_the_rss_budget(tmp_path: Path) -> None:
     """Listings stream to disk: the peak RSS grows by at most 300 bytes per listed object."""
     count = 100_000
@@ -126,8 +100,11 @@ def test_listing_100k_objects_stays_within_the_rss_budget(tmp_path: Path) -> Non
     try:
         ready = server.stdout.readline().split()
         assert ready and ready[0] == "READY", ready
-        probe = subprocess.run([sys.executable, "-c", _PROBE, ready[1], str(tmp_path / "state")],
-                               capture_output=True, text=True, timeout=240)
+        # The benchmark's listing process: warm up, reset the peak RSS, list into an on-disk listing.
+        spec = {"endpoint": ready[1], "bucket": "bkt", "key": "AK", "secret": "SK", "prefix": "big/",
+                "warm": "big/k000000", "state": str(tmp_path / "state")}
+        probe = subprocess.run([sys.executable, "-m", "bench.babel_bench", "rss"], input=json.dumps(spec),
+                               capture_output=True, text=True, timeout=240, cwd=HERE.parent)
         assert probe.returncode == 0, probe.stderr[-3000:]
         result = json.loads(probe.stdout)
     finally:
