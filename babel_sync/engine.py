@@ -203,7 +203,8 @@ class Syncer:
         dst.delete([marker])  # unpublish first: readers stop trusting the unit before files go
         rest = [e.key for e in plan.dest_listing.scan(base) if e.key != marker]
         dst.delete([k for k in rest if k != man] + [man])
-        self.journal.delete(Journal.manifest_key(self.dest_id(plan.dest), unit))
+        did = self.dest_id(plan.dest)
+        self.journal.delete(Journal.manifest_key(did, unit), Journal.fingerprint_key(did, unit))
         stats.add("objects_deleted", len(rest) + 1)
         stats.add("units_removed")
 
