@@ -163,6 +163,8 @@ class ParallelLister:
         self._cond = threading.Condition()
         self._queue: deque[_Task] = deque()
         self._busy = 0
+        self._live = 0
+        self._threads: list[threading.Thread] = []
         self._in_flight = 0
         self._error: BaseException | None = None
         #: Set once a page comes back out of byte order: the server sorts by path components (SeaweedFS).
@@ -176,18 +178,34 @@ class ParallelLister:
             if not any(p != q and p.startswith(q) for q in roots):
                 self._queue.append(_Task(p, None, None))
         t0 = time.monotonic()
-        threads = [threading.Thread(target=self._worker, name=f"babel-list-{i}", daemon=True)
-                   for i in range(self.workers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with self._cond:
+            self._grow()
+        joined = 0
+        while True:  # workers start more workers while they run, so the list grows until the end
+            with self._cond:
+                if joined == len(self._threads):
+                    break
+                thread = self._threads[joined]
+            thread.join()
+            joined += 1
         self.stats.seconds = time.monotonic() - t0
         if self._error is not None:
             raise self._error
         return self.stats
 
     # ------------------------------------------------------------------ scheduling
+    def _grow(self) -> None:
+        """Start workers for queued tasks no idle worker will take (call with the lock held).
+
+        Threads start on demand: a small listing (one page) costs one thread, not ``workers``.
+        """
+        idle = self._live - self._busy
+        for _ in range(min(self.workers - len(self._threads), len(self._queue) - idle)):
+            thread = threading.Thread(target=self._worker, name=f"babel-list-{len(self._threads)}", daemon=True)
+            self._threads.append(thread)
+            self._live += 1
+            thread.start()
+
     def _worker(self) -> None:
         name = threading.current_thread().name
         while True:
@@ -195,6 +213,7 @@ class ParallelLister:
                 while not self._queue and self._busy and self._error is None:
                     self._cond.wait()
                 if self._error is not None or not self._queue:
+                    self._live -= 1
                     self._cond.notify_all()  # nothing queued and nobody busy: every worker ends
                     return
                 task = self._queue.popleft()
@@ -205,11 +224,13 @@ class ParallelLister:
                 with self._cond:
                     self._error = self._error or exc
                     self._busy -= 1
+                    self._live -= 1
                     self._cond.notify_all()
                 return
             with self._cond:
                 self._queue.extend(follow)
                 self._busy -= 1
+                self._grow()
                 self._cond.notify_all()
 
     def _fetch(self, prefix: str, start_after: str | None, token: str | None, delimiter: bool, worker: str,
