@@ -26,7 +26,8 @@ from babel_sync.errors import (
     SourceChangedError,
     UnknownSiteError,
 )
-from babel_sync.runner import daemon, sync_once, verify
+from babel_sync.runner import daemon, sync_once
+from babel_sync.verify import verify
 
 __all__ = [
     "ConfigError",

@@ -24,7 +24,8 @@ from babel_sync import metrics
 from babel_sync.engine import Syncer
 from babel_sync.errors import ConfigError
 from babel_sync.journal import Journal
-from babel_sync.runner import daemon, sync_once, verify
+from babel_sync.runner import daemon, sync_once
+from babel_sync.verify import verify
 from lingcore.log import get_logger, setup_logging
 
 log = get_logger("babel_sync")
@@ -76,12 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-addr", help="bind address for metrics (default 127.0.0.1)")
     status = sub.add_parser("status", help="lag, pending bytes and last error per rule and destination")
     _common(status)
-    ver = sub.add_parser("verify", help="re-hash destination content against the manifests")
+    ver = sub.add_parser("verify", help="check destination content against the manifests (metadata, then "
+                                        "sampled or full content checksums)")
     _common(ver)
     ver.add_argument("rule", help="rule name")
     mode = ver.add_mutually_exclusive_group()
-    mode.add_argument("--full", action="store_true", help="hash every file")
-    mode.add_argument("--sample", type=float, help="fraction of files to hash (default: [sync] verify_sample)")
+    mode.add_argument("--full", action="store_true", help="hash every file whole (xxh3-128)")
+    mode.add_argument("--sample", type=float, metavar="RATE",
+                      help="check each checksummed chunk with probability RATE, reading about RATE of the bytes "
+                           "(default: [sync] verify_sample)")
     ver.add_argument("--no-repair", dest="repair", action="store_false",
                      help="only report; by default a bad unit is unpublished so the next pass re-copies it")
     return parser
@@ -128,9 +132,11 @@ def _status(cfg: config_mod.SyncConfig) -> int:
         for dest in rule.destinations:
             rec = states.get((rule.name, dest), {})
             rows.append({"rule": rule.name, "source": rule.source, "dest": dest,
-                         "in_sync": bool(rec.get("last_success")) and not rec.get("pending_units"),
+                         "in_sync": bool(rec.get("last_success")) and not rec.get("pending_units")
+                         and not rec.get("held_units"),
                          "lag_seconds": round(rec.get("lag_seconds", 0.0), 3) if rec else None,
                          "pending_bytes": rec.get("pending_bytes"), "pending_units": rec.get("pending_units"),
+                         "held_units": rec.get("held_units"), "held_bytes": rec.get("held_bytes"),
                          "last_success_age_s": round(now - rec["last_success"], 1) if rec.get("last_success")
                          else None, "last_error": rec.get("last_error")})
     _print({"state_dir": journal.dir, "rules": rows})
@@ -192,6 +198,8 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "verify":
             try:
                 sample = 1.0 if args.full else (args.sample if args.sample is not None else cfg.options.verify_sample)
+                if not 0.0 <= sample <= 1.0:
+                    raise ConfigError("--sample", f"must be within 0..1, got {sample}")
                 result = verify(syncer, args.rule, sample=sample, repair=args.repair)
             except ConfigError as exc:
                 print(f"babel-sync: {exc}", file=sys.stderr)

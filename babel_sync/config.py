@@ -117,7 +117,10 @@ class SyncOptions:
     min_part_size: int = 8 * 1024 * 1024
     max_part_size: int = 256 * 1024 * 1024
     bandwidth_limit_bytes: int = 0
-    listing_workers: int = 16
+    #: Part bytes held in memory by all files together (adaptive sharding never exceeds it).
+    max_inflight_bytes: int = 1024 * 1024 * 1024
+    listing_workers: int = 32
+    #: Ignored since the listing splits adaptively; kept so that older configs still load.
     listing_depth: int = 2
     #: A unit whose marker is newer than (listing start - this) waits a pass: listings are no snapshot.
     listing_settle_seconds: float = 2.0
@@ -128,6 +131,8 @@ class SyncOptions:
     manifest_name: str = "_BABEL_MANIFEST.json"
     interval: float = 30.0
     verify_sample: float = 0.01
+    #: Bytes per checksummed chunk in manifests (``verify --sample`` reads whole chunks).
+    verify_chunk_size: int = 1024 * 1024
     metrics_port: int = 9464
     metrics_addr: str = "127.0.0.1"
     progress: bool = True
@@ -300,6 +305,10 @@ def load(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None,
                           source)
     if options.listing_settle_seconds < 0:
         raise ConfigError("listing_settle_seconds", f"must be >= 0, got {options.listing_settle_seconds}", source)
+    if options.verify_chunk_size < 4096:
+        raise ConfigError("verify_chunk_size", f"must be at least 4KiB, got {options.verify_chunk_size}", source)
+    if options.max_inflight_bytes < options.min_part_size:
+        raise ConfigError("max_inflight_bytes", "must hold at least one part (>= min_part_size)", source)
     if not 0.0 <= options.verify_sample <= 1.0:
         raise ConfigError("verify_sample", f"must be within 0..1, got {options.verify_sample}", source)
     raw_sites = data.get("sites", {})

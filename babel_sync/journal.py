@@ -9,6 +9,8 @@ Records, all JSON values:
   destination ETag, xxh3-128), so a resumed run does not copy it again.
 - ``man:<dest>\\0<unit>``: the last manifest published for a unit and the marker/manifest ETags it
   was published with, so a no-op pass needs no GET at all.
+- ``fp:<dest>\\0<unit>``: fingerprints of the unit's source and destination listings (and its marker and
+  manifest ETags) from the last pass that found it in sync: the same fingerprints mean in sync again.
 - ``status:<rule>\\0<dest>``: lag, pending bytes and the last error, for ``babel-sync status``.
 
 Records survive a kill -9 as soon as their transaction commits; the file is synced after every pass.
@@ -139,6 +141,11 @@ class Journal:
     def manifest_key(dest: str, unit: str) -> bytes:
         """Key of a unit's cached manifest."""
         return b"man:" + _k(dest, unit)
+
+    @staticmethod
+    def fingerprint_key(dest: str, unit: str) -> bytes:
+        """Key of a unit's listing fingerprints from the last pass that found it in sync."""
+        return b"fp:" + _k(dest, unit)
 
     def clear_done(self, dest: str, unit: str) -> None:
         """Forget the copied-file records of a unit once it is published."""

@@ -15,101 +15,26 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import hashlib
 import threading
-import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import urllib3
 
 from babel_sync.config import Site, SyncOptions
-from babel_sync.errors import DeleteError, SiteAuthError, SiteUnreachableError, SourceChangedError
+from babel_sync.errors import DeleteError, SiteUnreachableError, SourceChangedError
+from babel_sync.listing import Entry, ListingStats, Page, ParallelLister, list_serial
 from babel_sync.s3http import HttpS3
+from babel_sync.s3util import TRANSIENT_CODES, RateLimiter, botocore_client, translate
 from babel_sync.sigv4 import Signer
-from lingcore.errors import OriginUnavailableError, StoreNotFoundError
+from lingcore.errors import OriginUnavailableError
 from lingcore.retry import RetryPolicy, retry_call
 
 T = TypeVar("T")
 _CHUNK = 1 << 20
-_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
-_TRANSIENT_CODES = {"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout", "OperationAborted"}
-_MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchUpload", "NotFound", "404"}
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """One listed object: its key relative to the site root, size, ETag (unquoted) and mtime."""
-
-    key: str
-    size: int
-    etag: str
-    mtime: float
-
-
-_SESSION: list[Any] = []
-_SESSION_LOCK = threading.Lock()
-
-
-def _client(**kwargs: Any) -> Any:
-    """An S3 client from the one botocore session of the process (under a lock: sessions are not
-    thread-safe). Creating a client loads ~0.3 s of service-model JSON per session, a third of a no-op
-    pass when every store had its own session."""
-    import botocore.session
-
-    with _SESSION_LOCK:
-        if not _SESSION:
-            _SESSION.append(botocore.session.Session())
-        return _SESSION[0].create_client("s3", **kwargs)
-
-
-class RateLimiter:
-    """A token bucket shared by every transfer thread (``bandwidth_limit_bytes`` per second; 0 = off)."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self._lock = threading.Lock()
-        self._next = time.monotonic()
-
-    def acquire(self, n: int) -> None:
-        """Block until ``n`` more bytes fit under the rate."""
-        if self.rate <= 0:
-            return
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + n / self.rate
-        if start > now:
-            time.sleep(start - now)
-
-
-def _translate(exc: BaseException, url: str, site: Site, etag: str | None) -> BaseException:
-    """Map botocore errors to the typed errors the retry helper classifies (permanent or transient)."""
-    import botocore.exceptions
-
-    if isinstance(exc, botocore.exceptions.ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if status == 412 or code == "PreconditionFailed":
-            return SourceChangedError(url, etag or "?")
-        if status in (401, 403) or code in _AUTH_CODES:
-            return SiteAuthError(site.name, url, site.endpoint_url, f"{code or status} {err.get('Message', '')}")
-        if code == "NoSuchBucket":  # the same one-line "not found" every CLI gives (lingcore.probe)
-            where = f" at endpoint {site.endpoint_url}" if site.endpoint_url else ""
-            bucket = url.split("://", 1)[-1].split("/", 1)[0]
-            return StoreNotFoundError(url, f"bucket {bucket!r} does not exist{where}", site.endpoint_url)
-        if status == 404 or code in _MISSING_CODES:
-            return FileNotFoundError(errno.ENOENT, f"{url}: {code or 'not found'}")
-        if 400 <= status < 500 and status not in (408, 429) and code not in ("SlowDown", "RequestTimeout"):
-            return OSError(errno.EINVAL, f"{url}: {code} {err.get('Message', '')}")  # a bad request: permanent
-        return exc
-    if isinstance(exc, botocore.exceptions.BotoCoreError):
-        return ConnectionError(f"{url}: {exc}")
-    return exc
+#: One listed object (key relative to the site root, size, unquoted ETag, mtime): a listing entry.
+ObjectInfo = Entry
 
 
 class S3Store:
@@ -129,7 +54,6 @@ class S3Store:
         self.policy = RetryPolicy(attempts=options.retry_attempts, base_delay=options.retry_base_delay)
         self.limiter = limiter or RateLimiter(0)
         self.listing_workers = options.listing_workers
-        self.listing_depth = options.listing_depth
         self._options = options
         self._client: Any = None
         self._client_lock = threading.Lock()
@@ -164,7 +88,7 @@ class S3Store:
             retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=pool,
             connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
             request_checksum_calculation="when_required", response_checksum_validation="when_required")
-        return _client(
+        return botocore_client(
             endpoint_url=site.endpoint_url, aws_access_key_id=site.key, aws_secret_access_key=site.secret,
             aws_session_token=site.token, config=config)
 
@@ -185,7 +109,7 @@ class S3Store:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - translated and classified
-                new = _translate(exc, url, self.site, etag)
+                new = translate(exc, url, self.site, etag)
                 if new is exc:
                     raise
                 raise new from exc
@@ -201,7 +125,7 @@ class S3Store:
             FileNotFoundError: when the bucket does not exist.
         """
         try:
-            self.call(lambda: self._list_page("", False, None, max_keys=1), "")
+            self.call(lambda: self.page("", None, None, False, 1), "")
         except OriginUnavailableError as exc:
             raise SiteUnreachableError(self.site.name, self.site.url, self.site.endpoint_url, exc.__cause__) from exc
 
@@ -210,59 +134,39 @@ class S3Store:
         if self._signer is not None:
             query = {"list-type": "2", "encoding-type": "url", "prefix": params["Prefix"],
                      "max-keys": str(params["MaxKeys"])}
-            if "Delimiter" in params:
-                query["delimiter"] = params["Delimiter"]
-            if "ContinuationToken" in params:
-                query["continuation-token"] = params["ContinuationToken"]
+            for name, arg in (("delimiter", "Delimiter"), ("continuation-token", "ContinuationToken"),
+                              ("start-after", "StartAfter")):
+                if arg in params:
+                    query[name] = params[arg]
             return self._signer.presign_get(f"/{self.bucket}", query)
         return str(self.client.generate_presigned_url("list_objects_v2", Params=params, ExpiresIn=900))
 
-    def _list_page(self, prefix: str, delimiter: bool, token: str | None, max_keys: int = 1000) -> dict[str, Any]:
-        """One ListObjectsV2 page (see :meth:`HttpS3.list_page`)."""
+    def page(self, prefix: str, start_after: str | None, token: str | None, delimiter: bool,
+             max_keys: int = 1000) -> Page:
+        """One ListObjectsV2 page under ``prefix``; keys (and ``start_after``) relative to the site root."""
         params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.key(prefix), "MaxKeys": max_keys}
         if delimiter:
             params["Delimiter"] = "/"
         if token:
             params["ContinuationToken"] = token
-        return self._http.list_page(self._presign_list(params), self.url(prefix))
+        elif start_after:
+            params["StartAfter"] = self.key(start_after)
+        return self._http.list_page(self._presign_list(params), self.url(prefix), len(self.prefix))
 
-    def _list_level(self, prefix: str, delimiter: bool) -> tuple[list[ObjectInfo], list[str]]:
-        objects: list[ObjectInfo] = []
-        dirs: list[str] = []
-        token: str | None = None
-        while True:
-            page = self.call(lambda t=token: self._list_page(prefix, delimiter, t), prefix)  # type: ignore[misc]
-            for item in page["Contents"]:
-                objects.append(ObjectInfo(item["Key"][len(self.prefix):], int(item["Size"]),
-                                          str(item["ETag"]).strip('"'), item["LastModified"]))
-            dirs.extend(p["Prefix"][len(self.prefix):] for p in page["CommonPrefixes"])
-            if not page["IsTruncated"]:
-                return objects, dirs
-            token = page["NextContinuationToken"]
+    def list_tree(self, prefixes: Iterable[str], sink: Callable[[list[Entry]], None]) -> ListingStats:
+        """List every object under ``prefixes`` (relative to the root) into ``sink``, in parallel.
 
-    def list_tree(self, prefixes: Iterable[str]) -> dict[str, ObjectInfo]:
-        """List every object under ``prefixes`` (relative to the root) in parallel.
-
-        The tree is split by delimiter for ``listing_depth`` levels and every sub-prefix is listed by
-        its own worker, flat below that depth: wide trees list in parallel, deep ones in few calls.
-        Any listing error propagates, so callers never act (delete) on a partial listing.
+        The key space is split adaptively (:mod:`babel_sync.listing`) with ``listing_workers`` requests
+        in flight; pages go to ``sink`` as they arrive. Any listing error propagates, so callers never
+        act (delete) on a partial listing.
         """
-        out: dict[str, ObjectInfo] = {}
-        roots = sorted(set(prefixes))
-        level = [p for p in roots if not any(p != q and p.startswith(q) for q in roots)]
-        with ThreadPoolExecutor(self.listing_workers, thread_name_prefix="babel-list") as pool:
-            for depth in range(self.listing_depth + 1):
-                if not level:
-                    break
-                # Breadth first: one level per round, no worker ever waits on another (no pool deadlock).
-                split = depth < self.listing_depth
-                results = pool.map(lambda p, s=split: self._list_level(p, s and (p == "" or p.endswith("/"))),
-                                   level)
-                level = []
-                for objects, dirs in results:
-                    out.update((o.key, o) for o in objects)
-                    level.extend(dirs)
-        return out
+        lister = ParallelLister(self.page, self.listing_workers, sink,
+                                lambda fn, prefix: self.call(fn, prefix))
+        return lister.run(prefixes)
+
+    def list_serial(self, prefix: str, sink: Callable[[list[Entry]], None]) -> int:
+        """A plain paginated listing of ``prefix``, one page at a time (the benchmark's baseline)."""
+        return list_serial(lambda *a: self.call(lambda: self.page(*a), prefix), prefix, sink)
 
     # ------------------------------------------------------------------ data
     def read(self, rel: str, etag: str, start: int | None = None, end: int | None = None,
@@ -304,6 +208,8 @@ class S3Store:
     def get_small(self, rel: str) -> tuple[bytes, str]:
         """Read a small object (a manifest) whole; return (bytes, etag)."""
         def attempt() -> tuple[bytes, str]:
+            if self._signer is not None:  # no botocore client just for a manifest (verify, first passes)
+                return self._http.get(self.key(rel), self.url(rel))
             resp = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))
             return resp["Body"].read(), str(resp.get("ETag", "")).strip('"')
 
@@ -352,7 +258,7 @@ class S3Store:
         first = errs[0]
         url = self.url(str(first.get("Key", ""))[len(self.prefix):])
         code = str(first.get("Code", ""))
-        raise DeleteError(url, code, str(first.get("Message", "")), code in _TRANSIENT_CODES)
+        raise DeleteError(url, code, str(first.get("Message", "")), code in TRANSIENT_CODES)
 
     def copy_from(self, src: S3Store, rel: str, dest_rel: str, etag: str,
                   part: tuple[str, int, int, int] | None = None) -> str:

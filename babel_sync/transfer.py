@@ -1,8 +1,9 @@
 """Copying one object between sites: single PUT, multipart with resumable parts, or server-side copy.
 
-The xxh3-128 content hash is computed from the bytes as they stream through (parts are hashed in
-order as they complete), never by a second read of the source. Every part and every single PUT is
-checked against its MD5 ETag, so a corrupted transfer is re-sent and then reported.
+The content digests (xxh3-128 of the file, xxh3-64 per chunk: :mod:`babel_sync.digest`) are computed
+from the bytes as they stream through (parts are hashed in order as they complete), never by a second
+read of the source. Every part and every single PUT is checked against its MD5 ETag, so a corrupted
+transfer is re-sent and then reported. Large objects are sharded adaptively (:mod:`babel_sync.shard`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from babel_sync.config import SyncOptions
+from babel_sync.digest import ContentDigest
 from babel_sync.errors import IntegrityError, SourceChangedError
 from babel_sync.journal import Journal
+from babel_sync.shard import PartBudget, part_size
 from babel_sync.store import ObjectInfo, S3Store
-from lingcore.checksum import content_hasher
 
 MiB = 1 << 20
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
@@ -51,12 +53,10 @@ class Stats:
         with self.lock:
             return self.values.get(name, 0)
 
-
-def part_size(size: int, options: SyncOptions) -> int:
-    """Adaptive part size: about two parts per parallel slot, within [min, max] and S3's 10,000 parts."""
-    want = math.ceil(size / (2 * options.part_concurrency))
-    part = max(options.min_part_size, min(options.max_part_size, want), math.ceil(size / 10_000))
-    return math.ceil(part / MiB) * MiB
+    def peak(self, name: str, value: int) -> None:
+        """Raise counter ``name`` to ``value`` if it is larger (a high-water mark)."""
+        with self.lock:
+            self.values[name] = max(self.values.get(name, 0), value)
 
 
 def _check_md5(digest: bytes, etag: str, url: str, what: str) -> None:
@@ -74,12 +74,14 @@ class Transfer:
         options: Part sizes, threshold, concurrency.
         stats: Counters of the pass.
         parts: Pool that runs part transfers (shared by every file of the pass).
+        budget: Part slots and bytes shared by every file of the pass.
     """
 
     def __init__(self, src: S3Store, dst: S3Store, dest_id: str, journal: Journal, options: SyncOptions,
-                 stats: Stats, parts: ThreadPoolExecutor) -> None:
+                 stats: Stats, parts: ThreadPoolExecutor, budget: PartBudget | None = None) -> None:
         self.src, self.dst, self.dest_id = src, dst, dest_id
         self.journal, self.options, self.stats, self.parts = journal, options, stats, parts
+        self.budget = budget or PartBudget(options)
         self.server_side = src.site.same_store(dst.site)
 
     def copy(self, info: ObjectInfo) -> dict[str, Any]:
@@ -101,8 +103,8 @@ class Transfer:
         if self.server_side:
             return self._server_side(info)
         if info.size < self.options.multipart_threshold_size:
-            hasher = content_hasher()
-            data = self.src.read(info.key, info.etag, sink=hasher.update)
+            digest = ContentDigest(info.size, self.options.verify_chunk_size)
+            data = self.src.read(info.key, info.etag, sink=digest.update)
             if len(data) != info.size:
                 raise SourceChangedError(self.src.url(info.key), info.etag)
             md5 = hashlib.md5(data).digest()  # one MD5: checks the source ETag, is sent as Content-MD5
@@ -110,7 +112,7 @@ class Transfer:
             dest_etag = self.dst.put(info.key, data, md5)
             self.stats.add("bytes_sent", len(data))
             _check_md5(md5, dest_etag, self.dst.url(info.key), "destination write")
-            return {"size": info.size, "etag": info.etag, "dest_etag": dest_etag, "xxh3_128": hasher.hexdigest()}
+            return {"size": info.size, "etag": info.etag, "dest_etag": dest_etag, **digest.fields()}
         return self._multipart(info)
 
     # ------------------------------------------------------------------ multipart
@@ -164,13 +166,22 @@ class Transfer:
 
     def _part(self, info: ObjectInfo, upload_id: str, n: int, start: int, end: int,
               durable: str | None) -> tuple[bytes | bytearray | None, str]:
+        self.budget.acquire(end - start)  # bounds the part bytes all files hold at once
+        self.stats.peak("parts_in_flight_max", self.budget.in_flight)
+        try:
+            return self._part_io(info, upload_id, n, start, end, durable)
+        finally:
+            self.budget.release(end - start)
+
+    def _part_io(self, info: ObjectInfo, upload_id: str, n: int, start: int, end: int,
+                 durable: str | None) -> tuple[bytes | bytearray | None, str]:
         if self.server_side:
             if durable is not None:
                 return None, durable
             etag = self.dst.copy_from(self.src, info.key, info.key, info.etag, (upload_id, n, start, end))
             self.journal.put(Journal.part_key(upload_id, n), {"etag": etag, "size": end - start})
             return None, etag
-        data = self.src.read(info.key, info.etag, start, end)
+        data = self.src.read(info.key, info.etag, start, end)  # one ranged read per part, in parallel
         if len(data) != end - start:
             raise SourceChangedError(self.src.url(info.key), info.etag)
         md5 = hashlib.md5(data).digest()
@@ -186,18 +197,20 @@ class Transfer:
     def _multipart(self, info: ObjectInfo) -> dict[str, Any]:
         psize = part_size(info.size, self.options)
         upload_id, durable, completed = self._start_upload(info, psize)
-        hasher = content_hasher()
+        digest = ContentDigest(info.size, self.options.verify_chunk_size)
         etags: list[str] = []
         window: deque[Future[tuple[bytes | bytearray | None, str]]] = deque()
         bounds = [(i + 1, off, min(off + psize, info.size)) for i, off in enumerate(range(0, info.size, psize))]
+        ctl = self.budget.window(len(bounds))
         try:
             for n, start, end in bounds:
                 window.append(self.parts.submit(self._part, info, upload_id, n, start, end, durable.get(n)))
-                while len(window) >= self.options.part_concurrency or (n == len(bounds) and window):
+                while len(window) >= ctl.size or (n == len(bounds) and window):
                     data, etag = window.popleft().result()
                     if data is not None:
-                        hasher.update(data)  # in part order: the same digest as one sequential read
+                        digest.update(data)  # in part order: the same digests as one sequential read
                     etags.append(etag)
+                    ctl.done(psize)
             dest_etag = completed or self.dst.complete_upload(info.key, upload_id, etags)
         except SourceChangedError:
             for fut in window:
@@ -209,19 +222,21 @@ class Transfer:
             for fut in window:
                 fut.cancel()
             raise  # the journaled upload is resumed by the next pass, or aborted by its sweep
+        finally:
+            self.budget.finish()
         self.journal.drop_upload(self.dest_id, info.key, upload_id)
-        digest = self._dest_hash(info.key, dest_etag, info.size) if self.server_side else hasher.hexdigest()
-        return {"size": info.size, "etag": info.etag, "dest_etag": dest_etag, "xxh3_128": digest}
+        fields = self._dest_digest(info.key, dest_etag, info.size) if self.server_side else digest.fields()
+        return {"size": info.size, "etag": info.etag, "dest_etag": dest_etag, **fields}
 
     # ------------------------------------------------------------------ server side
-    def _dest_hash(self, key: str, etag: str, size: int) -> str:
-        """Hash a server-side copy by reading it back once at the destination (which also verifies it)."""
-        hasher = content_hasher()
+    def _dest_digest(self, key: str, etag: str, size: int) -> dict[str, Any]:
+        """Digest a server-side copy by reading it back once at the destination (which also verifies it)."""
+        digest = ContentDigest(size, self.options.verify_chunk_size)
         step = max(self.options.max_part_size, 64 * MiB)
         for off in range(0, size, step):
-            hasher.update(self.dst.read(key, etag, off, min(off + step, size)))
+            digest.update(self.dst.read(key, etag, off, min(off + step, size)))
         self.stats.add("bytes_verified", size)
-        return str(hasher.hexdigest())
+        return digest.fields()
 
     def _server_side(self, info: ObjectInfo) -> dict[str, Any]:
         if info.size >= self.options.multipart_threshold_size:
@@ -229,5 +244,5 @@ class Transfer:
         dest_etag = self.dst.copy_from(self.src, info.key, info.key, info.etag)
         if _MD5.match(info.etag) and dest_etag != info.etag:
             raise IntegrityError(self.dst.url(info.key), f"copy has ETag {dest_etag}, source {info.etag}")
-        digest = self._dest_hash(info.key, dest_etag, info.size)
-        return {"size": info.size, "etag": info.etag, "dest_etag": dest_etag, "xxh3_128": digest}
+        return {"size": info.size, "etag": info.etag, "dest_etag": dest_etag,
+                **self._dest_digest(info.key, dest_etag, info.size)}

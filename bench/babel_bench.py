@@ -1,66 +1,67 @@
-"""babel_sync against rclone and juicefs sync, between two real SeaweedFS servers in the same run.
+"""babel_sync at scale (issue 17): listing, no-op re-sync, one large object, sampled verify, listing memory.
 
-Measures (issue 6):
+Between two real SeaweedFS servers (the runner's one is the source, this module starts the destination),
+with a ChaosProxy in its own process between babel-sync and the source that waits 20 ms before every
+response, as a region away would. Every baseline runs in the same run, on the same objects, through the
+same proxy:
 
-- cold copy of a mix (many 1 MiB objects, a few 256 MiB ones) against ``rclone copy --checksum
-  --transfers 8`` and ``juicefs sync --threads 8``: target >= 1.2x each (MB/s ratio);
-- no-op re-sync of 10,000 objects against rclone's no-op: target <= 0.5x the time with 0 bytes
-  (reported as rclone seconds / babel seconds, so the target is ratio >= 2.0);
-- re-sync after 1% changes: bytes sent against bytes changed, target <= 1.05 (reported as changed / sent,
-  target ratio >= 0.952).
+| measure | babel-sync | baseline | target |
+|---|---|---|---|
+| listing N objects, flat prefix | ``S3Store.list_tree`` (adaptive split, ``listing_workers``) | the same client's serial paginated listing | >= 20x |
+| no-op re-sync of N objects | ``babel-sync once`` (a process) | ``rclone copy --checksum --transfers 8 --checkers 16`` | <= 0.25x the time |
+| cold copy of one large object | ``babel-sync once`` | ``rclone copy`` of the same object | >= 1.5x |
+| sampled verify of that file, RATE 0.01 | ``verify(sample=0.01)`` | ``verify --full`` (xxh3-128 of the whole file) | >= 30x |
+| RSS growth per listed object at N | a process listing the N objects into its on-disk listing | the 300-byte budget | within |
 
-Every tool runs as its own process (``babel-sync once`` through ``python -m babel_sync.cli``), so each
-pays its own start-up. Knobs: ``BENCH_BABEL_MIX_MB`` (mix size, default 1024 MiB, the issue says 2048:
-the 2-core bench machine copies the mix four times per run), ``BENCH_BABEL_NOOP_OBJECTS`` (default
-10000), ``BENCH_REPEAT`` (no-op repeats).
+N = ``BENCH_BABEL_OBJECTS`` (default 100,000: one unit of N empty files, ``noop/v1/f%06d``, created through
+the filer, about 90 s per side), the large object is ``BENCH_BABEL_BIG_MB`` MiB (default 1024). The
+destination of the no-op holds the same files and the manifest babel-sync writes (built here with
+``babel_sync.units.make_manifest``), so the first pass only caches it. With N >= 100,000 a 10^6-key
+listing from ``tests/listing_server.py`` (no proxy) adds an informational RSS row. Smoke run:
+``BENCH_ONLY=babel BENCH_BABEL_OBJECTS=5000 BENCH_BABEL_BIG_MB=64 BENCH_REPEAT=1``.
+
+``python -m bench.babel_bench rss`` is the listing process of the RSS rows (spec as JSON on stdin).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import random
 import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench._common import MiB, env_int, error_row, log, make_row, mbps, median, repeats, selected, settle
+from bench._common import MiB, env_int, error_row, log, make_row, median, repeats, selected, settle
 from pcache.testing import SeaweedServer
 
 NAME = "babel"
-TARGETS = {"cold": 1.2, "noop": 2.0, "delta": 1 / 1.05}
+TARGETS = {"listing": 20.0, "noop": 4.0, "cold": 1.5, "verify": 30.0, "rss": 1.0}
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+LATENCY_S = 0.02
+RSS_BUDGET = 300
+EMPTY_MD5 = hashlib.md5(b"").hexdigest()
 
 
-def _put_many(server: SeaweedServer, bucket: str, items: list[tuple[str, bytes]]) -> None:
-    client = server.client()
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda kv: client.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), items))
-
-
-def _mix(total: int) -> list[tuple[str, int]]:
-    """(key, size) of the mix: half the bytes in 256 MiB objects, half in 1 MiB ones, units of 64 files."""
-    big = max(1, total // 2 // (256 * MiB))
-    small = max(64, (total - big * 256 * MiB) // MiB)
-    out = [(f"mix/u{i // 64:04d}/f{i:05d}", MiB) for i in range(small)]
-    out += [(f"mix/big{i}/blob", 256 * MiB) for i in range(big)]
-    units = {k.rpartition("/")[0] for k, _ in out}
-    return out + [(f"{u}/_COMMITTED", 2) for u in sorted(units)]
-
-
-def _config(path: Path, a: SeaweedServer, b: SeaweedServer, src: str, dst: str, state: Path, include: str) -> Path:
+# -- helpers shared with bench.babel_mix_bench -------------------------------------------------------------
+def babel_config(path: Path, a: SeaweedServer, b: SeaweedServer, src: str, dst: str, state: Path, include: str,
+                 endpoint_a: str | None = None, sync: str = "") -> Path:
+    """Write a babel-sync config copying ``include`` from ``a``'s bucket ``src`` to ``b``'s ``dst``."""
     (path.parent / "cred_a").write_text(f"aws_access_key_id={a.access_key}\naws_secret_access_key={a.secret_key}\n")
     (path.parent / "cred_b").write_text(f"aws_access_key_id={b.access_key}\naws_secret_access_key={b.secret_key}\n")
     path.write_text(f"""[sync]
 state_dir = "{state}"
 progress = false
+{sync}
 [sites.a]
 url = "s3://{src}"
-endpoint_url = "{a.endpoint_url}"
+endpoint_url = "{endpoint_a or a.endpoint_url}"
 credentials_file = "cred_a"
 [sites.b]
 url = "s3://{dst}"
@@ -75,152 +76,273 @@ include = ["{include}"]
     return path
 
 
-def _babel(config: Path) -> tuple[float, dict[str, Any]]:
+def babel_cli(config: Path, command: str = "once") -> tuple[float, dict[str, Any]]:
+    """Run ``babel-sync once`` as its own process; return (seconds, JSON summary)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "babel_sync.cli", "once", "--config", str(config)],
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run([sys.executable, "-m", "babel_sync.cli", command, "--config", str(config)],
+                          capture_output=True, text=True, timeout=1800, cwd=REPO)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"babel-sync once failed ({proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+        raise RuntimeError(f"babel-sync {command} failed ({proc.returncode}): {proc.stdout[-2000:]} "
+                           f"{proc.stderr[-2000:]}")
     return seconds, json.loads(proc.stdout)
 
 
-def _rclone_env(a: SeaweedServer, b: SeaweedServer) -> dict[str, str]:
+def rclone_env(a: SeaweedServer, b: SeaweedServer, endpoint_a: str | None = None) -> dict[str, str]:
+    """rclone remotes ``A`` and ``B`` from the environment (credentials never on the command line)."""
     env = dict(os.environ)
-    for name, srv in (("A", a), ("B", b)):
+    for name, srv, endpoint in (("A", a, endpoint_a or a.endpoint_url), ("B", b, b.endpoint_url)):
         env.update({f"RCLONE_CONFIG_{name}_TYPE": "s3", f"RCLONE_CONFIG_{name}_PROVIDER": "SeaweedFS",
                     f"RCLONE_CONFIG_{name}_ACCESS_KEY_ID": srv.access_key,
                     f"RCLONE_CONFIG_{name}_SECRET_ACCESS_KEY": srv.secret_key,
-                    f"RCLONE_CONFIG_{name}_ENDPOINT": srv.endpoint_url,
+                    f"RCLONE_CONFIG_{name}_ENDPOINT": endpoint,
                     f"RCLONE_CONFIG_{name}_REGION": "us-east-1", f"RCLONE_CONFIG_{name}_FORCE_PATH_STYLE": "true"})
     return env
 
 
-def _rclone(a: SeaweedServer, b: SeaweedServer, src: str, dst: str, prefix: str) -> float:
+def rclone_copy(a: SeaweedServer, b: SeaweedServer, src: str, dst: str, prefix: str, endpoint_a: str | None = None,
+                flags: tuple[str, ...] = ("--checksum", "--transfers", "8")) -> float:
+    """Time ``rclone copy FLAGS A:src/prefix B:dst/prefix``."""
     t0 = time.perf_counter()
-    subprocess.run([str(BIN / "rclone"), "copy", "--checksum", "--transfers", "8", "--s3-no-check-bucket",
-                    f"A:{src}/{prefix}", f"B:{dst}/{prefix}"], env=_rclone_env(a, b), check=True,
-                   capture_output=True, timeout=1800)
+    subprocess.run([str(BIN / "rclone"), "copy", *flags, "--s3-no-check-bucket", f"A:{src}/{prefix}",
+                    f"B:{dst}/{prefix}"], env=rclone_env(a, b, endpoint_a), check=True, capture_output=True,
+                   timeout=1800)
     return time.perf_counter() - t0
 
 
-def _juicefs(a: SeaweedServer, b: SeaweedServer, src: str, dst: str, prefix: str) -> float:
-    def url(srv: SeaweedServer, bucket: str) -> str:
-        return f"minio://{srv.access_key}:{srv.secret_key}@{srv.endpoint_url.split('://')[1]}/{bucket}/{prefix}"
+# -- set-up ------------------------------------------------------------------------------------------------
+def filer_put_many(server: SeaweedServer, bucket: str, keys: list[str], body: bytes = b"") -> None:
+    """Create objects through the filer's HTTP API (twice the rate of signed S3 PUTs on 2 cores)."""
+    import urllib3
 
-    t0 = time.perf_counter()
-    subprocess.run([str(BIN / "juicefs"), "sync", "--threads", "8", url(a, src), url(b, dst)], check=True,
-                   capture_output=True, timeout=1800)
-    return time.perf_counter() - t0
+    http = urllib3.PoolManager(maxsize=32)
+    base = f"http://127.0.0.1:{server.ports['filer']}/buckets/{bucket}/"
+    with ThreadPoolExecutor(32) as pool:
+        bad = [s for s in pool.map(lambda k: http.request("PUT", base + k, body=body).status, keys) if s != 201]
+    if bad:
+        raise RuntimeError(f"filer PUT answered {bad[:3]} for {len(bad)} of {len(keys)} objects")
 
 
-def bench_cold_and_delta(a: SeaweedServer, b: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
-    total = env_int("BENCH_BABEL_MIX_MB", 1024) * MiB
-    mix = _mix(total)
-    nbytes = sum(s for _, s in mix)
-    rng = random.Random(0)
-    a.make_bucket("babel-mix")
+def _seed_destination(b: SeaweedServer, bucket: str, names: list[str], source_url: str) -> None:
+    """Make the destination hold what a babel-sync copy of the unit leaves: files, manifest, marker."""
+    import xxhash
+
+    from babel_sync.units import make_manifest
+
+    filer_put_many(b, bucket, [f"noop/v1/{n}" for n in names])
+    empty = xxhash.xxh3_128_hexdigest(b"")
+    files = [{"path": n, "size": 0, "etag": EMPTY_MD5, "dest_etag": EMPTY_MD5, "xxh3_128": empty} for n in names]
+    files.append({"path": "_COMMITTED", "size": 2, "etag": hashlib.md5(b"{}").hexdigest(), "dest_etag": "",
+                  "xxh3_128": xxhash.xxh3_128_hexdigest(b"{}")})
+    client = b.client()
+    client.put_object(Bucket=bucket, Key="noop/v1/_BABEL_MANIFEST.json",
+                      Body=make_manifest("noop/v1", source_url, files))
+    client.put_object(Bucket=bucket, Key="noop/v1/_COMMITTED", Body=b"{}")
+
+
+def _proxy(server: SeaweedServer) -> Any:
+    from bench.pcache_origin_bench import latency_proxy
+
+    return latency_proxy(server, LATENCY_S)
+
+
+def _rss_probe(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "bench.babel_bench", "rss"], input=json.dumps(spec),
+                          capture_output=True, text=True, timeout=1200, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rss probe failed: {proc.stderr[-2000:]}")
+    return dict(json.loads(proc.stdout))
+
+
+def _interleaved(runs: int, *fns: Callable[[], float]) -> list[list[float]]:
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            settle()
+            out[i].append(fn())
+    return out
+
+
+# -- the measures ------------------------------------------------------------------------------------------
+def bench_scale(a: SeaweedServer, b: SeaweedServer, workdir: Path, endpoint: str) -> list[dict[str, Any]]:
+    """Listing, RSS and no-op rows on one unit of N empty objects at the source (behind the proxy)."""
+    from babel_sync.config import Site, SyncOptions
+    from babel_sync.listdb import ListingStore
+    from babel_sync.store import S3Store
+
+    count = env_int("BENCH_BABEL_OBJECTS", 100_000)
+    names = [f"f{i:06d}" for i in range(count - 1)]  # plus the marker: N objects
+    a.make_bucket("babel-scale-src")
+    b.make_bucket("babel-scale-dst")
+    b.make_bucket("babel-scale-rclone")
     t0 = time.monotonic()
-    _put_many(a, "babel-mix", [(k, rng.randbytes(s)) for k, s in mix if s < 256 * MiB])
-    for k, s in mix:
-        if s >= 256 * MiB:
-            _put_many(a, "babel-mix", [(k, os.urandom(s))])
-    log(f"babel: mix of {len(mix)} objects, {nbytes / MiB:.0f} MiB written in {time.monotonic() - t0:.1f}s")
-    babel_s: list[float] = []
-    rclone_s: list[float] = []
-    juice_s: list[float] = []
-    repeat = repeats()
-    for r in range(repeat):  # interleaved, each run into a fresh bucket: load drifts hit every tool alike
-        for bucket in (f"babel-dst-{r}", f"rclone-dst-{r}", f"juicefs-dst-{r}"):
-            b.make_bucket(bucket)
-        config = _config(workdir / "babel.toml", a, b, "babel-mix", f"babel-dst-{r}", workdir / f"state-{r}",
-                         "mix/**")
-        settle()
-        seconds, summary = _babel(config)
-        assert summary["bytes_copied"] == nbytes, summary
-        babel_s.append(seconds)
-        settle()
-        rclone_s.append(_rclone(a, b, "babel-mix", f"rclone-dst-{r}", "mix"))
-        settle()
-        juice_s.append(_juicefs(a, b, "babel-mix", f"juicefs-dst-{r}", "mix/"))
-        log(f"babel: cold copy #{r}: babel {babel_s[-1]:.1f}s, rclone {rclone_s[-1]:.1f}s, "
-            f"juicefs {juice_s[-1]:.1f}s ({mbps(nbytes, babel_s[-1]):.0f} / {mbps(nbytes, rclone_s[-1]):.0f} / "
-            f"{mbps(nbytes, juice_s[-1]):.0f} MB/s)")
-        if r < repeat - 1:
-            for bucket in (f"babel-dst-{r}", f"rclone-dst-{r}", f"juicefs-dst-{r}"):
-                b.delete_bucket(bucket)
-    note = (f"mix of {len(mix)} objects ({nbytes / MiB:.0f} MiB: half in 256 MiB objects, half in 1 MiB ones; "
-            f"BENCH_BABEL_MIX_MB, the issue's size is 2048), {repeat} interleaved runs per tool, each its own "
-            "process into a fresh bucket; babel-sync (default transfers) includes streaming xxh3-128 and MD5 "
-            "verification of every object and part")
-    rows = [make_row(module=NAME, key=f"cold_copy_vs_{name}", measure=f"cold copy of the mix, MB/s vs {base}",
-                     unit="MB/s", values=[mbps(nbytes, s) for s in babel_s], seconds=babel_s, baseline=base,
-                     baseline_values=[mbps(nbytes, s) for s in secs], baseline_seconds=secs,
-                     target=TARGETS["cold"], nbytes=nbytes, notes=note)
-            for name, base, secs in (("rclone", "rclone copy --checksum --transfers 8", rclone_s),
-                                     ("juicefs", "juicefs sync --threads 8", juice_s))]
-    # 1% changes: same-size edits of 1 MiB objects and of one 256 MiB object's worth of files.
-    small = [k for k, s in mix if s == MiB]
-    changed = rng.sample(small, max(1, len(small) // 100))
-    _put_many(a, "babel-mix", [(k, rng.randbytes(MiB)) for k in changed])
-    changed_bytes = len(changed) * MiB
-    _, delta = _babel(config)  # the last run's destination and state
-    sent = delta["bytes_sent"]
-    log(f"babel: 1% changes ({len(changed)} objects, {changed_bytes / MiB:.0f} MiB): sent {sent / MiB:.2f} MiB")
-    rows.append(make_row(module=NAME, key="delta_bytes_sent", measure="re-sync after 1% same-size edits: "
-                         "bytes changed / bytes sent (issue: sent <= 1.05x changed, i.e. ratio >= 0.952)",
-                         unit="bytes", values=[float(changed_bytes)], baseline="bytes sent by babel-sync",
-                         baseline_values=[float(sent)], target=TARGETS["delta"],
-                         notes="bytes sent include each changed unit's re-published marker (2 bytes) and exclude "
-                               "the manifest; re-published units' unchanged files are not re-sent",
-                         extra={"changed_objects": len(changed), "summary": delta}))
+    filer_put_many(a, "babel-scale-src", [f"noop/v1/{n}" for n in names])
+    a.client().put_object(Bucket="babel-scale-src", Key="noop/v1/_COMMITTED", Body=b"{}")
+    _seed_destination(b, "babel-scale-dst", names, "s3://babel-scale-src/noop/v1")
+    log(f"babel: {count} objects at the source and their copy at the destination in {time.monotonic() - t0:.0f}s")
+    site = Site("a", "s3://babel-scale-src", endpoint, key=a.access_key, secret=a.secret_key)
+    store = S3Store(site, SyncOptions())
+    listings = ListingStore(str(workdir / "listing-state"))
+    stats: list[Any] = []
+
+    def parallel() -> float:
+        listing = listings.new()
+        t = time.perf_counter()
+        stats.append(store.list_tree(["noop/v1/"], listing.add))
+        seconds = time.perf_counter() - t
+        assert listing.count == count, (listing.count, count)
+        listings.release()
+        return seconds
+
+    def serial() -> float:
+        t = time.perf_counter()
+        n = store.list_serial("noop/v1/", lambda entries: None)
+        assert n == count, (n, count)
+        return time.perf_counter() - t
+
+    par_s, ser_s = _interleaved(repeats(), parallel, serial)
+    log(f"babel: listing {count}: parallel {median(par_s):.2f}s, serial {median(ser_s):.2f}s")
+    rows = [make_row(module=NAME, key="listing", measure=f"listing {count} objects, flat prefix, 20 ms per response: "
+                     "serial seconds / babel seconds", unit="1/s", values=[1 / s for s in par_s], seconds=par_s,
+                     baseline="serial paginated listing (same client, same parser)",
+                     baseline_values=[1 / s for s in ser_s], baseline_seconds=ser_s, target=TARGETS["listing"],
+                     notes=f"listing_workers = {SyncOptions().listing_workers}; the chaos proxy (its own process) "
+                           "waits 20 ms before every response",
+                     extra={"stats": [vars(s) | {"per_worker": len(s.per_worker)} for s in stats]})]
+    spec = {"endpoint": endpoint, "bucket": "babel-scale-src", "key": a.access_key, "secret": a.secret_key,
+            "prefix": "noop/v1/", "warm": "noop/v1/f00000", "state": str(workdir / "rss-state")}
+    rss = _rss_probe(spec)
+    per = rss["growth"] / rss["objects"]
+    log(f"babel: RSS growth listing {rss['objects']} objects: {per:.0f} bytes per object")
+    rows.append(make_row(module=NAME, key="listing_rss", measure=f"RSS growth per listed object at {count} objects: "
+                         f"budget ({RSS_BUDGET} B) / bytes per object", unit="bytes", values=[RSS_BUDGET],
+                         baseline="peak RSS growth per listed object", baseline_values=[per],
+                         target=TARGETS["rss"], notes="a fresh process lists through the proxy into its on-disk "
+                         "listing; growth = peak RSS (VmHWM, reset after warm-up) minus RSS before", extra=rss))
+    config = babel_config(workdir / "scale.toml", a, b, "babel-scale-src", "babel-scale-dst", workdir / "state-scale",
+                          "noop/**", endpoint_a=endpoint)
+    _, first = babel_cli(config)  # caches the manifest: later passes are listings only
+    assert first["ok"] and first["bytes_sent"] == 0, first
+    rclone_copy(a, b, "babel-scale-src", "babel-scale-dst", "noop", endpoint, ("--checksum", "--transfers", "8",
+                                                                               "--checkers", "16"))
+    passes: list[dict[str, Any]] = []
+
+    def babel_noop() -> float:
+        seconds, summary = babel_cli(config)
+        assert summary["ok"] and summary["bytes_sent"] == 0 and summary["objects_skipped"] == count, summary
+        passes.append(summary)
+        return seconds
+
+    def rclone_noop() -> float:
+        return rclone_copy(a, b, "babel-scale-src", "babel-scale-dst", "noop", endpoint,
+                           ("--checksum", "--transfers", "8", "--checkers", "16"))
+
+    babel_s, rclone_s = _interleaved(repeats(), babel_noop, rclone_noop)
+    log(f"babel: no-op of {count}: babel {median(babel_s):.2f}s, rclone {median(rclone_s):.2f}s")
+    rows.append(make_row(module=NAME, key="noop", measure=f"no-op re-sync of {count} objects: rclone seconds / "
+                         "babel seconds (issue: <= 0.25x the time, i.e. >= 4)", unit="1/s",
+                         values=[1 / s for s in babel_s], seconds=babel_s,
+                         baseline="rclone copy --checksum --transfers 8 --checkers 16 (no-op)",
+                         baseline_values=[1 / s for s in rclone_s], baseline_seconds=rclone_s,
+                         target=TARGETS["noop"], notes="both as processes, start-up included, source behind the "
+                         "20 ms proxy; both compare every object against the same destination",
+                         extra={"babel_pass_seconds": [p["seconds"] for p in passes]}))
     return rows
 
 
-def bench_noop(a: SeaweedServer, b: SeaweedServer, workdir: Path, repeat: int) -> list[dict[str, Any]]:
-    count = env_int("BENCH_BABEL_NOOP_OBJECTS", 10_000)
-    a.make_bucket("babel-noop")
-    t0 = time.monotonic()
-    items = [(f"noop/u{i // 100:04d}/f{i:05d}", b"x" * 1024) for i in range(count)]
-    items += [(f"noop/u{u:04d}/_COMMITTED", b"{}") for u in range((count + 99) // 100)]
-    _put_many(a, "babel-noop", items)
-    log(f"babel: {len(items)} objects for the no-op test written in {time.monotonic() - t0:.1f}s")
-    b.make_bucket("babel-noop-dst")
-    b.make_bucket("rclone-noop-dst")
-    config = _config(workdir / "noop.toml", a, b, "babel-noop", "babel-noop-dst", workdir / "state-noop", "noop/**")
-    time.sleep(2.5)  # past listing_settle_seconds (2 s): the initial sync must take every unit just written
-    _, first = _babel(config)
-    assert first["bytes_copied"] == sum(len(v) for _, v in items), first
-    _rclone(a, b, "babel-noop", "rclone-noop-dst", "noop")
-    babel_s, rclone_s, sent, pass_s = [], [], [], []
-    for _ in range(repeat):
-        s, summary = _babel(config)
-        babel_s.append(s)
-        pass_s.append(summary["seconds"])
-        sent.append(summary["bytes_sent"] + summary["bytes_copied"])
-        assert sent[-1] == 0, f"the no-op pass moved {sent[-1]} bytes"
-        rclone_s.append(_rclone(a, b, "babel-noop", "rclone-noop-dst", "noop"))
-    log(f"babel: no-op of {len(items)} objects: babel {median(babel_s):.2f}s, rclone {median(rclone_s):.2f}s, "
-        f"bytes {max(sent)}")
-    return [make_row(module=NAME, key="noop_resync_10k", measure=f"no-op re-sync of {len(items)} objects, "
-                     "rclone seconds / babel seconds (issue: babel <= 0.5x rclone, i.e. ratio >= 2.0)",
-                     unit="1/s", values=[1 / s for s in babel_s], seconds=babel_s,
-                     baseline="rclone copy --checksum --transfers 8 (no-op)",
-                     baseline_values=[1 / s for s in rclone_s], baseline_seconds=rclone_s, target=TARGETS["noop"],
-                     notes=f"both as processes (start-up included: about 0.15 s of Python imports for "
-                           f"babel-sync, no botocore on this path); babel-sync bytes moved: {max(sent)}; the pass "
-                           f"itself (listing both sides, planning) took {median(pass_s):.2f}s",
-                     extra={"bytes_moved": max(sent), "babel_pass_seconds": pass_s})]
+def bench_big(a: SeaweedServer, b: SeaweedServer, workdir: Path, endpoint: str) -> list[dict[str, Any]]:
+    """Cold copy of one large object (babel vs rclone) and sampled vs full verify of the copy."""
+    from babel_sync import Syncer, load_config, verify
+
+    size = env_int("BENCH_BABEL_BIG_MB", 1024) * MiB
+    a.make_bucket("babel-big-src")
+    a.client().put_object(Bucket="babel-big-src", Key="big/blob", Body=os.urandom(size))
+    a.client().put_object(Bucket="babel-big-src", Key="big/_COMMITTED", Body=b"{}")
+    time.sleep(2.5)  # past listing_settle_seconds: a fresh marker would make babel-sync wait, rclone has no margin
+    runs = repeats()
+    babel_s: list[float] = []
+    rclone_s: list[float] = []
+    config = workdir / "big.toml"
+    for r in range(runs):  # each run into fresh buckets: no tool finds the other's bytes
+        for bucket in (f"babel-big-{r}", f"rclone-big-{r}"):
+            b.make_bucket(bucket)
+        config = babel_config(workdir / "big.toml", a, b, "babel-big-src", f"babel-big-{r}", workdir / f"state-big-{r}",
+                              "big/**", endpoint_a=endpoint)
+        settle()
+        seconds, summary = babel_cli(config)
+        assert summary["ok"] and summary["bytes_copied"] == size + 2, summary
+        babel_s.append(seconds)
+        settle()
+        rclone_s.append(rclone_copy(a, b, "babel-big-src", f"rclone-big-{r}", "big", endpoint))
+        log(f"babel: cold copy of {size // MiB} MiB #{r}: babel {babel_s[-1]:.1f}s "
+            f"(parts in flight up to {summary['parts_in_flight_max']}), rclone {rclone_s[-1]:.1f}s")
+        if r < runs - 1:
+            b.delete_bucket(f"rclone-big-{r}")
+    mb = size / 1e6
+    rows = [make_row(module=NAME, key="cold_big", measure=f"cold copy of one {size // MiB} MiB object, MB/s",
+                     unit="MB/s", values=[mb / s for s in babel_s], seconds=babel_s, nbytes=size,
+                     baseline="rclone copy --checksum --transfers 8", baseline_values=[mb / s for s in rclone_s],
+                     baseline_seconds=rclone_s, target=TARGETS["cold"],
+                     notes="both as processes through the 20 ms proxy (which relays every byte in Python)")]
+    syncer = Syncer(load_config(config))
+    results: list[dict[str, Any]] = []
+
+    def sampled() -> float:
+        t = time.perf_counter()
+        results.append(verify(syncer, "bench", sample=0.01, repair=False))
+        return time.perf_counter() - t
+
+    def full() -> float:
+        t = time.perf_counter()
+        out = verify(syncer, "bench", sample=1.0, repair=False)
+        assert out["ok"], out
+        return time.perf_counter() - t
+
+    samp_s, full_s = _interleaved(runs, sampled, full)
+    assert all(r["ok"] for r in results), results
+    log(f"babel: verify {size // MiB} MiB: sampled 0.01 {median(samp_s):.3f}s, full {median(full_s):.2f}s")
+    rows.append(make_row(module=NAME, key="verify", measure=f"verify of one {size // MiB} MiB file: full seconds / "
+                         "sampled (RATE 0.01) seconds", unit="1/s", values=[1 / s for s in samp_s], seconds=samp_s,
+                         baseline="verify --full (xxh3-128 of the whole file)", baseline_values=[1 / s for s in full_s],
+                         baseline_seconds=full_s, target=TARGETS["verify"],
+                         notes="in-process verify() at the destination (no proxy): listing, manifest GET, then "
+                               "ranged reads", extra={"sampled": results}))
+    return rows
+
+
+def bench_million(workdir: Path) -> list[dict[str, Any]]:
+    """RSS growth listing 10^6 keys from our ListObjectsV2 server (informational; no proxy)."""
+    count = 1_000_000
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "listing_server.py"), f"flat:big/k:{count}"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert server.stdin is not None and server.stdout is not None
+    try:
+        endpoint = server.stdout.readline().split()[1]
+        rss = _rss_probe({"endpoint": endpoint, "bucket": "bkt", "key": "AK", "secret": "SK", "prefix": "big/",
+                          "warm": "big/k000000", "state": str(workdir / "rss-million")})
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
+    per = rss["growth"] / rss["objects"]
+    log(f"babel: RSS growth listing {rss['objects']} keys: {per:.0f} bytes per object")
+    return [make_row(module=NAME, key="listing_rss_1m", measure="RSS growth per listed object at 10^6 keys "
+                     f"(tests/listing_server.py): budget ({RSS_BUDGET} B) / bytes per object", unit="bytes",
+                     values=[RSS_BUDGET], baseline="peak RSS growth per listed object", baseline_values=[per],
+                     target=None, notes="informational: a local server, no latency", extra=rss)]
 
 
 def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
-    """Run the babel measures; starts the second SeaweedFS server itself."""
+    """Run the scale measures; starts the destination SeaweedFS server and the proxy itself."""
     if not selected("babel"):
         return []
     rows: list[dict[str, Any]] = []
-    with SeaweedServer(workdir / "seaweed-b") as second:
-        for name, group in (("noop", lambda: bench_noop(server, second, workdir, repeats())),
-                            ("cold", lambda: bench_cold_and_delta(server, second, workdir))):
+    with SeaweedServer(workdir / "seaweed-b") as second, _proxy(server) as (endpoint, _counts):
+        groups: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
+            ("scale", lambda: bench_scale(server, second, workdir, endpoint)),
+            ("big", lambda: bench_big(server, second, workdir, endpoint))]
+        if env_int("BENCH_BABEL_OBJECTS", 100_000) >= 100_000:
+            groups.append(("million", lambda: bench_million(workdir)))
+        for name, group in groups:
             t0 = time.monotonic()
             try:
                 rows += group()
@@ -232,4 +354,32 @@ def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["NAME", "run"]
+def _rss_main() -> int:
+    """List ``spec.prefix`` into an on-disk listing; print the objects and the peak RSS growth (JSON)."""
+    from babel_sync.config import Site, SyncOptions
+    from babel_sync.listdb import ListingStore
+    from babel_sync.store import S3Store
+
+    def status(name: str) -> int:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(name))
+
+    spec = json.loads(sys.stdin.read())
+    site = Site("a", f"s3://{spec['bucket']}", spec["endpoint"], key=spec["key"], secret=spec["secret"])
+    store = S3Store(site, SyncOptions())
+    listings = ListingStore(spec["state"])
+    store.list_tree([spec["warm"]], listings.new().add)  # imports, threads, connections, the LMDB map
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # peak RSS := current RSS
+    before = status("VmRSS:")
+    listing = listings.new(match=lambda key: True)
+    stats = store.list_tree([spec["prefix"]], listing.add)
+    print(json.dumps({"objects": listing.objects, "growth": status("VmHWM:") - before, "requests": stats.requests,
+                      "seconds": stats.seconds}))
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["rss"]:
+    sys.exit(_rss_main())
+
+__all__ = ["NAME", "babel_cli", "babel_config", "filer_put_many", "rclone_copy", "rclone_env", "run"]

@@ -89,12 +89,10 @@ def _train(cfg: TrainConfig) -> tuple[TrainResult, Trainer]:
 
 def _babel_toml(work: Path, a: SeaweedServer, b: SeaweedServer) -> Path:
     path = work / "babel.toml"
-    # Both clusters run on this machine (one clock) and training has stopped: no need to let fresh
-    # markers settle for a pass (listing_settle_seconds guards against listing pages read while writing).
-    path.write_text(f"""[sync]
-listing_settle_seconds = 0
-
-[sites.a]
+    # The default settle margin: `babel-sync once` waits out a marker written just before its listing and
+    # copies that unit in the same pass. Datasets from `loaders pack` carry the same _COMMITTED marker
+    # as checkpoints (written after index.json), so both rules use the default unit_marker.
+    path.write_text(f"""[sites.a]
 url = "s3://{BUCKET}"
 endpoint_url = "{a.endpoint_url}"
 credentials_file = "{_credentials_file(work / 'creds-a', a)}"
@@ -117,7 +115,6 @@ name = "datasets"
 source = "a"
 destinations = ["b"]
 include = ["datasets/**"]
-unit_marker = "index.json"
 """)
     return path
 

@@ -7,8 +7,8 @@ is a JSON manifest of the files under the prefix as they were at the origin when
      "files": [{"path": "rank00000.pt", "size": 123, "etag": "...", "xxh3_128": "..." | null}, ...]}
 
 ``xxh3_128`` is null when the writer could not vouch for the content (the object changed since the
-writer's own upload). pcache writes markers, ``ling_train`` and ``fusefs commit`` read and verify them,
-and babel-sync copies units that carry one.
+writer's own upload). pcache and ``loaders pack`` write markers, ``ling_train`` and ``fusefs commit`` read
+and verify them, and babel-sync copies units that carry one (and no ``_PACKING`` file).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from lingcore.checksum import content_hash
 
 MARKER_NAME = "_COMMITTED"
 MARKER_FORMAT = "pcache-commit/1"
+#: A directory holding this file is being written (``loaders pack`` keeps it until the corpus is whole):
+#: it is not a complete unit, whatever else it holds.
+PACKING_NAME = "_PACKING"
 
 
 def build_marker(prefix: str, files: Iterable[Mapping[str, Any]], committed: float | None = None) -> bytes:

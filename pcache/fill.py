@@ -48,10 +48,11 @@ class DirectFill:
         """Load a whole block into ``dest``; return None, or the block's bytes if another caller had them.
 
         A cold multi-block read receives each block straight into its place in the result: no 4 MiB
-        ``bytes`` per block (fresh pages that fault in every time) and no copy out of it. The block is
-        not put into the memory tier: like a multi-block read from disk, such a read is a scan, and a
-        copy for the memory tier would cost what this saves. It is copied once, into the disk tier's
-        write buffer.
+        ``bytes`` per block (fresh pages that fault in every time) and no copy out of it. It is copied
+        into the disk tier's write buffer and, when the memory tier is on, into the memory tier: blocks
+        fetched from the origin fill the memory tier as before, so the next epoch's reads are memory
+        hits (measured: without that copy, warm 16 MiB reads fell from 1.13x to 0.30x of ``pread``, for
+        about 0.15 CPU-s per GiB saved on the cold read). Blocks read from disk stay out of it (a scan).
         """
         key = block_key(obj, index, self.block_size)
         data = self.memory.get(key)
@@ -86,6 +87,8 @@ class DirectFill:
             fetch.into(start, end, dest)
             self._count("misses")
             self._count("origin_bytes", end - start)
+            if self.memory.capacity_bytes:
+                self.memory.put(key, bytes(dest))
             try:
                 staged = self.disk.stage(key, dest)  # the copy the disk write needs; dest is the caller's
             except Exception:  # noqa: BLE001 - a cache write must never fail a read

@@ -12,9 +12,18 @@ import pytest
 from babel_sync import ConfigError, UnknownSiteError, load_config
 from babel_sync.cli import build_parser, main
 from babel_sync.config import Rule
-from babel_sync.store import ObjectInfo
-from babel_sync.transfer import part_size
-from babel_sync.units import discover, glob_regex, list_prefix, natural_key
+from babel_sync.listdb import ListingStore
+from babel_sync.listing import Entry
+from babel_sync.shard import part_size
+from babel_sync.units import (
+    complete_units,
+    glob_regex,
+    list_prefix,
+    matcher,
+    natural_key,
+    owned_files,
+    watch_names,
+)
 
 ISSUE_TOML = """
 [sites.a]
@@ -131,12 +140,19 @@ def test_globs_units_and_part_sizes(tmp_path: Path) -> None:
     assert not glob_regex("datasets/*").match("datasets/v1/a")
     assert list_prefix("checkpoints/run1/**") == "checkpoints/run1/" and list_prefix("d*/x") == ""
     assert sorted(["step_10", "step_9"], key=natural_key) == ["step_9", "step_10"]
-    obj = lambda k: ObjectInfo(k, 1, "e", 0.0)  # noqa: E731
-    listing = {k: obj(k) for k in ["d/v1/_COMMITTED", "d/v1/a", "d/v1/sub/b", "d/v2/a", "x/_COMMITTED"]}
-    units, orphan = discover(listing, Rule("r", "a", ("b",), include=("d/**",)), "_M")
-    assert list(units) == ["d/v1"] and sorted(units["d/v1"].files) == ["d/v1/a", "d/v1/sub/b"] and orphan == 1
+    rule = Rule("r", "a", ("b",), include=("d/**",))
+    listing = ListingStore(str(tmp_path / "state")).new(watch_names(rule), matcher(rule, "_M"))
+    keys = ["d/v1/_COMMITTED", "d/v1/a", "d/v1/sub/b", "d/v1/_M", "d/v2/a", "x/_COMMITTED",
+            "d/v3/_COMMITTED", "d/v3/_PACKING", "d/v3/a"]  # v3: a pack was re-run over it, not complete
+    listing.add([Entry(k, 1, "e", 0.0) for k in keys])
+    units = complete_units(listing, rule, "_M")
+    assert list(units) == ["d/v1"]
+    files = owned_files(listing, "d/v1", "d/v1/_COMMITTED", units, sorted(units), rule, "_M", matcher(rule, "_M"))
+    assert [k for k, _ in files] == ["d/v1/a", "d/v1/sub/b"]
+    assert (listing.objects, listing.bytes) == (7, 7)  # what the rule matches (not x/, not the manifest)
     cfg = load_config(write(tmp_path, ISSUE_TOML), env=ENV).options
-    assert part_size(256 << 20, cfg) == 16 << 20
+    assert part_size(256 << 20, cfg) == 8 << 20  # four parts per slot: 256 MiB / 32, at least min_part_size
+    assert part_size(1 << 30, cfg) == 32 << 20
     assert part_size(100 << 30, cfg) == 256 << 20
     assert part_size(1 << 20, cfg) == cfg.min_part_size
 

@@ -725,10 +725,12 @@ def test_interrupted_update_of_a_published_unit_recopies_only_changed_files(env:
     assert_identical(env, {**made, "datasets/v0/part-0001": b"edit 2"})
 
 
-def test_unit_whose_marker_is_newer_than_the_listing_waits_a_pass(env: Env) -> None:
+def test_unit_whose_marker_is_newer_than_the_listing_waits_a_daemon_pass(env: Env) -> None:
+    """A daemon pass (no waiting) leaves a fresh unit for its next pass, and says so: not in sync."""
     made = make_units(env, units=1, small=2)
     settle = env.write_config(DATASETS, sync="listing_settle_seconds = 3600")
-    summary = sync_once(Syncer(load_config(settle)))
-    assert summary["ok"] and summary["objects_copied"] == 0 and env.dst() == {}
+    summary = sync_once(Syncer(load_config(settle)), wait=False)
+    assert not summary["ok"] and summary["objects_copied"] == 0 and env.dst() == {}
+    assert summary["units_held_back"] == 1 and summary["bytes_held_back"] == sum(len(v) for v in made.values())
     assert sync_once(Syncer(load_config(env.write_config(DATASETS))))["ok"]
     assert_identical(env, made)

@@ -64,8 +64,12 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], str]:
     return [str(root / "a.jsonl"), str(root / "b.jsonl.gz"), str(root / "c.txt")], str(root / "tokenizer.json")
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def _files(root: Path) -> dict[str, Any]:
+    """Every file's bytes; the commit marker by its file list (its prefix and time name the run)."""
+    out: dict[str, Any] = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    if "_COMMITTED" in out:
+        out["_COMMITTED"] = json.loads(out["_COMMITTED"])["files"]
+    return out
 
 
 def _pack(inputs: tuple[list[str], str], out: Path, fmt: str, **kw: Any) -> dict[str, Any]:
@@ -188,7 +192,8 @@ def test_ray_reads_and_writes_s3_directly(cluster: str, inputs: tuple[list[str],
     local = pack([inputs[0][0]], str(tmp_path / "local"), format="wds", tokenizer=inputs[1], shard_size="24KiB",
                  progress=False)
     assert [s["files"] for s in remote["shards"]] == [s["files"] for s in local["shards"]]
-    written = {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.find(f"{bucket}/corpus")}
+    written: dict[str, Any] = {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.find(f"{bucket}/corpus")}
+    written["_COMMITTED"] = json.loads(written["_COMMITTED"])["files"]
     assert written == _files(tmp_path / "local") and not fs.exists(f"{bucket}/corpus/_PACKING")
 
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lingcore.checksum import content_hash
+from lingcore.marker import PACKING_NAME as _PACKING_NAME
 from lingcore.probe import PROBE_TIMEOUT, check_readable
 from lingcore.versions import object_version
 from loaders.errors import CorpusNotFoundError, CorruptIndexError, FormatError, InvalidParameterError
@@ -33,8 +34,9 @@ from loaders.formats.megatron import MegatronShard
 from loaders.formats.wds import WdsShard
 
 INDEX_NAME = "index.json"
-# Present while `loaders pack` writes a corpus (and after it was interrupted); removed once index.json is.
-PACKING_NAME = "_PACKING"
+# Present while `loaders pack` writes a corpus (and after it was interrupted); removed once index.json and the
+# commit marker are written. The name is the kernel's (babel-sync never takes a directory holding it).
+PACKING_NAME = _PACKING_NAME
 INDEX_SCHEMA = "loaders.corpus"
 INDEX_VERSION = 1
 FORMATS = ("megatron", "wds", "lmdb")

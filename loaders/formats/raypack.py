@@ -40,7 +40,7 @@ from lingcore.config import parse_size
 from lingcore.log import get_logger
 from loaders.errors import InvalidParameterError
 from loaders.formats._io import Location
-from loaders.formats.corpus import INDEX_NAME, PACKING_NAME
+from loaders.formats.corpus import INDEX_NAME
 from loaders.formats.raytasks import (
     RANGE_MAX,
     RANGE_MIN,
@@ -57,7 +57,7 @@ from loaders.formats.raytasks import (
     write_shard,
 )
 from loaders.formats.tokenize import TokenizerSpec
-from loaders.formats.writer import index_document, put_small, read_packing, shard_intact, write_packing
+from loaders.formats.writer import index_document, publish_index, read_packing, shard_intact, write_packing
 
 log = get_logger(__name__)
 
@@ -258,9 +258,7 @@ class _Job:
         shards = [self.done[p.name] for p in self.planned]
         index = index_document(format=self.format, dtype=self.dtype, tokenizer=self.spec.describe(),
                                eos_id=self.spec.eos_id, shard_size=self.shard_size, shards=shards)
-        put_small(self.out, INDEX_NAME, (_dumps(index) + "\n").encode())
-        packing = self.out.child(PACKING_NAME)
-        packing.fs.rm_file(packing.path)
+        publish_index(self.out, index)
         if self.out.local:
             shutil.rmtree(os.path.join(self.out.path, STAGING), ignore_errors=True)
         log.info("packed with Ray: %d shards written, %d reused from an interrupted run", len(shards) - reused, reused,
@@ -279,11 +277,6 @@ def _spans(starts: np.ndarray, first: int, documents: int) -> list[tuple[int, in
         first, r = hi, r + 1
     return spans
 
-
-def _dumps(index: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(index, indent=1)
 
 
 __all__ = ["pack_ray"]

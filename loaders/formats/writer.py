@@ -2,7 +2,10 @@
 
 Layout under the output URL (``NAME`` = ``shard-00000``, ``shard-00001``, …)::
 
-    index.json                 written last: a reader that finds it finds every shard complete
+    index.json                 written after every shard: a reader that finds it finds every shard complete
+    _COMMITTED                 written after index.json: the commit marker (``lingcore.marker``) listing every
+                               file with its size and xxh3-128, so the corpus is a complete unit for pcache
+                               readers and for babel-sync's default rule
     NAME.bin, NAME.idx         format "megatron"
     NAME.tar, NAME.members.npy format "wds"
     NAME.lmdb/data.mdb         format "lmdb"
@@ -32,8 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from lingcore.checksum import content_hash
 from lingcore.config import parse_size
 from lingcore.log import get_logger
+from lingcore.marker import MARKER_NAME, build_marker
 from loaders.errors import InvalidParameterError
 from loaders.formats._io import Location, hash_file
 from loaders.formats.corpus import FORMATS, INDEX_NAME, INDEX_SCHEMA, INDEX_VERSION, PACKING_NAME
@@ -71,9 +76,9 @@ class CorpusWriter:
             an interrupted write with the same key, its finished shards that still verify are kept and
             the documents they hold are skipped; None never resumes.
 
-    Until ``index.json`` exists, a ``_PACKING`` file in ``url`` marks the directory as unfinished, so no
-    reader takes the shards written so far for a (smaller) corpus. It lists the finished shards. Used as
-    a context manager, an exception leaves no ``index.json`` behind.
+    Until ``index.json`` and ``_COMMITTED`` exist, a ``_PACKING`` file in ``url`` marks the directory as
+    unfinished, so no reader takes the shards written so far for a (smaller) corpus. It lists the
+    finished shards. Used as a context manager, an exception leaves no ``index.json`` behind.
     """
 
     def __init__(self, url: str, *, format: str, dtype: Any = np.uint16, shard_size: int | str = DEFAULT_SHARD_SIZE,
@@ -99,6 +104,9 @@ class CorpusWriter:
             raise FileExistsError(f"{index.url} exists; pass overwrite=True (--force) to replace the corpus")
         self.resume_key = resume_key
         kept = self._resumable(overwrite)
+        marker = self.out.child(MARKER_NAME)
+        if marker.exists():  # --force: unpublish first, so no reader trusts the old corpus while it changes
+            marker.fs.rm_file(marker.path)
         if index.exists():  # --force: the old index must never describe the new shards
             index.fs.rm_file(index.path)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -222,9 +230,7 @@ class CorpusWriter:
             raise InvalidParameterError("documents", f"no documents to write to {self.out.url}")
         index = index_document(format=self.format, dtype=self.dtype, tokenizer=self.tokenizer, eos_id=self.eos_id,
                                shard_size=self.shard_size, shards=self._shards)
-        put_small(self.out, INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
-        packing = self.out.child(PACKING_NAME)
-        packing.fs.rm_file(packing.path)
+        publish_index(self.out, index)
         self._cleanup()
         self._closed = True
         return index
@@ -344,6 +350,23 @@ def put_small(out: Location, name: str, data: bytes) -> None:
     else:
         out.fs.makedirs(out.path, exist_ok=True)  # object stores: a no-op
         out.fs.pipe_file(target.path, data)  # one PUT replaces an object whole
+
+
+def publish_index(out: Location, index: Mapping[str, Any]) -> None:
+    """Publish a finished corpus: ``index.json``, then the commit marker, then drop ``_PACKING``.
+
+    The marker (lingcore.marker's format, listing every shard file and ``index.json``) is the one unit
+    convention of the project: babel-sync's default rule and pcache's ``read_commit`` take the corpus as
+    complete once it exists, and never before. Both pack engines publish through here.
+    """
+    index_bytes = (json.dumps(index, indent=1) + "\n").encode()
+    put_small(out, INDEX_NAME, index_bytes)
+    files = [{"path": f["path"], "size": f["bytes"], "xxh3_128": f["xxh3_128"]}
+             for shard in index["shards"] for f in shard["files"].values()]
+    files.append({"path": INDEX_NAME, "size": len(index_bytes), "xxh3_128": content_hash(index_bytes)})
+    put_small(out, MARKER_NAME, build_marker(out.url, files))
+    packing = out.child(PACKING_NAME)
+    packing.fs.rm_file(packing.path)
 
 
 def index_document(*, format: str, dtype: Any, tokenizer: Mapping[str, Any] | None, eos_id: int | None,
