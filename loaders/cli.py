@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
                    help=f"token bytes per shard, e.g. 256MiB (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="tokenizer processes (default: CPUs, at most 8)")
+                   help="byte-tokenizer processes (default: CPUs, at most 8); a tokenizer.json encodes in "
+                        "batches on all cores (RAYON_NUM_THREADS caps them)")
     p.add_argument("--force", action="store_true", help="replace an existing corpus at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the written index.json")
