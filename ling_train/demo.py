@@ -1,7 +1,9 @@
 """``make demo``: the whole stack end to end on two embedded SeaweedFS clusters.
 
 1. Start SeaweedFS S3 servers for cluster A and cluster B (loopback).
-2. Pack a generated text corpus into Megatron shards on A (``loaders pack``).
+2. Train a byte-level BPE tokenizer on real English text already on the machine (the installed packages'
+   READMEs and licenses, the standard library's docstrings: :mod:`ling_train.realtext`) and pack that text
+   with it into Megatron shards on A (``loaders pack``); the model's vocabulary comes from the corpus.
 3. Mount A's dataset with fusefs when it works here; otherwise read it through ``pcache::s3://`` (said so).
 4. Train ``tiny`` for a few hundred steps, checkpointing asynchronously through pcache to A.
 5. ``babel-sync once`` replicates the dataset and the committed checkpoints to B (a plain fsspec copy,
@@ -9,7 +11,7 @@
 6. Resume training from B's copy and show that the loss continues.
 
 Prints a summary (tokens/s, checkpoint stall against a synchronous save, bytes synced), writes a PNG loss
-curve, and stops everything it started.
+curve (log axis, skipped steps marked) and prints its full path, and stops everything it started.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from rich.table import Table
 
 from ling_train.checkpoint import CheckpointManager
 from ling_train.config import TrainConfig
-from ling_train.corpus import sample_texts, write_jsonl
+from ling_train.corpus import write_jsonl
+from ling_train.realtext import offline_texts, train_bpe
 from ling_train.trainer import Trainer, TrainResult
 from lingcore.files import write_private
 from lingcore.marker import MARKER_NAME
@@ -171,22 +174,39 @@ def _summary_bytes(summary: Any) -> int:
     return 0
 
 
-def _plot(path: Path, first: TrainResult, second: TrainResult) -> bool:
+def _plot(path: Path, first: TrainResult, second: TrainResult, title: str) -> bool:
+    """Loss per step on a log axis, both jobs, the resume point, and every skipped step marked."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import ScalarFormatter
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(sorted(first.losses), [first.losses[s] for s in sorted(first.losses)], label="cluster A (trained)")
-    ax.plot(sorted(second.losses), [second.losses[s] for s in sorted(second.losses)],
-            label="cluster B (resumed from synced checkpoint)")
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for result, label in ((first, "cluster A (trained)"), (second, "cluster B (resumed from synced checkpoint)")):
+        steps = sorted(result.losses)
+        ax.plot(steps, [result.losses[s] for s in steps], label=label, linewidth=0.8, alpha=0.8)
+    merged = {**first.losses, **second.losses}
+    ema, smooth = None, []
+    for step in sorted(merged):  # the trend through per-batch noise (documents differ a lot in difficulty)
+        ema = merged[step] if ema is None else 0.9 * ema + 0.1 * merged[step]
+        smooth.append(ema)
+    ax.plot(sorted(merged), smooth, color="black", linewidth=1.5, label="moving average (EMA 0.9)")
+    skipped = [(s, r.losses[s]) for r in (first, second) for s, status in r.statuses.items()
+               if status != "ok" and s in r.losses]
+    if skipped:
+        ax.scatter([s for s, _ in skipped], [v for _, v in skipped], marker="x", color="red", zorder=3,
+                   label=f"skipped step ({len(skipped)})")
     ax.axvline(second.start_step, color="grey", linestyle=":", label="resume")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.set_title("ling_train tiny: train on A, checkpoint async, sync to B, resume on B")
+    ax.set_ylabel("cross-entropy (log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -201,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps on cluster A")
     parser.add_argument("--resume-steps", type=int, default=100, help="more steps after resuming on cluster B")
     parser.add_argument("--ckpt-every", type=int, default=100)
-    parser.add_argument("--docs", type=int, default=3000, help="generated documents in the corpus")
+    parser.add_argument("--text-mb", type=float, default=4.0, help="MiB of real English text to collect and pack")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE tokenizer vocabulary")
     parser.add_argument("--workdir", help="default: a new temp dir (kept: PNG, metrics, summary)")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
@@ -223,14 +244,21 @@ def main(argv: list[str] | None = None) -> int:
         b.make_bucket(BUCKET)
         console.print(f"cluster A: {a.endpoint_url}   cluster B: {b.endpoint_url}")
 
-        console.rule("2. pack a text corpus into Megatron shards on A")
+        console.rule("2. train a BPE tokenizer on real English text, pack the text with it on A")
         _use_cluster(a)
+        texts = offline_texts(int(args.text_mb * MiB))
+        text_bytes = sum(len(t.encode()) for t in texts)
+        console.print(f"collected {len(texts):,} documents, {text_bytes / MiB:.2f} MiB of English text "
+                      "(installed packages' READMEs and licenses, the standard library's docstrings)")
         jsonl = work / "corpus.jsonl"
-        write_jsonl(str(jsonl), sample_texts(args.docs, seed=0))
-        index = pack([str(jsonl)], f"s3://{BUCKET}/{DATASET}", format="megatron", shard_size="256KiB",
-                     overwrite=True, progress=True)
-        console.print(f"packed {index['documents']:,} documents, {index['tokens']:,} tokens, "
-                      f"{len(index['shards'])} shards -> s3://{BUCKET}/{DATASET}")
+        write_jsonl(str(jsonl), texts)
+        tokenizer = train_bpe(texts, str(work / "tokenizer.json"), args.vocab_size)
+        console.print(f"trained a byte-level BPE tokenizer ({args.vocab_size} ids): {tokenizer}")
+        index = pack([str(jsonl)], f"s3://{BUCKET}/{DATASET}", format="megatron", tokenizer=tokenizer,
+                     shard_size="1MiB", overwrite=True, progress=True)
+        console.print(f"packed {index['documents']:,} documents, {index['tokens']:,} tokens "
+                      f"({text_bytes / max(1, index['tokens']):.2f} bytes/token), {len(index['shards'])} shards "
+                      f"-> s3://{BUCKET}/{DATASET}")
 
         console.rule("3. dataset access on A")
         mount, how = _try_fusefs(console, work, a)
@@ -275,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         after = sum(res_b.losses[s] for s in range(args.steps + 1, args.steps + 11)) / 10
 
         png = work / "ling_demo_loss.png"
-        plotted = _plot(png, res_a, res_b)
+        plotted = _plot(png, res_a, res_b, f"ling_train tiny, {index['tokens'] / 1e6:.2f}M tokens of real English "
+                        f"(BPE vocab {index['vocab_size']:,}): train on A, sync, resume on B")
         table = Table(title="ling_train demo summary")
         table.add_column("measure")
         table.add_column("value", justify="right")
@@ -294,12 +323,20 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row("loss: first 10 steps resumed on B", f"{after:.4f}")
         table.add_row("anomalies (spikes / NaN)", f"{res_a.counts['spikes'] + res_b.counts['spikes']} / "
                       f"{res_a.counts['nonfinite_loss'] + res_b.counts['nonfinite_loss']}")
-        table.add_row("loss curve", str(png) if plotted else "matplotlib missing: no PNG")
+        table.add_row("corpus", f"{index['tokens']:,} BPE tokens (vocab {index['vocab_size']:,}) of real text")
+        table.add_row("skipped steps (anomaly guard)", str(sum(status != "ok" for r in (res_a, res_b)
+                                                               for status in r.statuses.values())))
         table.add_row("wall time", f"{time.perf_counter() - t_start:.0f} s")
         console.print(table)
+        if plotted:
+            print(f"loss curve: {png}", flush=True)  # stdout, whole: a path a terminal must not wrap or cut
+        else:
+            console.print("[yellow]matplotlib is missing: no loss curve (make demo installs it)")
         (work / "summary.json").write_text(json.dumps({
             "tokens_per_s": res_a.tokens_per_s, "stall_s": stall, "sync_save_s": sync_s, "bytes_synced": synced,
-            "sync": sync_how, "loss_before": before, "loss_after": after, "data": data_url}, indent=1))
+            "sync": sync_how, "loss_before": before, "loss_after": after, "data": data_url,
+            "tokens": index["tokens"], "vocab_size": index["vocab_size"], "png": str(png) if plotted else None},
+            indent=1))
         console.print("[green]demo finished[/green]")
         return 0
     finally:

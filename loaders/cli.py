@@ -55,10 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
                    help=f"token bytes per shard, e.g. 256MiB (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="tokenizer processes (default: CPUs, at most 8); with --engine ray, the CPUs of a "
-                        "local cluster it starts")
+                   help="byte-tokenizer processes (default: CPUs, at most 8; a tokenizer.json encodes in batches "
+                        "on all cores, RAYON_NUM_THREADS caps them); with --engine ray, the CPUs of a local "
+                        "cluster it starts")
     p.add_argument("--engine", choices=ENGINES, default="local",
-                   help="local: a process pool (default); ray: Ray tasks on a cluster (pip install "
+                   help="local: this machine (default); ray: Ray tasks on a cluster (pip install "
                         "'ling-storage[ray]'), same output")
     p.add_argument("--ray-address", default="auto", metavar="ADDRESS",
                    help="Ray cluster for --engine ray: 'auto' (default: a running cluster, else a local one), "

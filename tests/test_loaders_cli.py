@@ -166,3 +166,33 @@ def test_hf_tokenizer(tmp_path: Path, inputs: tuple[list[str], list[str]]) -> No
 def test_module_entry_point() -> None:
     done = subprocess.run([sys.executable, "-m", "loaders", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "pack" in done.stdout and "inspect" in done.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None, reason="tokenizers is not installed")
+def test_bpe_pack_keeps_document_order_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks encode two at a time on the tokenizer's threads: the corpus is still every document's own
+    ``Tokenizer.encode`` ids plus EOS, in input order (small chunks: many in flight at once)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    import loaders.formats.pack as pack_module
+
+    texts = [f"Document {i}: " + " ".join(f"word{(i * j) % 97} and more text" for j in range(1 + (i * 37) % 200))
+             for i in range(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                       show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with open(tmp_path / "in.jsonl", "w") as fh:
+        for text in texts:
+            fh.write(json.dumps({"text": text}) + "\n")
+    monkeypatch.setattr(pack_module, "CHUNK_CHARS", 3000)
+    assert main(["pack", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o"), "--format", "megatron",
+                 "--tokenizer", str(tmp_path / "tokenizer.json"), "--quiet"]) == 0
+    eos = tok.token_to_id("<|endoftext|>")
+    expected = [tok.encode(text, add_special_tokens=False).ids + [eos] for text in texts]
+    with open_corpus(str(tmp_path / "o")) as corpus:
+        got = [shard.read(i).tolist() for shard in corpus.shards for i in range(len(shard.lengths))]
+    assert got == expected

@@ -8,9 +8,13 @@ Inputs (local paths or fsspec URLs; directories are searched recursively, globs 
 * ``*.txt``, ``*.text``, ``*.md``: by default one document per file (books, articles); with
   ``txt_mode="paragraph"`` one document per blank-line-separated paragraph.
 
-Documents are cut into chunks that a process pool (``spawn``: no inherited threads or locks) tokenizes;
-results are consumed in submission order, so the output is byte-identical for any worker count, and at
-most ``2 * workers`` chunks are in flight, so memory stays bounded on any input size.
+Documents are cut into chunks of about 1 MiB. A ``tokenizer.json`` encodes each chunk in this process
+with the ``tokenizers`` library's batch encoder, which runs on all cores (its own thread pool;
+``RAYON_NUM_THREADS`` caps it) with the GIL released, while this thread reads and parses the next chunk
+and writes the previous one: no worker start-up and no texts or ids pickled between processes. The byte
+tokenizer is numpy code, so ``workers`` processes (``spawn``: no inherited threads or locks) run it.
+Results are consumed in submission order, so the output is byte-identical for any worker count, and at
+most ``2 * workers`` (tokenizer.json: 3) chunks are in flight, so memory stays bounded on any input size.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import json
 import multiprocessing
 import re
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import fsspec.utils
@@ -188,8 +192,31 @@ def _chunks(files: list[InputFile], text_field: str, txt_mode: str) -> Iterator[
         yield texts, consumed
 
 
+def _encoded_in_thread(chunks: Iterator[tuple[list[str], int]],
+                       spec: TokenizerSpec) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """A ``tokenizer.json``: chunks encode on the library's threads while the caller reads the next one.
+
+    Two chunks encode at once: the thread pool splits each chunk's documents, and the longest document of
+    one chunk would otherwise leave the other threads idle until it is done.
+    """
+    encoder = Encoder(spec)
+    with ThreadPoolExecutor(2, thread_name_prefix="pack-encode") as pool:
+        pending: collections.deque[tuple[Future[tuple[np.ndarray, np.ndarray]], int]] = collections.deque()
+        for texts, consumed in chunks:
+            pending.append((pool.submit(encoder.encode, texts), consumed))
+            if len(pending) >= 3:
+                future, used = pending.popleft()
+                yield (*future.result(), used)
+        while pending:
+            future, used = pending.popleft()
+            yield (*future.result(), used)
+
+
 def _encoded(chunks: Iterator[tuple[list[str], int]], spec: TokenizerSpec,
              workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    if spec.kind == "hf":
+        yield from _encoded_in_thread(chunks, spec)
+        return
     if workers <= 1:
         encoder = Encoder(spec)
         for texts, consumed in chunks:
@@ -222,7 +249,8 @@ def pack(inputs: Sequence[str], out: str, *, format: str, tokenizer: str = "byte
         text_field: JSONL field holding the text.
         txt_mode: ``"file"`` or ``"paragraph"`` (see the module docstring).
         shard_size: Token bytes per shard.
-        workers: Tokenizer processes (1: tokenize in this process).
+        workers: Byte-tokenizer processes (1: tokenize in this process). A ``tokenizer.json`` always
+            encodes in this process, on the ``tokenizers`` library's threads (all cores).
         eos_id: EOS id for a ``tokenizer.json`` without a recognisable EOS token.
         options_for: Returns fsspec storage options for a URL (e.g. an S3 endpoint).
         progress: Show a progress bar on stderr.

@@ -126,8 +126,12 @@ class Encoder:
                 ids[-1] = EOS_ID
                 parts.append(ids)
         else:
-            encoded = self._hf.encode_batch(list(texts), add_special_tokens=False)
-            parts = [np.array([*e.ids, self.spec.eos_id], dtype=np.int64) for e in encoded]
+            # encode_batch_fast (tokenizers >= 0.21) skips the character offsets that packing never uses:
+            # about 1.5x faster than encode_batch. Both run on the library's thread pool, GIL released.
+            batch = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+            encoded = batch(list(texts), add_special_tokens=False)
+            eos = [self.spec.eos_id]
+            parts = [np.array(e.ids + eos, dtype=np.int64) for e in encoded]
         lengths = np.array([p.size for p in parts], dtype=np.int64)
         flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return flat, lengths
