@@ -11,6 +11,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -292,3 +293,30 @@ def cpu_loop(duration_s: float, batch: int = 20_000) -> dict[str, float]:
     thread_cpu = time.thread_time() - c0
     return {"ops": ops, "wall_s": wall, "ops_per_s": ops / wall, "thread_cpu_s": thread_cpu,
             "thread_cpu_share": thread_cpu / wall}
+
+
+def run_groups(module: str, groups: Sequence[tuple[str, Callable[[], list[dict[str, Any]]]]],
+               filtered: bool = True) -> list[dict[str, Any]]:
+    """Run each ``(name, group)`` in order and return their rows; a group that raises becomes an error row
+    (the others still run) and every group's time is logged.
+
+    Args:
+        module: The module's ``NAME`` (for logs and error rows).
+        groups: ``(name, zero-argument callable returning rows)``.
+        filtered: Skip the groups that :func:`selected` (``BENCH_ONLY``) leaves out.
+    """
+    rows: list[dict[str, Any]] = []
+    for name, group in groups:
+        if filtered and not selected(name):
+            log(f"{module}: skipping {name} (BENCH_ONLY)")
+            continue
+        log(f"{module}: running {name}")
+        t0 = time.monotonic()
+        try:
+            rows += group()
+        except Exception:
+            tb = traceback.format_exc()
+            log(f"{module}: {name} FAILED:\n{tb}")
+            rows.append(error_row(module, name, f"{module} {name}", tb))
+        log(f"{module}: {name} took {time.monotonic() - t0:.1f}s")
+    return rows

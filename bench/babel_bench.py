@@ -31,13 +31,12 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench._common import MiB, env_int, error_row, log, make_row, median, repeats, selected, settle
+from bench._common import MiB, env_int, log, make_row, median, repeats, run_groups, selected, settle
 from pcache.testing import SeaweedServer
 
 NAME = "babel"
@@ -342,15 +341,7 @@ def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
             ("big", lambda: bench_big(server, second, workdir, endpoint))]
         if env_int("BENCH_BABEL_OBJECTS", 100_000) >= 100_000:
             groups.append(("million", lambda: bench_million(workdir)))
-        for name, group in groups:
-            t0 = time.monotonic()
-            try:
-                rows += group()
-            except Exception:
-                tb = traceback.format_exc()
-                log(f"babel: {name} FAILED:\n{tb}")
-                rows.append(error_row(NAME, name, f"babel {name}", tb))
-            log(f"babel: {name} took {time.monotonic() - t0:.1f}s")
+        rows = run_groups(NAME, groups, filtered=False)
     return rows
 
 

@@ -21,12 +21,11 @@ import os
 import random
 import subprocess
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench._common import MiB, env_int, error_row, log, make_row, mbps, median, repeats, selected, settle
+from bench._common import MiB, env_int, log, make_row, mbps, median, repeats, run_groups, selected, settle
 from bench.babel_bench import BIN, babel_cli, babel_config, rclone_copy
 from pcache.testing import SeaweedServer
 
@@ -165,16 +164,8 @@ def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
         return []
     rows: list[dict[str, Any]] = []
     with SeaweedServer(workdir / "seaweed-b") as second:
-        for name, group in (("noop", lambda: bench_noop(server, second, workdir, repeats())),
-                            ("cold", lambda: bench_cold_and_delta(server, second, workdir))):
-            t0 = time.monotonic()
-            try:
-                rows += group()
-            except Exception:
-                tb = traceback.format_exc()
-                log(f"babel: {name} FAILED:\n{tb}")
-                rows.append(error_row(NAME, name, f"babel {name}", tb))
-            log(f"babel: {name} took {time.monotonic() - t0:.1f}s")
+        rows = run_groups(NAME, (("noop", lambda: bench_noop(server, second, workdir, repeats())),
+                            ("cold", lambda: bench_cold_and_delta(server, second, workdir))), filtered=False)
     return rows
 
 

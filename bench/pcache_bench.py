@@ -29,7 +29,6 @@ import os
 import shutil
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,13 +43,13 @@ from bench._common import (
     CpuWindow,
     MiB,
     cpu_loop,
-    error_row,
     log,
     make_row,
     mbps,
     median,
     object_size,
     repeats,
+    run_groups,
     selected,
     settle,
     timed,
@@ -634,25 +633,11 @@ def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
         log("pcache: skipping (BENCH_ONLY)")  # without generating and uploading the object
         return []
     ctx = setup(server, workdir)
-    rows: list[dict[str, Any]] = []
     try:
-        for name, group in GROUPS:
-            if not selected(name):
-                log(f"pcache: skipping {name} (BENCH_ONLY)")
-                continue
-            log(f"pcache: running {name}")
-            t0 = time.monotonic()
-            try:
-                rows += group(ctx)
-            except Exception:
-                tb = traceback.format_exc()
-                log(f"pcache: {name} FAILED:\n{tb}")
-                rows.append(error_row(NAME, name, f"{name} benchmarks", tb))
-            log(f"pcache: {name} took {time.monotonic() - t0:.1f}s")
+        return run_groups(NAME, [(name, partial(group, ctx)) for name, group in GROUPS])
     finally:
         with contextlib.suppress(Exception):
             os.unlink(ctx.local_path)
-    return rows
 
 
 __all__ = ["NAME", "run"]

@@ -39,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -53,13 +52,13 @@ import xxhash
 from bench._common import (
     GiB,
     MiB,
-    error_row,
     log,
     make_row,
     mbps,
     median,
     object_size,
     repeats,
+    run_groups,
     selected,
     settle,
     skipped_row,
@@ -464,21 +463,6 @@ def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
         log(f"{NAME}: skipping (BENCH_ONLY)")
         return []
     ctx = setup(server, workdir)
-    rows: list[dict[str, Any]] = []
-    for name, group in GROUPS:
-        if not selected(name):
-            log(f"{NAME}: skipping {name} (BENCH_ONLY)")
-            continue
-        log(f"{NAME}: running {name}")
-        t0 = time.monotonic()
-        try:
-            rows += group(ctx)
-        except Exception:
-            tb = traceback.format_exc()
-            log(f"{NAME}: {name} FAILED:\n{tb}")
-            rows.append(error_row(NAME, name, f"{name} benchmarks", tb))
-        log(f"{NAME}: {name} took {time.monotonic() - t0:.1f}s")
-    return rows
-
+    return run_groups(NAME, [(name, partial(group, ctx)) for name, group in GROUPS])
 
 __all__ = ["NAME", "run"]
