@@ -259,3 +259,18 @@ def test_proxy_splices_large_bodies_and_survives_cut_ones(framing_upstream: str)
         conn.request("PUT", "/length", body=body)
         assert conn.getresponse().read() == body
         assert proxy.method_counts() == {"PUT": 5}
+
+
+def test_proxy_works_with_descriptors_past_1024(framing_upstream: str) -> None:
+    """A long test process holds many descriptors; select() refuses those >= 1024 (the proxy then closed
+    keep-alive connections without a response, failing unrelated tests late in a full run)."""
+    fillers = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        with ChaosProxy(framing_upstream) as proxy:
+            conn = http.client.HTTPConnection("127.0.0.1", int(proxy.endpoint_url.rsplit(":", 1)[1]), timeout=10)
+            for _ in range(3):  # the second and third reuse the pooled upstream connection
+                conn.request("PUT", "/length", body=b"x" * 1000)
+                assert conn.getresponse().read() == b"x" * 1000
+    finally:
+        for fd in fillers:
+            os.close(fd)

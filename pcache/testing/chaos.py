@@ -210,8 +210,11 @@ class _Handler(BaseHTTPRequestHandler):
         # A pooled connection the server has meanwhile closed shows up as readable (EOF); replace it
         # before sending, since a request body that has been streamed cannot be replayed.
         if conn is not None and conn.sock is not None:
-            readable, _, _ = select.select([conn.sock], [], [], 0)
-            if readable:
+            # poll, not select: select() refuses descriptors >= 1024, which a long test process reaches
+            # (it raised ValueError, and the client saw its connection closed without a response).
+            poller = select.poll()
+            poller.register(conn.sock, select.POLLIN)
+            if poller.poll(0):
                 conn.close()
         if conn is None:
             p = self.server.proxy
