@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from babel_sync.errors import LockedError
-from lingcore.lmdb_env import open_env
+from lingcore.lmdb_env import open_env, transaction
 
 
 def _k(*parts: str) -> bytes:
@@ -73,24 +73,24 @@ class Journal:
     # ------------------------------------------------------------------ generic
     def put(self, key: bytes, value: Any) -> None:
         """Store one JSON record durably."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             txn.put(key, json.dumps(value).encode())
 
     def get(self, key: bytes) -> Any:
         """Return one record or None."""
-        with self.env.begin() as txn:
+        with transaction(self.env) as txn:
             raw = txn.get(key)
         return None if raw is None else json.loads(raw)
 
     def delete(self, *keys: bytes) -> None:
         """Remove records (missing ones are fine)."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             for key in keys:
                 txn.delete(key)
 
     def scan(self, prefix: bytes) -> Iterator[tuple[bytes, Any]]:
         """Yield (key, record) for every key starting with ``prefix`` (a snapshot)."""
-        with self.env.begin() as txn:
+        with transaction(self.env) as txn:
             cur = txn.cursor()
             items = []
             if cur.set_range(prefix):
@@ -118,7 +118,7 @@ class Journal:
 
     def drop_upload(self, dest: str, key: str, upload_id: str) -> None:
         """Forget an upload and its parts (after complete or abort)."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             txn.delete(self.mpu_key(dest, key))
             prefix = f"part:{upload_id}:".encode()
             cur = txn.cursor()
@@ -157,7 +157,7 @@ class Journal:
     def set_status(self, rule: str, dest: str, **fields: Any) -> None:
         """Merge ``fields`` into a rule/destination status record."""
         key = b"status:" + _k(rule, dest)
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             raw = txn.get(key)
             rec = json.loads(raw) if raw else {}
             rec.update(fields)

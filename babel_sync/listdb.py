@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from babel_sync.listing import Entry
 from lingcore.checksum import block_checksum, content_hasher
-from lingcore.lmdb_env import open_env
+from lingcore.lmdb_env import open_env, transaction
 
 _NAMES = itertools.count()  # database names are unique in the process (Syncers share its environment)
 _SIZE = struct.Struct("<Q")
@@ -103,7 +103,7 @@ class Listing:
         self._env = env
         self.name = name
         self._db = env.open_db(name)  # type: ignore[attr-defined]
-        with env.begin(write=True) as txn:  # type: ignore[attr-defined]
+        with transaction(env, write=True) as txn:
             txn.drop(self._db, delete=False)  # a name reused after a crash starts empty
         self._watch = frozenset(watch)
         self._match = match
@@ -116,7 +116,7 @@ class Listing:
 
     def add(self, entries: list[Entry]) -> None:
         """Store one page of entries (thread-safe; one write transaction)."""
-        with self._lock, self._env.begin(write=True, db=self._db) as txn:  # type: ignore[attr-defined]
+        with self._lock, transaction(self._env, write=True, db=self._db) as txn:
             for e in entries:  # encoded inside the lock: a page waiting for it holds one copy, not two
                 key, long = _db_key(e.key)
                 if not txn.put(key, _encode(e, long), overwrite=False):
@@ -131,7 +131,7 @@ class Listing:
     def get(self, key: str) -> Entry | None:
         """The entry of ``key``, or None."""
         raw, _ = _db_key(key)
-        with self._env.begin(db=self._db) as txn:  # type: ignore[attr-defined]
+        with transaction(self._env, db=self._db) as txn:
             value = txn.get(raw)
         return None if value is None else _decode(raw, value)
 
@@ -182,7 +182,7 @@ class Listing:
         start = prefix.encode()
         raw_prefix = start[:_LONG]
         while True:
-            with self._env.begin(db=self._db) as txn:  # type: ignore[attr-defined]
+            with transaction(self._env, db=self._db) as txn:
                 cur = txn.cursor()
                 if not cur.set_range(start):
                     return
@@ -201,7 +201,7 @@ class Listing:
     def drop(self) -> None:
         """Delete the database (the listing is no longer needed)."""
         if not self.dropped:
-            with self._env.begin(write=True) as txn:  # type: ignore[attr-defined]
+            with transaction(self._env, write=True) as txn:
                 txn.drop(self._db, delete=True)
             self.dropped = True
 

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import lmdb
 
-from lingcore.lmdb_env import env_identity, open_env
+from lingcore.lmdb_env import env_identity, open_env, transaction
 from lingcore.log import get_logger
 from pcache.errors import CacheIndexError
 from pcache.eviction import S3Fifo
@@ -103,7 +103,7 @@ class BlockIndex:
         for attempt in (1, 2):
             binding = self._current()
             try:
-                with binding.env.begin(write=write) as txn:
+                with transaction(binding.env, write=write) as txn:
                     return fn(txn, binding.fifo)
             except DAMAGED as exc:
                 if attempt == 2:
@@ -168,5 +168,5 @@ class BlockIndex:
         return binding
 
     def _adopt_all(self, binding: _Binding) -> int:
-        with binding.env.begin(write=True) as txn:
+        with transaction(binding.env, write=True) as txn:
             return self._adopt(txn, binding.fifo)

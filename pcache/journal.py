@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from lingcore.lmdb_env import open_env
+from lingcore.lmdb_env import open_env, transaction
 
 # Over-matching is the safe side: an option wrongly treated as secret is only kept out of the journal
 # (the uploader then takes it from the environment), while a missed one would land on disk.
@@ -96,7 +96,7 @@ class Journal:
         self.meta_db = self.env.open_db(b"meta")
         self.replica_db = self.env.open_db(b"replicas")
         self.multipart_db = self.env.open_db(b"multipart")
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             # A journal written before the counter existed is counted once, here: seeding it lazily
             # inside a delete would recount after the delete and then subtract the entry a second time.
             if txn.get(_PENDING_BYTES, db=self.meta_db) is None:
@@ -108,14 +108,14 @@ class Journal:
 
     def add(self, entry: dict[str, Any]) -> None:
         """Record a staged file (durably; the data file must already be fsynced and renamed)."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             if txn.get(entry["id"].encode(), db=self.pending_db) is None:
                 self._add_pending_bytes(txn, entry["size"])
             txn.put(entry["id"].encode(), json.dumps(entry).encode(), db=self.pending_db)
 
     def update(self, entry_id: str, **changes: Any) -> None:
         """Merge ``changes`` into a pending entry (no-op if it is gone)."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             raw = txn.get(entry_id.encode(), db=self.pending_db)
             if raw is not None:
                 entry = json.loads(raw)
@@ -124,7 +124,7 @@ class Journal:
 
     def complete(self, upload_id: str, etag: str | None) -> None:
         """Move an entry from pending to done, in one durable transaction."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             raw = txn.get(upload_id.encode(), db=self.pending_db)
             if raw is None:
                 return
@@ -137,7 +137,7 @@ class Journal:
 
     def pending(self, prefix: str | None = None) -> list[dict[str, Any]]:
         """Return pending entries whose URL lies under ``prefix`` (all when None), oldest first."""
-        with self.env.begin() as txn:
+        with transaction(self.env) as txn:
             entries = [json.loads(v) for _, v in txn.cursor(db=self.pending_db)]
         return sorted((e for e in entries if under_prefix(e["url"], prefix)), key=lambda e: e["created"])
 
@@ -146,7 +146,7 @@ class Journal:
         matches = [e for e in self.pending(url) if e["url"] == url]
         if not matches:
             return None
-        with self.env.begin() as txn:
+        with transaction(self.env) as txn:
             raw = txn.get(url.encode(), db=self.done_db)
         done_created = json.loads(raw).get("created", 0.0) if raw is not None else -1.0
         return matches[-1] if matches[-1]["created"] > done_created else None
@@ -158,7 +158,7 @@ class Journal:
 
     def supersede(self, entry_id: str) -> None:
         """Drop a pending entry that a newer write of its URL replaces (it is never uploaded)."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             raw = txn.get(entry_id.encode(), db=self.pending_db)
             if raw is not None:
                 txn.delete(entry_id.encode(), db=self.pending_db)
@@ -174,12 +174,12 @@ class Journal:
         """
         record = {k: entry[k] for k in ("id", "url", "protocol", "path", "options")}
         record.update(started=time.time(), upload_id=None)
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             txn.put(entry["id"].encode(), json.dumps(record).encode(), db=self.multipart_db)
 
     def note_multipart_id(self, entry_id: str, upload_id: str) -> None:
         """Add the origin's upload id to an intent (informational: orphans are found by key)."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             raw = txn.get(entry_id.encode(), db=self.multipart_db)
             if raw is not None:
                 record = json.loads(raw)
@@ -188,13 +188,13 @@ class Journal:
 
     def multipart_intents(self, url: str | None = None) -> list[dict[str, Any]]:
         """Intents whose multipart uploads may still exist at the origin (of exactly ``url``, or all)."""
-        with self.env.begin() as txn:
+        with transaction(self.env) as txn:
             records = [json.loads(v) for _, v in txn.cursor(db=self.multipart_db)]
         return sorted((r for r in records if url is None or r["url"] == url), key=lambda r: r["started"])
 
     def end_multipart(self, entry_ids: list[str]) -> None:
         """Forget intents once no multipart upload of theirs can be left at the origin."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             for entry_id in entry_ids:
                 txn.delete(entry_id.encode(), db=self.multipart_db)
 
@@ -206,7 +206,7 @@ class Journal:
         one makes this one superseded at once. Returns the ids whose data files the caller must unlink.
         """
         drop: list[str] = []
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             for key, raw in list(txn.cursor(db=self.replica_db)):
                 other = json.loads(raw)
                 if other["url"] != entry["url"]:
@@ -223,13 +223,13 @@ class Journal:
 
     def replicas(self) -> list[dict[str, Any]]:
         """Standby replicas held for other nodes, oldest first."""
-        with self.env.begin() as txn:
+        with transaction(self.env) as txn:
             entries = [json.loads(v) for _, v in txn.cursor(db=self.replica_db)]
         return sorted(entries, key=lambda e: e["created"])
 
     def drop_replica(self, source_id: str) -> str | None:
         """Forget the replica of the writer's upload ``source_id``; return its local id (to unlink)."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             for key, raw in txn.cursor(db=self.replica_db):
                 entry = json.loads(raw)
                 if entry["source_id"] == source_id:
@@ -240,7 +240,7 @@ class Journal:
 
     def adopt_replica(self, replica_id: str) -> bool:
         """Turn a standby replica into a pending upload of this node, in one durable transaction."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             raw = txn.get(replica_id.encode(), db=self.replica_db)
             if raw is None:
                 return False
@@ -254,7 +254,7 @@ class Journal:
 
     def forget_replica(self, replica_id: str) -> None:
         """Drop a standby replica by its local id (the origin already has it or something newer)."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             raw = txn.get(replica_id.encode(), db=self.replica_db)
             if raw is not None:
                 txn.delete(replica_id.encode(), db=self.replica_db)
@@ -275,12 +275,12 @@ class Journal:
     def pending_bytes(self) -> int:
         """Bytes staged here and not yet known durable at the origin: pending uploads plus standby
         replicas. The disk tier reserves them; they are never evicted."""
-        with self.env.begin() as txn:
+        with transaction(self.env) as txn:
             return self._read_pending_bytes(txn)
 
     def done(self, prefix: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (url, record) of completed uploads under ``prefix``."""
-        with self.env.begin() as txn:
+        with transaction(self.env) as txn:
             items = [(k.decode(), json.loads(v)) for k, v in txn.cursor(db=self.done_db)]
         for url, rec in items:
             if under_prefix(url, prefix):
@@ -288,13 +288,13 @@ class Journal:
 
     def get(self, entry_id: str) -> dict[str, Any] | None:
         """Return the pending entry ``entry_id``, or None once it is done or superseded."""
-        with self.env.begin() as txn:
+        with transaction(self.env) as txn:
             raw = txn.get(entry_id.encode(), db=self.pending_db)
         return json.loads(raw) if raw is not None else None
 
     def references(self, entry_id: str) -> bool:
         """True when a pending upload or a standby replica owns the data file of ``entry_id``."""
-        with self.env.begin() as txn:
+        with transaction(self.env) as txn:
             return any(txn.get(entry_id.encode(), db=db) is not None for db in (self.pending_db, self.replica_db))
 
     def remove_orphans(self, age_s: float = 3600.0) -> int:
@@ -325,7 +325,7 @@ class Journal:
         """Forget completed-upload records older than ``older_than_s`` seconds."""
         cutoff = time.time() - older_than_s
         removed = 0
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             for key, value in list(txn.cursor(db=self.done_db)):
                 if json.loads(value)["completed"] < cutoff:
                     txn.delete(key, db=self.done_db)

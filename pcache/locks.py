@@ -23,19 +23,64 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+# Every descriptor that holds (or is about to hold) a flock, in any StripeLocks or exclusive_lock of this
+# process. A flock belongs to the open file description, which a forked child shares: a child that kept
+# such a descriptor would hold the lock for its whole life (a DataLoader worker: the epoch), and a
+# thread of its own that then asks for the same stripe waits forever. So the child closes them all.
+# ``_FDS_LOCK`` is held across fork (see _before_fork), and every "open and register" and "unregister
+# and close" runs under it, so no descriptor is ever open but unregistered when a fork happens.
+_HELD_FDS: set[int] = set()
+_FDS_LOCK = threading.Lock()
+
+
+def _open_registered(path: str) -> int:
+    with _FDS_LOCK:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        _HELD_FDS.add(fd)
+    return fd
+
+
+def _close_registered(fd: int) -> None:
+    with _FDS_LOCK:
+        _HELD_FDS.discard(fd)
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def _before_fork() -> None:
+    _FDS_LOCK.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _FDS_LOCK.release()
+
+
+def _after_fork_in_child() -> None:
+    global _FDS_LOCK
+    for fd in _HELD_FDS:
+        with suppress(OSError):
+            os.close(fd)  # the child's copy only: the parent keeps its lock
+    _HELD_FDS.clear()
+    _FDS_LOCK = threading.Lock()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
+
+
 class StripeLocks:
-    """Cross-process exclusive locks on ``n_stripes`` files in ``lock_dir``."""
+    """Cross-process exclusive locks on ``n_stripes`` files in ``lock_dir``.
+
+    Locks held by the parent at a fork are not held by the child (see ``_HELD_FDS``).
+    """
 
     def __init__(self, lock_dir: str, n_stripes: int = 1024) -> None:
         self.lock_dir = lock_dir
         self.n_stripes = n_stripes
         os.makedirs(lock_dir, exist_ok=True)
-        self._held: set[int] = set()
-        self._held_lock = threading.Lock()
 
     def _open(self, key: bytes) -> int:
         stripe = int.from_bytes(key[:4], "little") % self.n_stripes
-        return os.open(os.path.join(self.lock_dir, f"{stripe:04x}"), os.O_RDWR | os.O_CREAT, 0o600)
+        return _open_registered(os.path.join(self.lock_dir, f"{stripe:04x}"))
 
     def acquire(self, key: bytes) -> int:
         """Take the stripe lock for ``key`` (blocking); return the descriptor to pass to :meth:`release`."""
@@ -43,10 +88,8 @@ class StripeLocks:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
-            os.close(fd)
+            _close_registered(fd)
             raise
-        with self._held_lock:
-            self._held.add(fd)
         return fd
 
     def try_acquire(self, key: bytes) -> int | None:
@@ -55,32 +98,16 @@ class StripeLocks:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
+            _close_registered(fd)
             return None
-        with self._held_lock:
-            self._held.add(fd)
         return fd
 
     def release(self, fd: int) -> None:
         """Release a lock taken with :meth:`acquire` (closing the descriptor drops the flock)."""
-        with self._held_lock:
-            self._held.discard(fd)
-        os.close(fd)
+        _close_registered(fd)
 
     def forget_after_fork(self) -> None:
-        """In a forked child: close the inherited descriptors of locks the parent held.
-
-        An inherited descriptor shares the parent's open file description, so while the child keeps it
-        open the flock stays held even after the parent releases it.
-        """
-        with self._held_lock:
-            held, self._held = self._held, set()
-        for fd in held:
-            with suppress(OSError):
-                os.close(fd)
-
-
-_EXCLUSIVE_HELD: set[int] = set()
+        """Nothing left to do: the fork handler of this module closed the child's copies already."""
 
 
 @contextmanager
@@ -88,30 +115,15 @@ def exclusive_lock(path: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if needed) across processes, blocking until free.
 
     Like the stripe files, the lock file is never unlinked: two processes could otherwise lock two
-    different inodes of "the same" lock. A child forked while the lock is held closes its copy of the
-    descriptor (see :func:`_forget_exclusive_after_fork`).
+    different inodes of "the same" lock. A child forked while the lock is held closes its copy.
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    _EXCLUSIVE_HELD.add(fd)
+    fd = _open_registered(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        _EXCLUSIVE_HELD.discard(fd)
-        os.close(fd)  # closing the descriptor drops the flock
-
-
-def _forget_exclusive_after_fork() -> None:
-    # The child's copy shares the parent's open file description: kept open, it would hold the flock
-    # for as long as the child lives (a DataLoader worker: the whole epoch).
-    for fd in list(_EXCLUSIVE_HELD):
-        with suppress(OSError):
-            os.close(fd)
-    _EXCLUSIVE_HELD.clear()
-
-
-os.register_at_fork(after_in_child=_forget_exclusive_after_fork)
+        _close_registered(fd)
 
 
 class SingleFlight:

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import lmdb
 
-from lingcore.lmdb_env import open_env
+from lingcore.lmdb_env import open_env, transaction
 from lingcore.log import get_logger
 
 log = get_logger(__name__)
@@ -151,7 +151,7 @@ class MetadataStore:
         for attempt in range(2):
             try:
                 env, dbs = self._open()
-                with env.begin(write=True) as txn:
+                with transaction(env, write=True) as txn:
                     fn(txn, dbs)
                 return
             except lmdb.MapFullError:
@@ -166,7 +166,7 @@ class MetadataStore:
         """Return the remembered answer of ``kind`` (``"info"`` or ``"ls"``) for ``url``, if any."""
         try:
             env, dbs = self._open()
-            with env.begin(buffers=True) as txn:
+            with transaction(env, buffers=True) as txn:
                 raw = txn.get(_key(url), db=dbs[kind.encode()])
                 if raw is None:
                     return None
@@ -222,7 +222,7 @@ class MetadataStore:
         """Forget every answer (counters stay)."""
         with contextlib.suppress(lmdb.Error):
             env, dbs = self._open()
-            with env.begin(write=True) as txn:
+            with transaction(env, write=True) as txn:
                 for kind in _KINDS:
                     txn.drop(dbs[kind], delete=False)
 
@@ -272,7 +272,7 @@ class MetadataStore:
         """Stale answers served by every process sharing this ``cache_dir``."""
         try:
             env, dbs = self._open()
-            with env.begin() as txn:
+            with transaction(env) as txn:
                 raw = txn.get(_STALE, db=dbs[b"counters"])
             return _U64.unpack(raw)[0] if raw else 0
         except lmdb.Error:
