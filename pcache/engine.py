@@ -14,11 +14,11 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from functools import partial
 
 from lingcore.log import get_logger
 from pcache.config import CacheConfig
 from pcache.diskstore import DiskStore
-from pcache.errors import CacheFullError
 from pcache.fill import DirectFill
 from pcache.keys import ObjectRef, block_key
 from pcache.locks import SingleFlight, StripeLocks
@@ -114,12 +114,14 @@ class BlockCache(DirectFill):
                 # pool, which also releases the stripe lock, so other processes wait for the block
                 # rather than fetch it again.
                 try:
-                    self.publisher.submit(self._publish_and_release, obj, key, data, lock)
+                    self.publisher.submit(self._publish_quietly_and_release, obj,
+                                          partial(self.disk.publish, key, data), lock)
                     lock = -1
                     return data
                 except RuntimeError:  # pool shut down (interpreter exit): publish inline below
                     self._write_budget.release()
-            self._publish(obj, key, data)  # budget used up (backpressure) or no pool: publish inline
+            # budget used up (backpressure) or no pool: publish inline
+            self._publish_quietly(obj, partial(self.disk.publish, key, data))
             return data
         finally:
             if lock >= 0:
@@ -141,22 +143,6 @@ class BlockCache(DirectFill):
         self._count("misses")
         self._count("origin_bytes", len(data))
         return data, True
-
-    def _publish(self, obj: ObjectRef, key: bytes, data: bytes) -> None:
-        try:
-            self.disk.publish(key, data)
-        except CacheFullError as exc:
-            # The caller still gets its bytes; the cache just does not keep this block.
-            log.warning("not caching block of %s: %s", obj.url, exc, extra={"url": obj.url})
-        except Exception:  # noqa: BLE001 - a cache write must never fail a read
-            log.exception("could not cache a block of %s", obj.url, extra={"url": obj.url})
-
-    def _publish_and_release(self, obj: ObjectRef, key: bytes, data: bytes, lock: int) -> None:
-        try:
-            self._publish(obj, key, data)
-        finally:
-            self.locks.release(lock)
-            self._write_budget.release()
 
     def drain_writes(self) -> None:
         """Wait until every write-behind block is on disk (safe to call from several threads)."""

@@ -11,10 +11,11 @@ there if it comes from disk, and copied once, into the write buffer (:meth:`Disk
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from lingcore.log import get_logger
-from pcache.blockfile import Staged
 from pcache.config import CacheConfig
 from pcache.diskstore import DiskStore
 from pcache.errors import CacheFullError
@@ -96,27 +97,31 @@ class DirectFill:
                 return
             if self._write_budget.acquire(blocking=False):
                 try:
-                    self.publisher.submit(self._publish_staged_and_release, obj, key, staged, lock)
+                    self.publisher.submit(self._publish_quietly_and_release, obj,
+                                          partial(self.disk.publish_staged, key, staged), lock)
                     lock = -1
                     return
                 except RuntimeError:  # pool shut down (interpreter exit): publish inline below
                     self._write_budget.release()
-            self._publish_staged(obj, key, staged)
+            self._publish_quietly(obj, partial(self.disk.publish_staged, key, staged))
         finally:
             if lock >= 0:
                 self.locks.release(lock)
 
-    def _publish_staged(self, obj: ObjectRef, key: bytes, staged: Staged) -> None:
+    def _publish_quietly(self, obj: ObjectRef, write: Callable[[], None]) -> None:
+        """Run a disk-tier write of a block of ``obj``: the read that fetched the block never fails by it."""
         try:
-            self.disk.publish_staged(key, staged)
+            write()
         except CacheFullError as exc:
+            # The caller still gets its bytes; the cache just does not keep this block.
             log.warning("not caching block of %s: %s", obj.url, exc, extra={"url": obj.url})
         except Exception:  # noqa: BLE001 - a cache write must never fail a read
             log.exception("could not cache a block of %s", obj.url, extra={"url": obj.url})
 
-    def _publish_staged_and_release(self, obj: ObjectRef, key: bytes, staged: Staged, lock: int) -> None:
+    def _publish_quietly_and_release(self, obj: ObjectRef, write: Callable[[], None], lock: int) -> None:
+        """:meth:`_publish_quietly` on the write-behind pool, then release the stripe lock and budget."""
         try:
-            self._publish_staged(obj, key, staged)
+            self._publish_quietly(obj, write)
         finally:
             self.locks.release(lock)
             self._write_budget.release()
