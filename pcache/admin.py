@@ -14,6 +14,9 @@ Progress is reported through optional callbacks, so a caller may draw a bar or i
 from __future__ import annotations
 
 import http.client
+import os
+import shutil
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,6 +24,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
+from lingcore.log import get_logger
 from lingcore.storage import split_url, storage_options
 from pcache.cluster.auth import load_token, sign_request
 from pcache.config import CacheConfig
@@ -29,6 +33,8 @@ from pcache.errors import ConfigError
 from pcache.fs import PCacheFileSystem
 from pcache.journal import Journal
 from pcache.keys import ObjectRef
+
+log = get_logger(__name__)
 
 # progress(url, bytes just done, total bytes of url)
 WarmProgress = Callable[[str, int, int], None]
@@ -161,7 +167,7 @@ def verify(config: CacheConfig, progress: VerifyProgress | None = None) -> dict[
 def gc(config: CacheConfig, keep_done_days: float = 7.0, endpoint_url: str | None = None) -> dict[str, Any]:
     """Reconcile index and block files, remove stale temporaries and orphaned staged files, abort the
     multipart uploads a killed uploader left at the origin, enforce the disk budget, and forget upload
-    records older than ``keep_done_days``; return the counts (``orphan_uploads_failed`` > 0: an origin
+    records and damaged index copies older than ``keep_done_days``; return the counts (``orphan_uploads_failed`` > 0: an origin
     could not be reached, and its intents are kept for the next run)."""
     from pcache.uploader import abort_orphan_uploads
 
@@ -171,7 +177,27 @@ def gc(config: CacheConfig, keep_done_days: float = 7.0, endpoint_url: str | Non
     result["orphan_uploads_aborted"], result["orphan_uploads_failed"] = orphans["aborted"], orphans["failed"]
     result["orphan_staged"] = journal.remove_orphans()
     result["done_records_pruned"] = journal.prune_done(keep_done_days * 86400)
+    result["corrupt_copies_pruned"] = prune_corrupt_copies(config.cache_dir, keep_done_days * 86400)
     return result
+
+
+def prune_corrupt_copies(cache_dir: str, older_than_s: float) -> int:
+    """Delete the damaged index and metadata copies (``*.corrupt-<time>[-<pid>]``) older than ``older_than_s``.
+
+    A rebuild moves the damaged files aside instead of deleting them, so they can be inspected; without
+    this, a cache that keeps getting damaged (a bad disk) would fill up with them.
+    """
+    now, pruned = time.time(), 0
+    for name in os.listdir(cache_dir):
+        stem, _, rest = name.partition(".corrupt-")
+        if stem not in ("index", "metadata") or not rest[:10].isdigit():
+            continue
+        if now - int(rest.split("-")[0]) < older_than_s:
+            continue
+        shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+        log.info("removed damaged copy %s", os.path.join(cache_dir, name), extra={"path": cache_dir})
+        pruned += 1
+    return pruned
 
 
 class NodeClient:

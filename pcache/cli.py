@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(env PCACHE_METRICS_LISTEN; default 127.0.0.1:9471)")
     p = sub.add_parser("gc", help="reconcile index and files, remove stale temp files, enforce the budget")
     add_cache_options(p)
-    p.add_argument("--keep-done-days", type=float, default=7.0, help="forget upload records older than this")
+    p.add_argument("--keep-done-days", type=float, default=7.0, help="forget upload records, and damaged index copies, older than this (default 7)")
     p = sub.add_parser("dev-s3", help="run the bundled SeaweedFS as a local S3 endpoint on 127.0.0.1 and print "
                                       "the AWS_* exports; Ctrl-C stops it")
     p.add_argument("--dir", default=os.environ.get("PCACHE_DEV_S3_DIR") or devs3.default_dir(),

@@ -220,6 +220,12 @@ def test_gc_and_verify_on_a_damaged_index_end_typed(tmp_path, source) -> None:
     out = subprocess.run([sys.executable, "-m", "pcache.cli", "gc", "--cache-dir", str(cache), "--json"],
                          capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(out.stdout)["adopted"] == 0  # the rebuilt index already holds every block
+    assert json.loads(out.stdout)["corrupt_copies_pruned"] == 0  # kept for inspection for a while
+    out = subprocess.run([sys.executable, "-m", "pcache.cli", "gc", "--cache-dir", str(cache), "--json",
+                          "--keep-done-days", "0"], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(out.stdout)["corrupt_copies_pruned"] == 3
+    assert not [p for p in cache.iterdir() if ".corrupt-" in p.name]
+    assert (cache / "index").is_dir()  # the live index stays
 
 
 def test_an_index_failing_again_after_its_rebuild_is_a_typed_error(tmp_path, source) -> None:
