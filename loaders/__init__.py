@@ -14,11 +14,32 @@ Public API:
 * ``loaders pack`` / ``loaders inspect`` on the command line.
 """
 
-from loaders.dataset import TokenDataset
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from loaders.errors import FormatError, InvalidParameterError
 from loaders.formats import Corpus, CorpusWriter, open_corpus, probe_corpus, write_corpus
-from loaders.loader import TokenLoader
-from loaders.varlen import collate_varlen, cu_seqlens_from_doc_ids, trim_cu_seqlens
+
+if TYPE_CHECKING:
+    from loaders.dataset import TokenDataset
+    from loaders.loader import TokenLoader
+    from loaders.varlen import collate_varlen, cu_seqlens_from_doc_ids, trim_cu_seqlens
+
+# These need torch, which takes seconds to import: loaded on first use, so `loaders pack --help` and
+# the corpus readers start fast (PEP 562).
+_LAZY = {"TokenDataset": "loaders.dataset", "TokenLoader": "loaders.loader", "collate_varlen": "loaders.varlen",
+         "cu_seqlens_from_doc_ids": "loaders.varlen", "trim_cu_seqlens": "loaders.varlen"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __all__ = ["Corpus", "CorpusWriter", "FormatError", "InvalidParameterError", "TokenDataset", "TokenLoader",
            "collate_varlen", "cu_seqlens_from_doc_ids", "open_corpus", "probe_corpus", "trim_cu_seqlens",

@@ -196,3 +196,10 @@ def test_bpe_pack_keeps_document_order_across_chunks(tmp_path: Path, monkeypatch
     with open_corpus(str(tmp_path / "o")) as corpus:
         got = [shard.read(i).tolist() for shard in corpus.shards for i in range(len(shard.lengths))]
     assert got == expected
+
+
+def test_the_cli_and_the_corpus_readers_do_not_import_torch() -> None:
+    # torch takes seconds to import; `loaders pack --help` and corpus reads must not pay for it.
+    code = "import sys, loaders.cli, loaders; loaders.open_corpus; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
