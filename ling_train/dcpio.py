@@ -1,0 +1,153 @@
+"""PyTorch DCP storage through pcache: a ``StorageWriter`` and a ``StorageReader`` for checkpoint directories.
+
+A step directory is a stock DCP checkpoint (``.metadata`` plus ``__<rank>_<n>.distcp``), so
+``torch.distributed.checkpoint.load`` with its own ``FileSystemReader`` (a local copy) or ``FsspecReader``
+(the origin) reads it without this project. What differs from torch's ``FileSystemWriter``:
+
+- every file is written through pcache write-back (``open("wb")``), and ``write_data`` returns only once
+  this rank's files are durable at the origin (``flush``); DCP gathers every rank's results to the
+  coordinator after ``write_data``, so when the coordinator runs ``finish`` every data file of the step is
+  durable;
+- ``finish`` writes ``.metadata`` under its final name (no temporary file renamed over: an object store has
+  no atomic rename), so a reader never sees metadata that points to missing data;
+- the reader reads each file whole through pcache and checks it against the step's ``_COMMITTED`` marker
+  (size, and xxh3-128 where the marker has one) before DCP deserializes anything from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import time
+from collections.abc import Callable, Generator
+from typing import Any
+
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystemBase
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from lingcore.marker import MARKER_NAME
+from pcache import PCacheFileSystem
+
+__all__ = ["METADATA", "PCacheReader", "PCacheWriter", "rank_bytes"]
+
+METADATA = ".metadata"  # DCP's metadata file name (what stock readers open)
+_DCP_VERSION = "1.0.0"  # torch's CURRENT_DCP_VERSION of the FileSystemWriter format written here
+
+
+class _PCacheFiles(FileSystemBase):
+    """DCP's file-system seam over pcache: writes go through write-back, reads are checked against a marker."""
+
+    def __init__(self, fs: PCacheFileSystem, prefix: str, marker: dict[str, Any] | None = None) -> None:
+        self.fs, self.prefix, self.marker = fs, prefix.rstrip("/"), marker
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
+        path = os.fspath(path)
+        if "r" in mode:
+            name = path[len(self.prefix):].lstrip("/")
+            yield io.BytesIO(self.fs.read_committed(self.prefix, name, self.marker))
+            return
+        with self.fs.open(path, mode) as stream:
+            yield stream
+
+    def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
+        return f"{os.fspath(path).rstrip('/')}/{suffix}"
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        # Never used: metadata is written under its final name once the data is durable (see finish).
+        raise NotImplementedError(f"{self.fs.url(os.fspath(path))}: pcache checkpoints are never renamed")
+
+    def init_path(self, path: str | os.PathLike) -> str:
+        return os.fspath(path)
+
+    def mkdir(self, path: str | os.PathLike) -> None:
+        """Nothing to do: the origin (an object store, or pcache's upload of a local file) makes parents."""
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return False  # only constructed explicitly, never picked by DCP from a checkpoint_id
+
+    def exists(self, path: str | os.PathLike) -> bool:
+        return bool(self.fs.exists(os.fspath(path)))
+
+    def rm_file(self, path: str | os.PathLike) -> None:
+        self.fs.rm(os.fspath(path))
+
+    def ls(self, path: str | os.PathLike) -> list[str]:
+        return [str(p) for p in self.fs.ls(os.fspath(path), detail=False)]
+
+
+def rank_bytes(results: list[list[WriteResult]]) -> list[int]:
+    """Bytes each rank wrote, from the write results DCP gathers to the coordinator (in rank order)."""
+    return [sum(int(r.size_in_bytes) for r in per_rank) for per_rank in results]
+
+
+class PCacheWriter(FileSystemWriter):
+    """DCP ``StorageWriter`` for one step directory, through pcache write-back.
+
+    Args:
+        fs: The pcache filesystem.
+        prefix: The step directory's path in ``fs``.
+        timeout: Seconds ``write_data`` waits until this rank's files are durable at the origin.
+        on_durable: Called with this rank's bytes once its files are durable; raising stops the save
+            (DCP reports the failure on every rank), which is how an abandoned step stays uncommitted.
+        on_finish: Called on the coordinator with every rank's bytes before ``.metadata`` is written; raising
+            leaves the step without metadata (and so without a commit).
+    """
+
+    def __init__(self, fs: PCacheFileSystem, prefix: str, timeout: float,
+                 on_durable: Callable[[int], None] | None = None,
+                 on_finish: Callable[[list[int]], None] | None = None) -> None:
+        # sync_files=False: pcache fsyncs its staged copy itself; DCP's fallback (os.sync of the whole
+        # machine when a stream has no fileno) would stall every process on the node.
+        super().__init__(prefix, single_file_per_rank=True, sync_files=False, thread_count=1, overwrite=True)
+        self.fs = _PCacheFiles(fs, prefix)
+        self.path = prefix.rstrip("/")
+        self.pfs, self.timeout = fs, timeout
+        self.on_durable, self.on_finish = on_durable, on_finish
+        self.staged_at = 0.0  # perf_counter when this rank's file was written into the local write-back
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """Write this rank's items (one ``.distcp`` file), then wait until it is durable at the origin."""
+        future = super().write_data(plan, planner)
+        results = future.wait()
+        self.staged_at = time.perf_counter()
+        self.pfs.flush(self.path, timeout=self.timeout)
+        if self.on_durable is not None:
+            self.on_durable(sum(int(r.size_in_bytes) for r in results))
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Coordinator: every rank's data is durable (each ``write_data`` flushed before DCP gathered its
+        results), so write ``.metadata`` under its final name."""
+        if self.on_finish is not None:
+            self.on_finish(rank_bytes(results))
+        metadata.version = _DCP_VERSION
+        metadata.storage_data = {wr.index: wr.storage_data for per_rank in results for wr in per_rank}
+        metadata.storage_meta = StorageMeta(checkpoint_id=self.pfs.url(self.path), save_id=self.save_id)
+        with self.fs.create_stream(self.fs.concat_path(self.path, METADATA), "wb") as f:
+            pickle.dump(metadata, f)
+
+
+class PCacheReader(FileSystemReader):
+    """DCP ``StorageReader`` for one committed step directory: every file read through pcache and checked
+    against the step's marker (``pcache.CommitMismatchError`` when it differs; FileNotFoundError without one).
+
+    Args:
+        fs: The pcache filesystem.
+        prefix: The step directory's path in ``fs``.
+        marker: The step's parsed ``_COMMITTED`` marker.
+    """
+
+    def __init__(self, fs: PCacheFileSystem, prefix: str, marker: dict[str, Any]) -> None:
+        if marker is None:
+            raise FileNotFoundError(f"{fs.url(prefix)} is not committed (no complete {MARKER_NAME} marker)")
+        super().__init__(prefix)
+        self.fs = _PCacheFiles(fs, prefix, marker)
+        self.path = prefix.rstrip("/")
