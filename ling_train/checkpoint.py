@@ -390,7 +390,7 @@ class CheckpointManager:
             CheckpointError: when the step is not committed or its metadata differs from the marker.
         """
         reader = self._reader(step)
-        with self._dcp_errors(reader.path), _as_checkpoint_error(reader.path):
+        with self._dcp_errors(reader.prefix), _as_checkpoint_error(reader.prefix):
             return reader.read_metadata()
 
     def load(self, step: int, keys: set[str] | None = None) -> dict[str, Any]:
@@ -402,7 +402,7 @@ class CheckpointManager:
         """
         reader = self._reader(step)
         state: dict[str, Any] = {}
-        with self._dcp_errors(reader.path), _as_checkpoint_error(reader.path):
+        with self._dcp_errors(reader.prefix), _as_checkpoint_error(reader.prefix):
             # What torch's dcp_to_torch_save does: dcp.load would fill a copy of the (empty) dict instead.
             _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
         return state

@@ -107,8 +107,8 @@ class PCacheWriter(FileSystemWriter):
         # sync_files=False: pcache fsyncs its staged copy itself; DCP's fallback (os.sync of the whole
         # machine when a stream has no fileno) would stall every process on the node.
         super().__init__(prefix, single_file_per_rank=True, sync_files=False, thread_count=1, overwrite=True)
-        self.fs = _PCacheFiles(fs, prefix)
-        self.path = prefix.rstrip("/")
+        self.fs = _PCacheFiles(fs, prefix)  # type: ignore[assignment]  # DCP's own seam (FileSystemBase)
+        self.path = self.prefix = prefix.rstrip("/")
         self.pfs, self.timeout = fs, timeout
         self.on_durable, self.on_finish = on_durable, on_finish
         self.staged_at = 0.0  # perf_counter when this rank's file was written into the local write-back
@@ -118,7 +118,7 @@ class PCacheWriter(FileSystemWriter):
         future = super().write_data(plan, planner)
         results = future.wait()
         self.staged_at = time.perf_counter()
-        self.pfs.flush(self.path, timeout=self.timeout)
+        self.pfs.flush(self.prefix, timeout=self.timeout)
         if self.on_durable is not None:
             self.on_durable(sum(int(r.size_in_bytes) for r in results))
         return future
@@ -130,8 +130,8 @@ class PCacheWriter(FileSystemWriter):
             self.on_finish(rank_bytes(results))
         metadata.version = _DCP_VERSION
         metadata.storage_data = {wr.index: wr.storage_data for per_rank in results for wr in per_rank}
-        metadata.storage_meta = StorageMeta(checkpoint_id=self.pfs.url(self.path), save_id=self.save_id)
-        with self.fs.create_stream(self.fs.concat_path(self.path, METADATA), "wb") as f:
+        metadata.storage_meta = StorageMeta(checkpoint_id=self.pfs.url(self.prefix), save_id=self.save_id)
+        with self.fs.create_stream(f"{self.prefix}/{METADATA}", "wb") as f:
             pickle.dump(metadata, f)
 
 
@@ -149,5 +149,5 @@ class PCacheReader(FileSystemReader):
         if marker is None:
             raise FileNotFoundError(f"{fs.url(prefix)} is not committed (no complete {MARKER_NAME} marker)")
         super().__init__(prefix)
-        self.fs = _PCacheFiles(fs, prefix, marker)
-        self.path = prefix.rstrip("/")
+        self.fs = _PCacheFiles(fs, prefix, marker)  # type: ignore[assignment]  # DCP's own seam (FileSystemBase)
+        self.path = self.prefix = prefix.rstrip("/")

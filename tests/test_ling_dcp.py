@@ -20,7 +20,7 @@ from ling_train.corpus import sample_texts, write_text_corpus
 
 # One worker for every run: resume (when asked), record the restored full state, then train.
 WORKER = r'''
-import json, sys, torch
+import copy, json, sys, torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from ling_train import TrainConfig
@@ -33,9 +33,10 @@ if trainer.resume_step is not None:
     trainer.restore(trainer.resume_step)
     trainer.resume_step = None
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    restored = {"model": get_model_state_dict(trainer.model, options=full),
+    # deepcopy: without sharding these are the live parameters, which the run below goes on training
+    restored = copy.deepcopy({"model": get_model_state_dict(trainer.model, options=full),
                 "optim": get_optimizer_state_dict(trainer.model, trainer.opt, options=full),
-                "position": trainer.loader.state_dict()["position"], "step": trainer.step}
+                "position": trainer.loader.state_dict()["position"], "step": trainer.step})
 result = trainer.run()
 if trainer.rank == 0:
     torch.save({"restored": restored, "losses": result.losses,
@@ -44,7 +45,7 @@ if dist.is_initialized():
     dist.destroy_process_group()
 '''
 
-BASE = {"steps": 6, "batch_size": 2, "seq_len": 32, "threads": 1, "log_every": 1000, "ckpt_every": 3, "seed": 3}
+BASE = {"steps": 9, "batch_size": 2, "seq_len": 32, "threads": 1, "log_every": 1000, "ckpt_every": 3, "seed": 3}
 
 
 @pytest.fixture(scope="module")
@@ -102,22 +103,24 @@ def test_resharding_resume_spread_writes_and_a_stock_reader(corpus: str, tmp_pat
         assert len(per_rank) == 2 and max(per_rank) <= 1.25 * min(per_rank), per_rank
 
     # 2 -> 1, from DDP and from FSDP2: one rank with the same global batch (2 ranks x 2 = 1 rank x 4 rows).
+    ones = {}
     for name, ref in (("ddp2", ddp), ("fsdp2", fsdp)):
         root = _copy_step(tmp_path, name, 3, f"{name}-to-1")
-        one = _run(tmp_path, f"{name}-to-1", 1, **{**common, "batch_size": 4, "steps": 9}, ckpt=root, resume=True)
+        one = _run(tmp_path, f"{name}-to-1", 1, **{**common, "batch_size": 4}, ckpt=root, resume=True)
         saved = CheckpointManager(f"pcache::file://{tmp_path}/{name}", cache_dir=cache).load(3)
         _assert_same(one["restored"], saved)
         assert one["restored"]["position"] == 3 * 4 and one["restored"]["step"] == 3  # the same global sample
-        _close(one["losses"], ref["losses"], range(4, 7))
-    # 1 -> 2: the 1-rank run's step-6 checkpoint resumed by 2 DDP ranks; losses as the 1-rank run's 7..9.
+        _close(one["losses"], ref["losses"], range(4, 10))
+        ones[name] = one
+    # 1 -> 2: the 1-rank run's own step-6 checkpoint resumed by 2 DDP ranks; losses as its steps 7..9.
     root = _copy_step(tmp_path, "ddp2-to-1", 6, "one-to-2")
-    two = _run(tmp_path, "one-to-2", 2, **{**common, "steps": 9}, ckpt=root, resume=True, parallel="ddp")
+    two = _run(tmp_path, "one-to-2", 2, **common, ckpt=root, resume=True, parallel="ddp")
     _assert_same(two["restored"], CheckpointManager(root, cache_dir=cache).load(6))
     assert two["restored"]["position"] == 6 * 4
-    _close(two["losses"], one["losses"], range(7, 10))
+    _close(two["losses"], ones["ddp2"]["losses"], range(7, 10))
 
     # A third party: stock torch only (no import of this project possible), FileSystemReader on the directory.
-    step_dir = tmp_path / "ddp2" / "step_000006"
+    step_dir = tmp_path / "ddp2" / "step_000009"
     stock = (
         "import sys, torch\n"
         "from torch.distributed.checkpoint.format_utils import dcp_to_torch_save\n"
@@ -128,8 +131,8 @@ def test_resharding_resume_spread_writes_and_a_stock_reader(corpus: str, tmp_pat
                           env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = torch.load(tmp_path / "stock.pt", weights_only=False)
-    ours = CheckpointManager(f"pcache::file://{tmp_path}/ddp2", cache_dir=cache).load(6)
-    assert theirs["step"] == 6 and theirs["meta"]["loader"]["position"] == 6 * 4
+    ours = CheckpointManager(f"pcache::file://{tmp_path}/ddp2", cache_dir=cache).load(9)
+    assert theirs["step"] == 9 and theirs["meta"]["loader"]["position"] == 9 * 4
     assert theirs["model"].keys() == ours["model"].keys()
     assert all(torch.equal(theirs["model"][k], ours["model"][k]) for k in ours["model"])
 
