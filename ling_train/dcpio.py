@@ -40,6 +40,41 @@ METADATA = ".metadata"  # DCP's metadata file name (what stock readers open)
 _DCP_VERSION = "1.0.0"  # torch's CURRENT_DCP_VERSION of the FileSystemWriter format written here
 
 
+class _Coalescing:
+    """Gathers the many small writes ``torch.save`` makes per tensor into large ones: every write to a
+    write-back file costs a call into pcache (about 3x the serialization time for a small model otherwise)."""
+
+    def __init__(self, raw: Any, size: int = 8 << 20) -> None:
+        self.raw, self.size = raw, size
+        self.parts: list[bytes] = []
+        self.pending = 0
+        self.written = 0
+
+    def write(self, data: Any) -> int:
+        view = bytes(data)
+        self.parts.append(view)
+        self.pending += len(view)
+        if self.pending >= self.size:
+            self.flush()
+        return len(view)
+
+    def tell(self) -> int:
+        return self.written + self.pending
+
+    def flush(self) -> None:
+        if self.parts:
+            self.raw.write(b"".join(self.parts))
+            self.written += self.pending
+            self.parts, self.pending = [], 0
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Flush only: the pcache file is closed (staged) by ``create_stream`` around it."""
+        self.flush()
+
+
 class _PCacheFiles(FileSystemBase):
     """DCP's file-system seam over pcache: writes go through write-back, reads are checked against a marker."""
 
@@ -54,7 +89,9 @@ class _PCacheFiles(FileSystemBase):
             yield io.BytesIO(self.fs.read_committed(self.prefix, name, self.marker))
             return
         with self.fs.open(path, mode) as stream:
-            yield stream
+            buffered = _Coalescing(stream)
+            yield buffered  # type: ignore[misc]  # a writer with write/tell/flush is all DCP uses
+            buffered.flush()
 
     def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
         return f"{os.fspath(path).rstrip('/')}/{suffix}"
