@@ -35,15 +35,14 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner, _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -53,7 +52,7 @@ from ling_train.ckptlayout import (
     open_pcache,
     step_dir,
 )
-from ling_train.dcpio import PCacheReader, PCacheWriter
+from ling_train.dcpio import PCacheReader, PCacheWriter, as_checkpoint_error, check_entries, dcp_errors
 from lingcore.log import get_logger
 from lingcore.marker import MARKER_NAME
 from lingcore.retry import RetryPolicy, retry_call
@@ -210,17 +209,28 @@ class CheckpointManager:
 
     def _snapshot(self, obj: Any, key: str) -> Any:
         """Copy tensors into reused host buffers (pinned when the source is on a GPU); deep-copy the rest."""
+        if isinstance(obj, DTensor):  # FSDP2: a host copy of this rank's shard that keeps its placement
+            src = obj
+            local = src.to_local().detach()
+            held = self._buffers.get(key)
+            if (not isinstance(held, DTensor) or held.shape != src.shape or held.to_local().shape != local.shape
+                    or held.dtype != src.dtype):
+                # from_local would move a host tensor onto a GPU mesh's device; .to("cpu") keeps the mesh
+                # and placement with a host local tensor (what torch's own async staging does).
+                held = (cast(DTensor, src.to("cpu")) if local.device.type != "cpu" else
+                        DTensor.from_local(torch.empty_like(local), src.device_mesh, src.placements,
+                                           run_check=False, shape=src.shape, stride=src.stride()))
+                self._buffers[key] = held
+            with torch.no_grad():  # to_local() is a view of the host copy
+                held.to_local().copy_(local, non_blocking=local.is_cuda)
+            return held
         if isinstance(obj, torch.Tensor):
-            src = obj.detach()
-            local = src.to_local() if isinstance(src, DTensor) else src  # FSDP2: this rank's shard
+            plain = obj.detach()
             buf = self._buffers.get(key)
-            if buf is None or buf.shape != local.shape or buf.dtype != local.dtype:
-                buf = torch.empty(local.shape, dtype=local.dtype, pin_memory=local.is_cuda)
+            if buf is None or buf.shape != plain.shape or buf.dtype != plain.dtype:
+                buf = torch.empty(plain.shape, dtype=plain.dtype, pin_memory=plain.is_cuda)
                 self._buffers[key] = buf
-            buf.copy_(local, non_blocking=local.is_cuda)
-            if isinstance(src, DTensor):  # keep the placement: DCP records where the shard sits in the whole
-                return DTensor.from_local(buf, src.device_mesh, src.placements, run_check=False, shape=src.shape,
-                                          stride=src.stride())
+            buf.copy_(plain, non_blocking=plain.is_cuda)
             return buf
         if isinstance(obj, dict):
             return {k: self._snapshot(v, f"{key}/{k}") for k, v in obj.items()}
@@ -257,7 +267,7 @@ class CheckpointManager:
         try:
             writer = PCacheWriter(self.fs, prefix, self.timeout, on_durable=durable, on_finish=finishing)
             planner = DefaultSavePlanner(dedup_save_to_lowest_rank=not self.spread)
-            with self._dcp_errors(prefix):
+            with dcp_errors(prefix):
                 dcp.save(snapshot, storage_writer=writer, planner=planner, process_group=self._pg,
                          no_dist=self._pg is None)
             stats.staged = writer.staged_at - t0 if writer.staged_at else stats.durable
@@ -278,19 +288,6 @@ class CheckpointManager:
         finally:
             stats.finished_at = time.perf_counter()
             stats.done.set()
-
-    @contextlib.contextmanager
-    def _dcp_errors(self, url: str) -> Iterator[None]:
-        """DCP's CheckpointException (a BaseException carrying every rank's traceback) as one line."""
-        try:
-            yield
-        except CheckpointException as exc:
-            rank, (first, _) = next(iter(sorted(exc.failures.items(), key=lambda kv: kv[0])))
-            if isinstance(first, CheckpointError):
-                raise CheckpointError(first.url, str(first).split(": ", 1)[-1]) from None
-            text = str(first).replace("does not match its commit marker", "does not match its commit marker "
-                                                                           "(torn or changed)")
-            raise CheckpointError(url, f"rank {rank}: {type(first).__name__}: {text}") from None
 
     def _after_commit(self, step: int, prefix: str) -> None:
         """Housekeeping once ``step`` is committed: its failure is logged and counted, never raised.
@@ -390,7 +387,7 @@ class CheckpointManager:
             CheckpointError: when the step is not committed or its metadata differs from the marker.
         """
         reader = self._reader(step)
-        with self._dcp_errors(reader.prefix), _as_checkpoint_error(reader.prefix):
+        with dcp_errors(reader.prefix), as_checkpoint_error(reader.prefix):
             return reader.read_metadata()
 
     def load(self, step: int, keys: set[str] | None = None) -> dict[str, Any]:
@@ -402,7 +399,7 @@ class CheckpointManager:
         """
         reader = self._reader(step)
         state: dict[str, Any] = {}
-        with self._dcp_errors(reader.prefix), _as_checkpoint_error(reader.prefix):
+        with dcp_errors(reader.prefix), as_checkpoint_error(reader.prefix):
             # What torch's dcp_to_torch_save does: dcp.load would fill a copy of the (empty) dict instead.
             _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
         return state
@@ -417,18 +414,9 @@ class CheckpointManager:
         """
         saved = self.metadata(step)
         url = self._url(step_dir(step))
-        for fqn, value in _leaves(state, ""):
-            entry = saved.state_dict_metadata.get(fqn)
-            if entry is None:
-                raise CheckpointError(url, f"holds no {fqn} (a checkpoint of another model or trainer)")
-            if isinstance(value, torch.Tensor):
-                if not isinstance(entry, TensorStorageMetadata):
-                    raise CheckpointError(url, f"{fqn} is not a tensor in the checkpoint")
-                if tuple(entry.size) != tuple(value.shape):
-                    raise CheckpointError(url, f"{fqn} has shape {tuple(entry.size)} in the checkpoint, "
-                                               f"{tuple(value.shape)} in this model (a model of another shape)")
+        check_entries(url, saved, state)
         reader = self._reader(step)
-        with self._dcp_errors(url), _as_checkpoint_error(url):
+        with dcp_errors(url), as_checkpoint_error(url):
             dcp.load(state, storage_reader=reader, process_group=self._pg, no_dist=self._pg is None)
 
     def bytes_at_origin(self, step: int) -> int:
@@ -436,31 +424,3 @@ class CheckpointManager:
         base = self.fs.origin_path(self._url(step_dir(step)))
         return sum(int(v.get("size") or 0) for v in self.fs.fs.find(base, detail=True).values())
 
-
-def _leaves(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
-    """(DCP's flattened name, value) of every leaf: dicts and lists holding tensors are walked, as DCP does."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, list) and not _terminal(obj):
-        for i, v in enumerate(obj):
-            yield from _leaves(v, f"{prefix}.{i}")
-    else:
-        yield prefix, obj
-
-
-def _terminal(value: list[Any]) -> bool:
-    """DCP's rule (``_traverse``): a list is one leaf unless it holds a tensor, a mapping or such a list."""
-    return not any(isinstance(v, (dict, torch.Tensor)) or (isinstance(v, list) and not _terminal(v)) for v in value)
-
-
-@contextlib.contextmanager
-def _as_checkpoint_error(url: str) -> Iterator[None]:
-    """A reader's OSError (a file differing from the marker, a missing file) as one CheckpointError line."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except OSError as exc:
-        text = str(exc).replace("does not match its commit marker", "does not match its commit marker (torn or changed)")
-        raise CheckpointError(url, text) from None

@@ -21,20 +21,23 @@ import io
 import os
 import pickle
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemBase
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from ling_train.ckptlayout import CheckpointError
 from lingcore.marker import MARKER_NAME
 from pcache import PCacheFileSystem
 
-__all__ = ["METADATA", "PCacheReader", "PCacheWriter", "rank_bytes"]
+__all__ = ["METADATA", "PCacheReader", "PCacheWriter", "as_checkpoint_error", "check_entries", "dcp_errors", "rank_bytes"]
 
 METADATA = ".metadata"  # DCP's metadata file name (what stock readers open)
 _DCP_VERSION = "1.0.0"  # torch's CURRENT_DCP_VERSION of the FileSystemWriter format written here
@@ -188,3 +191,65 @@ class PCacheReader(FileSystemReader):
         super().__init__(prefix)
         self.fs = _PCacheFiles(fs, prefix, marker)  # type: ignore[assignment]  # DCP's own seam (FileSystemBase)
         self.path = self.prefix = prefix.rstrip("/")
+
+
+def check_entries(url: str, saved: Metadata, state: dict[str, Any]) -> None:
+    """Refuse, in one line naming the entry, a ``state`` the checkpoint cannot fill: an entry it does not hold,
+    or a tensor it holds with another shape (a checkpoint of another model), before DCP reads anything.
+
+    Raises:
+        CheckpointError: naming the entry.
+    """
+    for fqn, value in _leaves(state, ""):
+        entry = saved.state_dict_metadata.get(fqn)
+        if entry is None:
+            raise CheckpointError(url, f"holds no {fqn} (a checkpoint of another model or trainer)")
+        if isinstance(value, torch.Tensor):
+            if not isinstance(entry, TensorStorageMetadata):
+                raise CheckpointError(url, f"{fqn} is not a tensor in the checkpoint")
+            if tuple(entry.size) != tuple(value.shape):
+                raise CheckpointError(url, f"{fqn} has shape {tuple(entry.size)} in the checkpoint, "
+                                           f"{tuple(value.shape)} in this model (a model of another shape)")
+
+
+@contextlib.contextmanager
+def dcp_errors(url: str) -> Iterator[None]:
+    """DCP's CheckpointException (a BaseException carrying every rank's traceback) as one line."""
+    try:
+        yield
+    except CheckpointException as exc:
+        rank, (first, _) = next(iter(sorted(exc.failures.items(), key=lambda kv: kv[0])))
+        if isinstance(first, CheckpointError):
+            raise CheckpointError(first.url, str(first).split(": ", 1)[-1]) from None
+        text = str(first).replace("does not match its commit marker", "does not match its commit marker "
+                                                                       "(torn or changed)")
+        raise CheckpointError(url, f"rank {rank}: {type(first).__name__}: {text}") from None
+
+
+def _leaves(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """(DCP's flattened name, value) of every leaf: dicts and lists holding tensors are walked, as DCP does."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, list) and not _terminal(obj):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{prefix}.{i}")
+    else:
+        yield prefix, obj
+
+
+def _terminal(value: list[Any]) -> bool:
+    """DCP's rule (``_traverse``): a list is one leaf unless it holds a tensor, a mapping or such a list."""
+    return not any(isinstance(v, (dict, torch.Tensor)) or (isinstance(v, list) and not _terminal(v)) for v in value)
+
+
+@contextlib.contextmanager
+def as_checkpoint_error(url: str) -> Iterator[None]:
+    """A reader's OSError (a file differing from the marker, a missing file) as one CheckpointError line."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        text = str(exc).replace("does not match its commit marker", "does not match its commit marker (torn or changed)")
+        raise CheckpointError(url, text) from None
