@@ -52,19 +52,19 @@ model, module = build_model(cfg, device, world)
 opt = build_optimizer(model, cfg)
 module(torch.randint(0, 200, (1, 16))).float().mean().backward()
 opt.step()
-out = {}
-for spread in (True, False):
-    mgr = CheckpointManager(args["root"] + ("/spread" if spread else "/rank0"), rank=rank, world_size=world,
-                            cache_dir=f"{args['cache']}/{rank}", storage_options=args["opts"], spread=spread)
-    times, per_rank = [], []
-    for i in range(args["repeats"]):
+managers = {spread: CheckpointManager(args["root"] + ("/spread" if spread else "/rank0"), rank=rank, world_size=world,
+                                     cache_dir=f"{args['cache']}/{rank}", storage_options=args["opts"], spread=spread)
+            for spread in (True, False)}
+out = {"spread": {"seconds": [], "rank_bytes": []}, "rank0": {"seconds": [], "rank_bytes": []}}
+for i in range(args["repeats"] + 1):  # round 0 warms both up (uploader start, first plans): not counted
+    for spread in ((True, False) if i % 2 else (False, True)):  # alternate which goes first
         msd, osd = get_state_dict(model, opt)
         dist.barrier()
-        stats = mgr.save_sync(i + 1, {"model": msd, "optim": osd})
+        stats = managers[spread].save_sync(i + 1, {"model": msd, "optim": osd})
         dist.barrier()
-        times.append(stats.committed)
-        per_rank.append(stats.rank_bytes)
-    out["spread" if spread else "rank0"] = {"seconds": times, "rank_bytes": per_rank}
+        if i:
+            out["spread" if spread else "rank0"]["seconds"].append(stats.committed)
+            out["spread" if spread else "rank0"]["rank_bytes"].append(stats.rank_bytes)
 if rank == 0:
     open(args["out"], "w").write(json.dumps(out))
 dist.destroy_process_group()
