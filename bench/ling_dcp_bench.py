@@ -62,6 +62,8 @@ for i in range(args["repeats"] + 1):  # round 0 warms both up (uploader start, f
         dist.barrier()
         stats = managers[spread].save_sync(i + 1, {"model": msd, "optim": osd})
         dist.barrier()
+        print(f"rank {rank} spread={spread} snapshot {stats.snapshot:.2f} staged {stats.staged:.2f} "
+              f"durable {stats.durable:.2f} committed {stats.committed:.2f}", file=sys.stderr, flush=True)
         if i:
             out["spread" if spread else "rank0"]["seconds"].append(stats.committed)
             out["spread" if spread else "rank0"]["rank_bytes"].append(stats.rank_bytes)
