@@ -195,3 +195,26 @@ def test_stock_fsspec_reader_reads_a_committed_step_on_s3(tmp_path: Path, bucket
     theirs = torch.load(tmp_path / "s3.pt", weights_only=False)
     assert theirs["step"] == 4 and theirs["meta"]["note"] == "hello"
     assert all(torch.equal(theirs["model"][k], v) for k, v in model.items())
+
+
+def test_metadata_is_written_only_after_the_data_is_durable_at_the_origin(tmp_path: Path) -> None:
+    """Our writer's finish sees every data file complete at the origin and no .metadata yet; it then writes
+    .metadata under its final name (no temporary file renamed over)."""
+    import torch.distributed.checkpoint as dcp
+
+    from ling_train.ckptlayout import open_pcache
+    from ling_train.dcpio import PCacheWriter
+
+    fs, path = open_pcache(f"pcache::file://{tmp_path}/origin", str(tmp_path / "cache"))
+    step = tmp_path / "origin" / "step_000001"
+    seen: list[dict[str, int]] = []
+
+    def at_finish(per_rank: list[int]) -> None:
+        seen.append({p.name: p.stat().st_size for p in step.iterdir()})
+        assert per_rank == [sum(seen[-1].values())]
+
+    writer = PCacheWriter(fs, f"{path}/step_000001", timeout=60, on_finish=at_finish)
+    dcp.save({"w": torch.arange(100_000, dtype=torch.float32)}, storage_writer=writer, no_dist=True)
+    assert list(seen[0]) == ["__0_0.distcp"] and seen[0]["__0_0.distcp"] > 400_000  # durable, no metadata yet
+    fs.flush(path, timeout=60)
+    assert sorted(p.name for p in step.iterdir()) == [".metadata", "__0_0.distcp"]
