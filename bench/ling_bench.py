@@ -19,6 +19,9 @@ become "ratio at least 1/X"):
     Target <= 1.2x. ``durable_while_training`` (informational) is the same for the periodic checkpoints,
     taken while the steps go on.
 
+Groups ``ling_spread`` (writes spread over 2 DDP ranks) and ``ling_dcp_vs_async`` (against DCP's
+``async_save`` plus a raw upload) live in :mod:`bench.ling_dcp_bench`.
+
 No GPU is used here: GPU tokens/s and MFU in bf16 are not measured by this module.
 """
 
@@ -34,7 +37,8 @@ from typing import Any
 import s3fs
 import torch
 
-from bench._common import env_int, log, make_row, repeats, selected, settle
+from bench import ling_dcp_bench
+from bench._common import env_int, log, make_row, repeats, run_groups, settle
 from ling_train.config import TrainConfig
 from ling_train.corpus import sample_texts, write_text_corpus
 from ling_train.trainer import Trainer, TrainResult
@@ -62,10 +66,13 @@ def _persisting_steps(result: TrainResult) -> list[list[int]]:
 
 
 def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
+    """This module's groups: ``ling`` (below) and the DCP ones of :mod:`bench.ling_dcp_bench`."""
+    rows = run_groups(NAME, [("ling", lambda: _async_rows(server, workdir))])
+    return rows + ling_dcp_bench.groups(server, workdir)
+
+
+def _async_rows(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
     """Measure stall, step time under persist, and time to durable (see the module docstring)."""
-    if not selected("ling"):
-        log("ling: skipping (BENCH_ONLY)")
-        return []
     bucket = server.make_bucket("bench-ling")
     corpus = str(workdir / "corpus")
     write_text_corpus(corpus, sample_texts(3000, seed=3))

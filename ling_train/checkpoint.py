@@ -1,21 +1,27 @@
-"""Asynchronous checkpoints through pcache write-back: snapshot, persist in the background, commit, resume.
+"""Asynchronous PyTorch DCP checkpoints through pcache write-back: snapshot, persist in the background, commit.
 
 Layout under the root (``pcache::s3://bucket/run`` or ``pcache::file:///dir``)::
 
-    step_000100/rank00000.pt   one torch.save file per rank (rank 0 also holds model and optimizer)
-    step_000100/_COMMITTED     pcache-commit/1 marker: every rank's file is durable at the origin
-    latest                     {"step": 100, "dir": "step_000100"}, written after the marker
+    step_000100/.metadata        DCP metadata (pickled ``Metadata``), written after every data file is durable
+    step_000100/__0_0.distcp     DCP data, one file per rank (each rank writes its share of the state)
+    step_000100/_COMMITTED       pcache-commit/1 marker: every file above is durable at the origin
+    latest                       {"step": 100, "dir": "step_000100"}, written after the marker
+
+A step directory is a stock DCP checkpoint: ``torch.distributed.checkpoint.load`` reads it with no import of
+this project (docs/ling_train.md). :mod:`ling_train.dcpio` holds the storage writer and reader.
 
 1. :meth:`CheckpointManager.save` blocks the training thread only while the state is copied into host
    buffers (reused between saves, so the copy does not page-fault fresh memory).
-2. A background thread ``torch.save``\\s the copy into a pcache write-back file (fsynced locally), then
-   waits until it is durable at the origin (``flush``).
-3. Every rank reports "durable" through the torch.distributed store (not a collective, so the training
-   thread's collectives are untouched); rank 0 waits for all of them, then ``commit`` writes
-   ``_COMMITTED``, then ``latest`` is updated, then old checkpoints are deleted (keep-last-N).
+2. A background thread runs ``dcp.save`` of the copy. Its collectives (gather of the save plans, of the
+   write results) run on a process group of their own (gloo, created once by every rank), so they never
+   interleave with the training thread's collectives on the default group. DCP's default planner assigns
+   each replicated tensor (DDP, or the optimizer's step counters) to the rank that has planned the fewest
+   bytes so far, so every rank writes about 1/N of the replicated state.
+3. Each rank's ``write_data`` returns once its file is durable at the origin; then the coordinator (rank 0)
+   writes ``.metadata``, ``commit`` writes ``_COMMITTED``, then ``latest``, then old steps are deleted.
 
-A checkpoint without ``_COMMITTED`` is never loaded: :meth:`latest_step` takes the newest directory
-with a marker, and :meth:`load` checks every file's size and xxh3-128 against the marker.
+A checkpoint without ``_COMMITTED`` is never loaded: :meth:`latest_step` takes the newest directory with a
+marker, and every file read is checked against the marker (size, and xxh3-128 where it has one).
 """
 
 from __future__ import annotations
@@ -23,16 +29,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import io
 import json
 import os
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.tensor import DTensor
 
 from ling_train.ckptlayout import (
     CheckpointError,
@@ -40,16 +52,18 @@ from ling_train.ckptlayout import (
     open_pcache,
     step_dir,
 )
+from ling_train.dcpio import PCacheReader, PCacheWriter, as_checkpoint_error, check_entries, dcp_errors
 from lingcore.log import get_logger
 from lingcore.marker import MARKER_NAME
 from lingcore.retry import RetryPolicy, retry_call
-from pcache import CommitMismatchError
 
 log = get_logger(__name__)
 
 LATEST = "latest"
+# A single process (tools, one-rank runs) saves and loads without a process group on purpose.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _STEP_RE = re.compile(r"^step_(\d+)$")
-_RANK_RE = re.compile(r"^rank\d{5}\.pt$")
+_DATA_RE = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 
 class CheckpointManager:
@@ -62,23 +76,31 @@ class CheckpointManager:
         keep_last: Committed checkpoints kept at the origin (older ones are deleted by rank 0).
         cache_dir: pcache directory ('' for pcache's default).
         endpoint_url: S3 endpoint ('' for ``$AWS_ENDPOINT_URL``).
-        store: torch.distributed store used to gather "durable" reports (needed when ``world_size > 1``).
         timeout: Seconds a persist waits for durability or for the other ranks.
         storage_options: Extra origin options (credentials for tests and demos).
         persist_nice: CPU niceness increment of the persist thread (Linux: per thread), so serializing a
             checkpoint yields the CPU to the training step. Off by default: on the shared 2-core benchmark
             machine it did not measurably shorten the steps, and a starved persist can outlast the
             checkpoint interval, which turns into a training stall (docs/ling_train.md).
+        spread: Spread the replicated state over all ranks (DCP's balancing dedup); False makes the lowest
+            rank holding a replica write it (rank 0 writes all of DDP's state: the benchmark's baseline).
+
+    Raises:
+        CheckpointError: ``world_size > 1`` without an initialized ``torch.distributed`` process group.
     """
 
     def __init__(self, root: str, *, rank: int = 0, world_size: int = 1, keep_last: int = 3, cache_dir: str = "",
-                 endpoint_url: str = "", store: Any = None, timeout: float = 600.0,
-                 storage_options: dict[str, Any] | None = None, persist_nice: int = 0) -> None:
-        if world_size > 1 and store is None:
-            raise CheckpointError(root, "a distributed store is needed to commit across ranks")
+                 endpoint_url: str = "", timeout: float = 600.0, storage_options: dict[str, Any] | None = None,
+                 persist_nice: int = 0, spread: bool = True) -> None:
+        if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise CheckpointError(root, "saving with several ranks needs an initialized torch.distributed group")
         self.root, self.rank, self.world_size, self.keep_last = root, rank, world_size, keep_last
         self.fs, self.path = open_pcache(root, cache_dir, endpoint_url, storage_options)
-        self.store, self.timeout, self.persist_nice = store, timeout, persist_nice
+        self.timeout, self.persist_nice, self.spread = timeout, persist_nice, spread
+        # DCP's collectives in the persist thread get a group of their own: on the default group they could
+        # pair up with the training thread's all-reduces (gloo and nccl match collectives by order).
+        self._pg = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+                    if world_size > 1 else None)
         self.policy = RetryPolicy()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -187,15 +209,28 @@ class CheckpointManager:
 
     def _snapshot(self, obj: Any, key: str) -> Any:
         """Copy tensors into reused host buffers (pinned when the source is on a GPU); deep-copy the rest."""
+        if isinstance(obj, DTensor):  # FSDP2: a host copy of this rank's shard that keeps its placement
+            src = obj
+            local = src.to_local().detach()
+            held = self._buffers.get(key)
+            if (not isinstance(held, DTensor) or held.shape != src.shape or held.to_local().shape != local.shape
+                    or held.dtype != src.dtype):
+                # from_local would move a host tensor onto a GPU mesh's device; .to("cpu") keeps the mesh
+                # and placement with a host local tensor (what torch's own async staging does).
+                held = (cast(DTensor, src.to("cpu")) if local.device.type != "cpu" else
+                        DTensor.from_local(torch.empty_like(local), src.device_mesh, src.placements,
+                                           run_check=False, shape=src.shape, stride=src.stride()))
+                self._buffers[key] = held
+            with torch.no_grad():  # to_local() is a view of the host copy
+                held.to_local().copy_(local, non_blocking=local.is_cuda)
+            return held
         if isinstance(obj, torch.Tensor):
-            src = obj.detach()
-            if hasattr(src, "to_local"):  # DTensor (FSDP2): this rank's shard
-                src = src.to_local()
+            plain = obj.detach()
             buf = self._buffers.get(key)
-            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+            if buf is None or buf.shape != plain.shape or buf.dtype != plain.dtype:
+                buf = torch.empty(plain.shape, dtype=plain.dtype, pin_memory=plain.is_cuda)
                 self._buffers[key] = buf
-            buf.copy_(src, non_blocking=src.is_cuda)
+            buf.copy_(plain, non_blocking=plain.is_cuda)
             return buf
         if isinstance(obj, dict):
             return {k: self._snapshot(v, f"{key}/{k}") for k, v in obj.items()}
@@ -217,51 +252,42 @@ class CheckpointManager:
             copied.synchronize()  # the non_blocking copies into pinned buffers
         t0 = time.perf_counter()
         prefix = self._url(step_dir(step))
-        try:
-            with self.fs.open(f"{prefix}/rank{self.rank:05d}.pt", "wb") as f:
-                torch.save(snapshot, f)
-                stats.nbytes = f.tell()
-            stats.staged = time.perf_counter() - t0
-            self.fs.flush(prefix, timeout=self.timeout)
+
+        def durable(nbytes: int) -> None:
             with self._durable_lock:
-                stats.durable = time.perf_counter() - t0
+                stats.nbytes, stats.durable = nbytes, time.perf_counter() - t0
                 if step in self._abandoned:  # finish() gave it up and said so: it must stay uncommitted
-                    return
-            self._report(step, "ok")
+                    raise CheckpointError(prefix, "abandoned while stopping: never committed")
+
+        def finishing(per_rank: list[int]) -> None:
+            stats.rank_bytes = per_rank
+            if step in self._abandoned:
+                raise CheckpointError(prefix, "abandoned while stopping: never committed")
+
+        try:
+            writer = PCacheWriter(self.fs, prefix, self.timeout, on_durable=durable, on_finish=finishing)
+            planner = DefaultSavePlanner(dedup_save_to_lowest_rank=not self.spread)
+            with dcp_errors(prefix):
+                dcp.save(snapshot, storage_writer=writer, planner=planner, process_group=self._pg,
+                         no_dist=self._pg is None)
+            stats.staged = writer.staged_at - t0 if writer.staged_at else stats.durable
             if self.rank == 0:
-                self._gather(step)
                 self.fs.commit(prefix, timeout=self.timeout)
                 stats.committed = time.perf_counter() - t0
                 self.last_committed_step = max(step, self.last_committed_step or 0)
+                log.info("checkpoint %s committed: %d bytes, per-rank bytes max %d / mean %.0f", self.fs.url(prefix),
+                         sum(stats.rank_bytes), stats.max_rank_bytes, stats.mean_rank_bytes)
                 self._after_commit(step, prefix)
             else:
                 stats.committed = time.perf_counter() - t0
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
-            with contextlib.suppress(Exception):
-                self._report(step, f"failed: {exc!r}")
+            if step in self._abandoned:
+                return
             self._error = exc if isinstance(exc, CheckpointError) else CheckpointError(prefix, repr(exc))
-            log.error("checkpoint %s failed: %r", prefix, exc)
+            log.error("checkpoint %s failed: %s", prefix, self._error)
         finally:
             stats.finished_at = time.perf_counter()
             stats.done.set()
-
-    def _key(self, step: int, rank: int) -> str:
-        return f"ling_train/ckpt/{step}/{rank}"
-
-    def _report(self, step: int, status: str) -> None:
-        if self.world_size > 1:
-            self.store.set(self._key(step, self.rank), status)
-
-    def _gather(self, step: int) -> None:
-        """Rank 0: wait until every rank's file for ``step`` is durable (or one failed)."""
-        if self.world_size == 1:
-            return
-        keys = [self._key(step, r) for r in range(self.world_size)]
-        self.store.wait(keys, datetime.timedelta(seconds=self.timeout))
-        for r, k in enumerate(keys):
-            status = self.store.get(k).decode()
-            if status != "ok":
-                raise CheckpointError(self._url(step_dir(step)), f"rank {r} did not persist: {status}")
 
     def _after_commit(self, step: int, prefix: str) -> None:
         """Housekeeping once ``step`` is committed: its failure is logged and counted, never raised.
@@ -332,9 +358,9 @@ class CheckpointManager:
         return committed[-1] if committed else None
 
     def ranks(self, step: int) -> int:
-        """How many rank files committed ``step`` holds (0 when it is not committed)."""
+        """How many ranks wrote data files of committed ``step`` (0 when it is not committed)."""
         marker = self._marker(step)
-        return sum(1 for f in (marker or {}).get("files", []) if _RANK_RE.match(f["path"]))
+        return len({m.group(1) for f in (marker or {}).get("files", []) if (m := _DATA_RE.match(f["path"]))})
 
     def latest_pointer(self) -> int | None:
         """The step the ``latest`` file names (a hint that may lag the markers), or None without one."""
@@ -347,26 +373,54 @@ class CheckpointManager:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def load(self, step: int, rank: int | None = None) -> dict[str, Any]:
-        """Load ``rank``'s file (default: own) of committed ``step``, verified against the marker.
-
-        Raises:
-            CheckpointError: when the step is not committed or a file differs from the marker.
-        """
-        rank = self.rank if rank is None else rank
+    def _reader(self, step: int) -> PCacheReader:
         prefix = self._url(step_dir(step))
         marker = self._marker(step)
         if marker is None:
             raise CheckpointError(prefix, f"not committed (no complete {MARKER_NAME} marker)")
-        name = f"rank{rank:05d}.pt"
-        try:
-            data = self.fs.read_committed(prefix, name, marker)
-        except CommitMismatchError as exc:
-            raise CheckpointError(f"{prefix}/{name}", f"does not match the commit marker (torn or changed): "
-                                                      f"{exc.reason}") from None
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return PCacheReader(self.fs, prefix, marker)
+
+    def metadata(self, step: int) -> Metadata:
+        """The DCP metadata of committed ``step`` (what it holds: names, shapes, dtypes).
+
+        Raises:
+            CheckpointError: when the step is not committed or its metadata differs from the marker.
+        """
+        reader = self._reader(step)
+        with dcp_errors(reader.prefix), as_checkpoint_error(reader.prefix):
+            return reader.read_metadata()
+
+    def load(self, step: int, keys: set[str] | None = None) -> dict[str, Any]:
+        """The whole state of committed ``step`` in this process (tensors unsharded), or the entries under
+        ``keys``; no collective (tools and single processes).
+
+        Raises:
+            CheckpointError: when the step is not committed or a file differs from the marker.
+        """
+        reader = self._reader(step)
+        state: dict[str, Any] = {}
+        with dcp_errors(reader.prefix), as_checkpoint_error(reader.prefix):
+            # What torch's dcp_to_torch_save does: dcp.load would fill a copy of the (empty) dict instead.
+            _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+        return state
+
+    def load_into(self, step: int, state: dict[str, Any]) -> None:
+        """Load committed ``step`` into ``state`` in place (tensors and DTensors of any sharding: DCP reshards);
+        a collective over every rank of this manager.
+
+        Raises:
+            CheckpointError: the step is not committed, a file differs from the marker, or the checkpoint lacks
+                an entry of ``state`` or holds it with another shape (naming the entry).
+        """
+        saved = self.metadata(step)
+        url = self._url(step_dir(step))
+        check_entries(url, saved, state)
+        reader = self._reader(step)
+        with dcp_errors(url), as_checkpoint_error(url):
+            dcp.load(state, storage_reader=reader, process_group=self._pg, no_dist=self._pg is None)
 
     def bytes_at_origin(self, step: int) -> int:
         """Total size of the files of ``step`` at the origin."""
         base = self.fs.origin_path(self._url(step_dir(step)))
         return sum(int(v.get("size") or 0) for v in self.fs.fs.find(base, detail=True).values())
+

@@ -71,9 +71,20 @@ class SaveStats:
     stall: float = 0.0  # training thread blocked: waiting for the previous persist + host snapshot
     snapshot: float = 0.0
     nbytes: int = 0
-    staged: float = 0.0  # from the end of the snapshot until torch.save's file is fsynced in the local cache
+    staged: float = 0.0  # from the end of the snapshot until this rank's DCP file is in the local write-back
     durable: float = 0.0  # from the end of the snapshot until this rank's file is durable at the origin
     committed: float = 0.0  # from the end of the snapshot until _COMMITTED and latest exist
     started_at: float = 0.0  # perf_counter at the end of the snapshot (the persist starts)
     finished_at: float = 0.0  # perf_counter when the persist ended
     done: threading.Event = field(default_factory=threading.Event)
+    rank_bytes: list[int] = field(default_factory=list)  # rank 0 only: bytes each rank wrote (DCP's results)
+
+    @property
+    def max_rank_bytes(self) -> int:
+        """The most bytes one rank wrote (rank 0; elsewhere this rank's)."""
+        return max(self.rank_bytes) if self.rank_bytes else self.nbytes
+
+    @property
+    def mean_rank_bytes(self) -> float:
+        """Mean bytes per rank (rank 0; elsewhere this rank's)."""
+        return sum(self.rank_bytes) / len(self.rank_bytes) if self.rank_bytes else float(self.nbytes)

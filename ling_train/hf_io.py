@@ -2,8 +2,8 @@
 
 A directory is ``config.json`` plus ``model.safetensors`` (export writes one file; import also reads the
 sharded ``model.safetensors.index.json`` form the hub uses). An imported directory becomes a committed
-step-0 checkpoint written through :class:`CheckpointManager`: the weights as stored (dtype kept), the
-model's :class:`ModelConfig` and the original ``config.json``, no optimizer, data or RNG state, so a
+step-0 DCP checkpoint written through :class:`CheckpointManager`: the weights as stored (dtype kept), the
+model's :class:`ModelConfig` and the original ``config.json`` (under ``meta``), no optimizer, data or RNG state, so a
 ``--resume`` run starts training from the released weights with a fresh optimizer.
 """
 
@@ -92,20 +92,14 @@ def _manager(url: str, cache_dir: str, endpoint_url: str, storage_options: dict[
     return CheckpointManager(url, cache_dir=cache_dir, endpoint_url=endpoint_url, storage_options=storage_options)
 
 
-def _whole_model(mgr: CheckpointManager, step: int, state: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
-    """The whole model of ``step``: rank 0's, or every rank's FSDP2 shards joined along dim 0."""
-    model: dict[str, Any] = state["model"]
+def _whole_model(url: str, step: int, model: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """The model of ``step`` checked against its config (DCP has already joined any FSDP2 shards)."""
     want = expected_ours(config)
-    if all(tuple(model[k].shape) == tuple(s) for k, s in want.items()):
-        return model
-    shards = [model] + [mgr.load(step, rank=r)["model"] for r in range(1, mgr.ranks(step))]
-    joined = {k: model[k] if tuple(model[k].shape) == tuple(s) else torch.cat([sh[k] for sh in shards])
-              for k, s in want.items()}
-    bad = [k for k, s in want.items() if tuple(joined[k].shape) != tuple(s)]
+    bad = [k for k, s in want.items() if k not in model or tuple(model[k].shape) != tuple(s)]
     if bad:
-        raise HFLayoutError(mgr.root, f"step {step}: {bad[0]} has shape {tuple(joined[bad[0]].shape)} after joining "
-                                      f"{len(shards)} rank file(s), the model needs {tuple(want[bad[0]])}")
-    return joined
+        got = tuple(model[bad[0]].shape) if bad[0] in model else "nothing"
+        raise HFLayoutError(url, f"step {step}: {bad[0]} has shape {got}, the model needs {tuple(want[bad[0]])}")
+    return model
 
 
 def export_hf(url: str, out: str, step: int | None = None, dtype: str = "keep", preset_name: str = "",
@@ -125,21 +119,22 @@ def export_hf(url: str, out: str, step: int | None = None, dtype: str = "keep", 
     step = committed[-1] if step is None else step
     if step not in committed:
         raise FileNotFoundError(f"{url}: step {step} is not committed (committed: {', '.join(map(str, committed))})")
-    state = mgr.load(step, rank=0)
+    state = mgr.load(step, {"model", "meta"})
+    meta = state.get("meta", {})
     if "model" not in state:
-        raise HFLayoutError(url, f"step {step} holds no model weights in its rank-0 file")
-    if "model_config" in state:
-        config = ModelConfig.from_dict(state["model_config"])
+        raise HFLayoutError(url, f"step {step} holds no model weights")
+    if "model_config" in meta:
+        config = ModelConfig.from_dict(meta["model_config"])
     elif preset_name:  # checkpoints written before they recorded their model: the preset, vocab from the weights
         config = preset(preset_name).replace(vocab_size=int(state["model"]["embed.weight"].shape[0]))
     else:
         raise ConfigError("preset", f"{url} step {step} does not record its model config: pass --preset")
-    tensors = to_hf(_whole_model(mgr, step, state, config), config)
+    tensors = to_hf(_whole_model(url, step, state["model"], config), config)
     if dtype != "keep":
         tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
     stored = {v.dtype for v in tensors.values()}
     written = stored.pop() if len(stored) == 1 else torch.float32
-    doc = hf_config(config, written, state.get("hf_config"))
+    doc = hf_config(config, written, meta.get("hf_config"))
     nbytes = write_hf_dir(out, doc, tensors)
     log.info("exported step %d of %s to %s (%d tensors, %d bytes)", step, url, out, len(tensors), nbytes)
     return Converted(step, config, len(tensors), nbytes)
@@ -167,8 +162,8 @@ def import_hf(directory: str, url: str, cache_dir: str = "", endpoint_url: str =
     if committed:
         raise FileExistsError(f"{url} already holds committed step(s) {', '.join(map(str, committed))}: "
                               f"import into an empty checkpoint root")
-    # No world_size, optimizer, loader or RNG: every rank of a resumed run reads this one file.
-    mgr.save_sync(0, {"step": 0, "model": model, "model_config": config.to_dict(), "hf_config": doc})
+    # No optimizer, loader or RNG: a resumed run (any world size and wrapping) takes the weights only.
+    mgr.save_sync(0, {"step": 0, "model": model, "meta": {"model_config": config.to_dict(), "hf_config": doc}})
     nbytes = sum(t.numel() * t.element_size() for t in model.values())
     log.info("imported %s as committed step 0 of %s", directory, url)
     return Converted(0, config, len(model), nbytes)

@@ -110,32 +110,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def load_sharded_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Load an optimizer state saved as local shards back into DTensor-shaped state (FSDP2)."""
-    opt.load_state_dict(saved)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if not hasattr(p, "to_local"):
-                continue
-            from torch.distributed.tensor import DTensor
-
-            state = opt.state.get(p, {})
-            for key, value in list(state.items()):
-                if isinstance(value, torch.Tensor) and value.ndim > 0 and not isinstance(value, DTensor):
-                    state[key] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements,
-                                                    shape=p.shape, stride=p.stride())
-
-
-def load_model(model: LingModel, saved: dict[str, torch.Tensor]) -> None:
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    with torch.no_grad():
-        for name, value in model.state_dict().items():
-            target = value.to_local() if hasattr(value, "to_local") else value
-            source = saved[name]
-            if hasattr(value, "to_local") and source.shape != target.shape:
-                # A whole tensor (an import-hf checkpoint) into an FSDP2 shard: dim 0 chunked like torch.chunk.
-                chunks = source.chunk(world, dim=0)
-                source = chunks[rank] if rank < len(chunks) else source[:0]
-            target.copy_(source)

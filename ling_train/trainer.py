@@ -18,6 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ling_train.anomaly import AnomalyGuard, SpikeConfig
 from ling_train.checkpoint import CheckpointManager
@@ -30,8 +37,6 @@ from ling_train.parts import (
     build_model,
     build_optimizer,
     data_options,
-    load_model,
-    load_sharded_optimizer,
     lr_at,
     model_vocab,
     rng_state,
@@ -100,9 +105,8 @@ class Trainer:
         self.step = 0
         self.ckpt: CheckpointManager | None = None
         if cfg.ckpt:
-            store = dist.distributed_c10d._get_default_store() if self.world > 1 else None
             self.ckpt = CheckpointManager(cfg.ckpt, rank=self.rank, world_size=self.world, keep_last=cfg.keep_last,
-                                          cache_dir=cfg.cache_dir, endpoint_url=cfg.endpoint_url, store=store,
+                                          cache_dir=cfg.cache_dir, endpoint_url=cfg.endpoint_url,
                                           timeout=cfg.commit_timeout, storage_options=ckpt_options)
         mc = cfg.model_config()
         self.active_params = count_params(mc)[1]
@@ -127,44 +131,50 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """This rank's checkpoint content (rank 0 holds model and optimizer unless sharded)."""
-        state: dict[str, Any] = {"step": self.step, "world_size": self.world, "rng": rng_state(),
-                                 "guard": self.guard.state_dict(),
-                                 "loader": self.loader.state_dict()}
-        if self.rank == 0 or self.sharded:
-            state["model"] = self.model.state_dict()
-            state["optim"] = self.opt.state_dict()
-            state["model_config"] = self.model.config.to_dict()  # export-hf reads the weights without the preset
-            if self.hf_config is not None:
-                state["hf_config"] = self.hf_config
-        return state
+        """This rank's part of the checkpoint, in DCP's form: model and optimizer by parameter name (DDP
+        replicas or FSDP2 shards: DCP writes each byte once, spread over the ranks), the world-size-free
+        ``meta`` (loader position counted in global samples, model config), and this rank's ``local.rankNNNNN``
+        (RNG and spike-guard state)."""
+        model, optim = get_state_dict(self.model, self.opt)
+        meta: dict[str, Any] = {"world_size": self.world, "parallel": self.cfg.parallel if self.world > 1 else "none",
+                                "loader": self.loader.state_dict(), "model_config": self.model.config.to_dict()}
+        if self.hf_config is not None:  # export-hf reads the weights without the preset
+            meta["hf_config"] = self.hf_config
+        return {"step": self.step, "model": model, "optim": optim, "meta": meta,
+                "local": {f"rank{self.rank:05d}": {"rng": rng_state(), "guard": self.guard.state_dict()}}}
 
     def restore(self, step: int) -> None:
-        """Load committed ``step``: model and optimizer, loader position, RNG, spike state."""
+        """Load committed ``step`` at this world size and wrapping, whatever the saving run's were (DCP
+        reshards): model and optimizer, loader position, RNG, spike state."""
         assert self.ckpt is not None
-        # One file for every rank: a whole-model checkpoint (import-hf writes one, with no world_size).
-        whole = self.world > 1 and self.ckpt.ranks(step) == 1
-        own = self.ckpt.load(step, rank=0 if whole else None)
-        if own.get("world_size", self.world) != self.world and self.sharded:
-            raise ValueError(f"checkpoint step {step} was saved by {own.get('world_size')} FSDP ranks; "
-                             f"this run has {self.world}")
-        full = own if (self.rank == 0 or self.sharded or whole) else self.ckpt.load(step, rank=0)
-        if "model_config" in full:
-            self._adopt_architecture(ModelConfig.from_dict(full["model_config"]), step)
-        load_model(self.model, full["model"])
-        self.hf_config = full.get("hf_config")
-        if "optim" not in full:  # weights only (import-hf): the optimizer starts fresh
-            pass
-        elif self.sharded:
-            load_sharded_optimizer(self.opt, full["optim"])
-        else:
-            self.opt.load_state_dict(full["optim"])
-        if "loader" in own:  # weights only: the data starts from the beginning, the RNG as seeded
-            self.loader.load_state_dict(own["loader"])
-            self.guard.load_state_dict(own["guard"])
-            set_rng_state(own["rng"])
-        self.step = int(own["step"])
-        log.info("resumed from committed step %d of %s", step, self.cfg.ckpt)
+        names = self.ckpt.metadata(step).state_dict_metadata
+        # RNG and spike state are per rank: a rank the saving run did not have takes rank 0's.
+        local = next((key for key in (f"local.rank{self.rank:05d}", "local.rank00000")
+                      if any(n.startswith(key + ".") for n in names)), None)
+        head = self.ckpt.load(step, {"step", "meta", *([local] if local else [])})
+        meta = head.get("meta", {})
+        if "model_config" in meta:
+            self._adopt_architecture(ModelConfig.from_dict(meta["model_config"]), step)
+        target: dict[str, Any] = {"model": get_model_state_dict(self.model)}
+        with_optim = any(n.startswith("optim.") for n in names)  # weights only (import-hf): a fresh optimizer
+        if with_optim:
+            target["optim"] = get_optimizer_state_dict(self.model, self.opt)
+        self.ckpt.load_into(step, target)
+        set_model_state_dict(self.model, target["model"])
+        if with_optim:
+            set_optimizer_state_dict(self.model, self.opt, target["optim"])
+        self.hf_config = meta.get("hf_config")
+        if "loader" in meta:  # weights only: the data starts from the beginning, the RNG as seeded
+            self.loader.load_state_dict(meta["loader"])
+        if local is not None:
+            mine = head["local"][local.split(".", 1)[1]]
+            self.guard.load_state_dict(mine["guard"])
+            set_rng_state(mine["rng"])
+        self.step = int(head["step"])
+        saved_world = meta.get("world_size", self.world)
+        log.info("resumed from committed step %d of %s%s", step, self.cfg.ckpt,
+                 f" (saved by {saved_world} ranks, {meta.get('parallel')}; resharded to {self.world})"
+                 if saved_world != self.world else "")
 
     def _adopt_architecture(self, saved: ModelConfig, step: int) -> None:
         """Build the model the checkpoint holds when it differs from the preset's (an imported release keeps

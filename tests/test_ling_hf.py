@@ -184,42 +184,10 @@ def test_export_import_export_is_bit_exact(corpus: str, tmp_path: Path, dtype: s
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
-def test_export_joins_fsdp_shards(corpus: str, tmp_path: Path) -> None:
-    """An FSDP2 checkpoint holds dim-0 chunks per rank: export joins them into whole tensors."""
-    cache = str(tmp_path / "cache")
-    url = f"pcache::file://{tmp_path}/fsdp"
-    torch.manual_seed(2)
-    model = LingModel(SMALL)
-    whole = model.state_dict()
-
-    class Store:  # the torch.distributed store the manager reports "durable" through
-        def __init__(self) -> None:
-            self.kv: dict[str, str] = {}
-
-        def set(self, key: str, value: str) -> None:
-            self.kv[key] = value
-
-        def wait(self, keys: list[str], timeout: Any) -> None:
-            assert all(k in self.kv for k in keys)
-
-        def get(self, key: str) -> bytes:
-            return self.kv[key].encode()
-
-    store = Store()
-    managers = [CheckpointManager(url, rank=r, world_size=2, cache_dir=cache, store=store) for r in (1, 0)]
-    for mgr in managers:  # rank 1 first: rank 0 commits once both files are durable
-        shard = {k: (v.chunk(2)[mgr.rank] if v.ndim else v) for k, v in whole.items()}
-        mgr.save_sync(5, {"step": 5, "world_size": 2, "model": shard, "model_config": SMALL.to_dict()})
-    export_hf(url, str(tmp_path / "out"), cache_dir=cache)
-    _, tensors = read_dir(tmp_path / "out")
-    expected = to_hf(whole, SMALL)
-    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_resume_from_an_import(corpus: str, tmp_path: Path, parallel: str) -> None:
-    """Every rank reads the one imported file (FSDP2: its dim-0 chunk); with lr 0 the weights stay, so the
-    step-1 export (FSDP2: shards joined) equals the released tensors exactly."""
+    """Every rank reads its part of the imported (one-process) DCP step (FSDP2: its dim-0 chunk); with lr 0
+    the weights stay, so the step-1 export (FSDP2: shards joined by DCP) equals the released tensors exactly."""
     src = tmp_path / "released"
     released = synthetic_hf_dir(src, SMALL, dtype=torch.float32)
     ckpt, cache = f"pcache::file://{tmp_path}/ckpt", str(tmp_path / "cache")

@@ -107,7 +107,7 @@ def test_resumed_run_reproduces_the_next_losses_bit_exactly(corpus: str, tmp_pat
     b = CheckpointManager(f"pcache::file://{tmp_path}/b", cache_dir=str(tmp_path / "cache"))
     sa, sb = a.load(16), b.load(16)
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
-    assert sa["loader"]["position"] == sb["loader"]["position"] == 16 * 4
+    assert sa["meta"]["loader"]["position"] == sb["meta"]["loader"]["position"] == 16 * 4
 
 
 def test_config_from_toml_env_and_flags(corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,7 +137,8 @@ def test_two_process_torchrun_gloo_trains_and_commits(corpus: str, tmp_path: Pat
     mgr = CheckpointManager(ckpt, cache_dir=str(tmp_path / "cache"))
     assert mgr.committed_steps() == [3, 6]
     marker = json.loads((tmp_path / "ckpt" / "step_000006" / "_COMMITTED").read_text())
-    assert sorted(f["path"] for f in marker["files"]) == ["rank00000.pt", "rank00001.pt"]
-    rank1 = mgr.load(6, rank=1)
-    assert rank1["loader"]["position"] == 6 * 2 * 2
-    assert ("model" in rank1) == (parallel == "fsdp")  # DDP: rank 0 alone holds the replicated model
+    # A DCP directory; both ranks write data (DDP: each about half of the replicated state).
+    assert sorted(f["path"] for f in marker["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    state = mgr.load(6)
+    assert state["meta"]["loader"]["position"] == 6 * 2 * 2 and state["meta"]["world_size"] == 2
+    assert {"local.rank00000", "local.rank00001"} <= {f"local.{k}" for k in state["local"]}
