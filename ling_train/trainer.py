@@ -38,6 +38,7 @@ from ling_train.parts import (
     set_rng_state,
     setup_distributed,
 )
+from ling_train.shmsnap import MemorySnapshots
 from lingcore.log import get_logger
 from loaders import InvalidParameterError, TokenDataset, TokenLoader, trim_cu_seqlens
 
@@ -109,6 +110,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(mc, self.active_params, cfg.seq_len)
         self.peak = peak_flops(cfg.peak_tflops)
         self.resume_step = self._resume_step()
+        self.snapshots = MemorySnapshots.from_config(cfg, self.rank, self.world)  # --snapshot-every (shmsnap)
 
     def _resume_step(self) -> int | None:
         """The committed step to resume from; refuses ``--resume`` with nothing there (a mistyped --ckpt
@@ -139,16 +141,18 @@ class Trainer:
                 state["hf_config"] = self.hf_config
         return state
 
-    def restore(self, step: int) -> None:
-        """Load committed ``step``: model and optimizer, loader position, RNG, spike state."""
-        assert self.ckpt is not None
+    def restore(self, step: int, source: Any = None) -> None:
+        """Load committed ``step``: model and optimizer, loader position, RNG, spike state; from the
+        checkpoint root, or from ``source`` (a :class:`MemorySnapshots`, same ``ranks``/``load``)."""
+        src = self.ckpt if source is None else source
+        assert src is not None
         # One file for every rank: a whole-model checkpoint (import-hf writes one, with no world_size).
-        whole = self.world > 1 and self.ckpt.ranks(step) == 1
-        own = self.ckpt.load(step, rank=0 if whole else None)
+        whole = self.world > 1 and src.ranks(step) == 1
+        own = src.load(step, rank=0 if whole else None)
         if own.get("world_size", self.world) != self.world and self.sharded:
             raise ValueError(f"checkpoint step {step} was saved by {own.get('world_size')} FSDP ranks; "
                              f"this run has {self.world}")
-        full = own if (self.rank == 0 or self.sharded or whole) else self.ckpt.load(step, rank=0)
+        full = own if (self.rank == 0 or self.sharded or whole) else src.load(step, rank=0)
         if "model_config" in full:
             self._adopt_architecture(ModelConfig.from_dict(full["model_config"]), step)
         load_model(self.model, full["model"])
@@ -164,7 +168,10 @@ class Trainer:
             self.guard.load_state_dict(own["guard"])
             set_rng_state(own["rng"])
         self.step = int(own["step"])
-        log.info("resumed from committed step %d of %s", step, self.cfg.ckpt)
+        if source is not None:
+            log.info("%s", source.describe(step))
+        else:
+            log.info("resumed from committed step %d of %s", step, self.cfg.ckpt)
 
     def _adopt_architecture(self, saved: ModelConfig, step: int) -> None:
         """Build the model the checkpoint holds when it differs from the preset's (an imported release keeps
@@ -195,7 +202,10 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train up to ``cfg.stop_at`` (or ``cfg.steps``), checkpointing every ``ckpt_every`` steps and at the end."""
         cfg = self.cfg
-        if self.resume_step is not None:
+        memory = self._memory_step()
+        if memory is not None:
+            self.restore(memory, source=self.snapshots)
+        elif self.resume_step is not None:
             self.restore(self.resume_step)
         result = TrainResult(start_step=self.step, run_id=self.run_id)
         metrics = MetricsLog(cfg.log_file, cfg.log_every, enabled=self.rank == 0, run_id=self.run_id)
@@ -208,6 +218,10 @@ class Trainer:
         try:
             with self.stop.deferring():
                 self._loop(result, metrics, batches, end, autocast)
+                self._after_loop(result)
+        except Exception:
+            self._persist_at_breakpoint()
+            raise
         finally:
             metrics.close()
         elapsed = time.perf_counter() - run_t0
@@ -217,6 +231,36 @@ class Trainer:
         result.counts = dict(self.guard.counts)
         result.last_committed = self.ckpt.last_committed_step if self.ckpt else None
         return result
+
+    # -- memory snapshots (ling_train.shmsnap) ------------------------------------------------------------
+    def _memory_step(self) -> int | None:
+        """The memory snapshot step to resume from (all ranks agree), when resuming and one is newer than
+        the committed step; else None."""
+        if self.snapshots is None or not (self.cfg.resume or self.cfg.resume_if_exists):
+            return None
+        return self.snapshots.choose(self.resume_step, self.device)
+
+    def _after_loop(self, result: TrainResult) -> None:
+        """Stopped by a signal: persist the newest snapshot (taken now, at the step boundary); finished:
+        remove the segment. Either way the newest state is committed, so memory holds nothing more."""
+        if self.snapshots is None:
+            return
+        stopped = result.stopped_by is not None
+        if stopped and (self.stop.abandon.is_set()
+                        or not self.snapshots.persist(self, live=True, abandon=self.stop.abandon)):
+            return
+        self.snapshots.segment.remove()
+
+    def _persist_at_breakpoint(self) -> None:
+        """An exception in the loop: commit the newest memory snapshot (the live state may be mid-step).
+        One rank only: with several, the others may never reach the commit; their snapshots stay."""
+        if self.snapshots is None or self.ckpt is None:
+            return
+        if self.world > 1:
+            log.error("memory snapshot %s stays for a restart (no persist at a breakpoint with %d ranks)",
+                      self.snapshots.segment.path, self.world)
+        elif self.snapshots.persist(self, live=False):
+            self.snapshots.segment.remove()
 
     def _should_stop(self) -> bool:
         """Whether a stop signal arrived (on any rank: every rank must stop at the same boundary)."""
@@ -245,6 +289,8 @@ class Trainer:
             stall = None
             if self.ckpt is not None and cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end:
                 stall = self.ckpt.save(self.step, self.state()).stall
+            if self.snapshots is not None and self.step % self.snapshots.every == 0:
+                self.snapshots.take(self)
             dt = time.perf_counter() - t0
             result.step_times.append(dt)
             result.step_ends.append(t0 + dt)
