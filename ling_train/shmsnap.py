@@ -25,10 +25,11 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import mmap
 import os
 import re
 import struct
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
@@ -131,6 +132,33 @@ class _SlotWriter:
         """Nothing to flush: tmpfs pages are the segment."""
 
 
+class _ViewReader(io.RawIOBase):
+    """A seekable read-only file over a memoryview, for torch.load (io.BytesIO would copy the payload)."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self.view, self.pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset + (0, self.pos, len(self.view))[whence]
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), len(self.view) - self.pos))
+        memoryview(buffer).cast("B")[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
 class Segment:
     """The memory snapshot of one rank of one job (see the module docstring).
 
@@ -143,6 +171,7 @@ class Segment:
     def __init__(self, job: str, rank: int, world: int) -> None:
         self.job, self.rank, self.world = job, rank, world
         self.path = segment_path(job, rank)
+        self._verified: set[tuple[int, int, str]] = set()  # (slot, generation, checksum) of intact payloads
 
     # -- writing -------------------------------------------------------------------------------------
     def write(self, step: int, state: dict[str, Any]) -> int:
@@ -237,197 +266,57 @@ class Segment:
             return h
         return None
 
-    def scan(self) -> dict[int, int]:
-        """The intact snapshots: ``{step: slot}`` of the slots whose header and payload checksum validate.
-        Each rejected slot is logged once, naming the segment and the case."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return {}
-        try:
-            size = os.fstat(fd).st_size
-            found: dict[int, int] = {}
-            for slot in (0, 1):
-                h = self._header(fd, slot, size)
-                if h is not None and self._payload(fd, h) is not None:
-                    found[h.step] = slot
-            return found
-        finally:
-            os.close(fd)
-
-    def _payload(self, fd: int, h: _Header) -> bytes | None:
-        data = os.pread(fd, h.length, 2 * HEADER + h.slot * h.capacity)
-        if len(data) != h.length:
-            self._reject(h.slot, f"truncated (payload of step {h.step} cut at {len(data)} of {h.length} bytes)", False)
-            return None
-        if content_hash(data) != h.checksum:
-            self._reject(h.slot, f"corrupt (checksum mismatch in the payload of step {h.step})", False)
-            return None
-        return data
+    def scan(self, newest_only: bool = False) -> dict[int, int]:
+        """The intact snapshots: ``{step: slot}`` of the slots whose header and payload checksum validate
+        (only the newest intact one with ``newest_only``). Each rejected slot is logged, naming the case."""
+        found: dict[int, int] = {}
+        for h, view in self._slots():
+            found[h.step] = h.slot
+            view.release()
+            if newest_only:
+                break
+        return found
 
     def load(self, step: int) -> dict[str, Any] | None:
         """The state of snapshot ``step`` (verified again as it is read), or None when it is not intact."""
+        for _, view in self._slots(step):
+            with view:  # one copy, from the mapping straight into the tensors' storage
+                reader = cast(IO[bytes], _ViewReader(view))
+                state: dict[str, Any] = torch.load(reader, map_location="cpu", weights_only=True)
+            return state
+        return None
+
+    def _slots(self, step: int | None = None) -> Iterator[tuple[_Header, memoryview]]:
+        """The intact slots (of ``step`` only, when given; those are not logged when rejected), with a view
+        of their payload mapped from the segment (no copy); the caller releases each view."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            return None
+            return
         try:
             size = os.fstat(fd).st_size
-            for slot in (0, 1):
-                h = self._header(fd, slot, size, quiet=True)
-                if h is not None and h.step == step:
-                    data = self._payload(fd, h)
-                    if data is None:
-                        return None
-                    state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-                    return state
-            return None
+            found = [self._header(fd, slot, size, quiet=step is not None) for slot in (0, 1)]
+            headers = sorted((h for h in found if h is not None), key=lambda h: -h.gen)  # newest first
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) if size else contextlib.nullcontext() as mapped:
+                for h in headers:
+                    if step is not None and h.step != step:
+                        continue
+                    view = memoryview(mapped)[2 * HEADER + h.slot * h.capacity:][:h.length]  # type: ignore[arg-type]
+                    key = (h.slot, h.gen, h.checksum)
+                    # Verified by scan() just before (one writer per segment, and it is not running): a
+                    # second pass over the payload would only cost time.
+                    if key in self._verified:
+                        yield h, view
+                        continue
+                    if content_hash(view) != h.checksum:
+                        view.release()
+                        self._reject(h.slot, f"corrupt (checksum mismatch in the payload of step {h.step})", False)
+                        continue
+                    self._verified.add(key)
+                    yield h, view
         finally:
             os.close(fd)
 
     def remove(self) -> None:
         """Unlink the segment (a missing one is fine)."""
         remove_segments([self.path])
-
-
-def _plain(obj: Any) -> Any:
-    """``obj`` with every tensor detached, local (a DTensor's shard) and on the CPU, as checkpoints hold it."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if hasattr(t, "to_local"):
-            t = t.to_local()
-        return t.cpu()
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [_plain(v) for v in obj]
-        return items if isinstance(obj, list) else tuple(items)
-    return obj
-
-
-def full_state(trainer: Any) -> dict[str, Any]:
-    """``trainer.state()`` with the model and optimizer on every rank: a DDP rank other than 0 has no
-    checkpoint file with them, and a restart from memory must not need another rank's segment."""
-    state = dict(trainer.state())
-    if "model" not in state:
-        state["model"] = trainer.model.state_dict()
-        state["optim"] = trainer.opt.state_dict()
-        state["model_config"] = trainer.model.config.to_dict()
-    return dict(_plain(state))
-
-
-class MemorySnapshots:
-    """What the trainer does with memory snapshots: take one every K steps, choose it at start (all
-    ranks agree), persist the newest at a breakpoint, remove them at a clean exit.
-
-    It is also the ``source`` :meth:`ling_train.trainer.Trainer.restore` reads a snapshot from.
-    """
-
-    def __init__(self, segment: Segment, every: int) -> None:
-        self.segment, self.every = segment, every
-        self.newest: int | None = None  # the newest step this process wrote
-        self.seconds: list[float] = []  # time each snapshot took (the training stall it caused)
-        self._loaded: dict[int, dict[str, Any]] = {}
-
-    @classmethod
-    def from_config(cls, cfg: Any, rank: int, world: int) -> MemorySnapshots | None:
-        """The snapshots of this run, or None without ``--snapshot-every``."""
-        if not cfg.snapshot_every:
-            return None
-        return cls(Segment(job_hash(cfg.ckpt, cfg.job_id), rank, world), cfg.snapshot_every)
-
-    def take(self, trainer: Any) -> None:
-        """Write the trainer's state at its current step (every ``every`` steps, and at a breakpoint)."""
-        t0 = time.perf_counter()
-        nbytes = self.segment.write(trainer.step, full_state(trainer))
-        self.newest = trainer.step
-        self.seconds.append(time.perf_counter() - t0)
-        log.debug("memory snapshot at step %d: %d bytes in %s in %.3fs", trainer.step, nbytes, self.segment.path,
-                  self.seconds[-1])
-
-    def choose(self, committed: int | None, device: torch.device) -> int | None:
-        """The snapshot step every rank resumes from, or None to fall back to the committed step.
-
-        Every rank must call it: the step is the minimum over the ranks' newest intact snapshots, and it
-        is used only when every rank holds it and it is newer than ``committed``.
-        """
-        import torch.distributed as dist
-
-        found = self.segment.scan()
-        world = self.segment.world
-        agreed = torch.tensor([max(found, default=-1)], dtype=torch.int64, device=device)
-        if world > 1:
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        step = int(agreed.item())
-        usable = torch.tensor([1 if step in found and (committed is None or step > committed) else 0],
-                              dtype=torch.int64, device=device)
-        if world > 1:
-            dist.all_reduce(usable, op=dist.ReduceOp.MIN)
-        if usable.item():
-            self.newest = step  # the segment's newest, which a breakpoint persists until a later one is taken
-            return step
-        if found:
-            why = (f"not newer than committed step {committed}" if step in found and committed is not None
-                   and step <= committed else "not held intact by every rank")
-            log.info("memory snapshot %s: step %d %s; resuming from the committed step", self.segment.path,
-                     step, why)
-        return None
-
-    # The two methods Trainer.restore calls on its source (CheckpointManager has the same two).
-    def ranks(self, step: int) -> int:
-        """Every rank holds its own snapshot."""
-        return self.segment.world
-
-    def load(self, step: int, rank: int | None = None) -> dict[str, Any]:
-        """This rank's snapshot ``step`` (any ``rank``: every segment holds the model and optimizer).
-
-        Raises:
-            ValueError: when it is no longer intact (it was validated by :meth:`choose` just before).
-        """
-        if step not in self._loaded:
-            state = self.segment.load(step)
-            if state is None:
-                raise ValueError(f"memory snapshot {self.segment.path}: step {step} is no longer intact")
-            self._loaded = {step: state}
-        return self._loaded[step]
-
-    def describe(self, step: int) -> str:
-        """The log line of a resume from memory."""
-        self._loaded.clear()
-        return f"resumed from memory snapshot at step {step} ({self.segment.path})"
-
-    def persist(self, trainer: Any, *, live: bool, abandon: Any = None) -> bool:
-        """Persist at a breakpoint: commit the newest snapshot through the normal checkpoint path.
-
-        Args:
-            trainer: The trainer (its ``ckpt`` is the CheckpointManager).
-            live: The trainer's state is consistent (a stop at a step boundary): snapshot it first.
-                Otherwise (an exception mid-step) the newest snapshot in memory is what gets persisted.
-            abandon: An event that gives the persist up (a second stop signal).
-
-        Returns:
-            Whether the newest snapshot is committed now (persisted, or it was already). False when the
-            persist failed or was abandoned (logged): the segment then stays for a restart.
-        """
-        ckpt = trainer.ckpt
-        if ckpt is None:
-            return False
-        try:
-            if live and (self.newest is None or trainer.step > self.newest):
-                self.take(trainer)
-            step = self.newest
-            committed = ckpt.latest_step()
-            if step is None or (committed is not None and step <= committed):
-                return True
-            state = trainer.state() if live else self.load(step)
-            ckpt.save(step, state)
-            if ckpt.finish(abandon) is not None:
-                log.warning("memory snapshot at step %d not persisted: abandoned; it stays in %s", step,
-                            self.segment.path)
-                return False
-        except Exception as exc:  # noqa: BLE001 - the original failure matters more; the snapshot stays
-            log.error("persisting memory snapshot %s failed: %r; it stays in memory for a restart",
-                      self.segment.path, exc)
-            return False
-        log.warning("persisted memory snapshot at step %d: committed under %s", step, ckpt.root)
-        return True

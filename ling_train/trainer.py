@@ -38,7 +38,7 @@ from ling_train.parts import (
     set_rng_state,
     setup_distributed,
 )
-from ling_train.shmsnap import MemorySnapshots
+from ling_train.shmresume import MemorySnapshots
 from lingcore.log import get_logger
 from loaders import InvalidParameterError, TokenDataset, TokenLoader, trim_cu_seqlens
 
@@ -110,7 +110,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(mc, self.active_params, cfg.seq_len)
         self.peak = peak_flops(cfg.peak_tflops)
         self.resume_step = self._resume_step()
-        self.snapshots = MemorySnapshots.from_config(cfg, self.rank, self.world)  # --snapshot-every (shmsnap)
+        self.snapshots = MemorySnapshots.from_config(cfg, self.rank, self.world)  # --snapshot-every (shmresume)
 
     def _resume_step(self) -> int | None:
         """The committed step to resume from; refuses ``--resume`` with nothing there (a mistyped --ckpt
@@ -232,7 +232,7 @@ class Trainer:
         result.last_committed = self.ckpt.last_committed_step if self.ckpt else None
         return result
 
-    # -- memory snapshots (ling_train.shmsnap) ------------------------------------------------------------
+    # -- memory snapshots (ling_train.shmresume) ------------------------------------------------------------
     def _memory_step(self) -> int | None:
         """The memory snapshot step to resume from (all ranks agree), when resuming and one is newer than
         the committed step; else None."""
