@@ -73,10 +73,12 @@ def restart_rows(module: str, base: TrainConfig, workdir: Path, options: dict[st
             trainer.run()
         assert trainer.ckpt is not None and trainer.snapshots is not None
         trainer.ckpt.wait()
+        trainer.snapshots.wait()
         committed = trainer.ckpt.latest_step()
-        snapshot_s = trainer.snapshots.seconds
+        snapshot_s, stall_s = trainer.snapshots.seconds, trainer.snapshots.stalls
         log(f"ling: crashed run: committed step {committed}, memory snapshot step {trainer.snapshots.newest}, "
-            f"snapshots took {[round(s, 3) for s in snapshot_s]} s")
+            f"snapshot stalls {[round(s, 3) for s in stall_s]} s, background writes "
+            f"{[round(s, 3) for s in snapshot_s]} s")
         del trainer
         memory_s, origin_s, setups = [], [], {"memory": [], "origin": []}  # type: dict[str, list[float]]
         for i in range(repeats()):
@@ -95,7 +97,7 @@ def restart_rows(module: str, base: TrainConfig, workdir: Path, options: dict[st
         remove_segments(job_segments(job_hash("", job)))
     load_memory = [t - s for t, s in zip(memory_s, setups["memory"], strict=True)]
     load_origin = [t - s for t, s in zip(origin_s, setups["origin"], strict=True)]
-    extra = {"setup_s": setups, "snapshot_stall_s": snapshot_s, "committed_step": committed, "snapshot_step": 6}
+    extra = {"setup_s": setups, "snapshot_stall_s": stall_s, "snapshot_write_s": snapshot_s, "committed_step": committed, "snapshot_step": 6}
     return [
         make_row(module=module, key="restart_from_memory", measure="restart to the first step, from the memory snapshot",
                  unit="1/s", values=[1 / s for s in memory_s], seconds=memory_s,

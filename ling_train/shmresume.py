@@ -5,6 +5,8 @@ an exception), remove it at a clean exit. docs/ling_train.md, "Memory snapshots"
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 from typing import Any
 
@@ -16,21 +18,6 @@ from lingcore.log import get_logger
 log = get_logger(__name__)
 
 
-def _plain(obj: Any) -> Any:
-    """``obj`` with every tensor detached, local (a DTensor's shard) and on the CPU, as checkpoints hold it."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if hasattr(t, "to_local"):
-            t = t.to_local()
-        return t.cpu()
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [_plain(v) for v in obj]
-        return items if isinstance(obj, list) else tuple(items)
-    return obj
-
-
 def full_state(trainer: Any) -> dict[str, Any]:
     """``trainer.state()`` with the model and optimizer on every rank: a DDP rank other than 0 has no
     checkpoint file with them, and a restart from memory must not need another rank's segment."""
@@ -39,7 +26,7 @@ def full_state(trainer: Any) -> dict[str, Any]:
         state["model"] = trainer.model.state_dict()
         state["optim"] = trainer.opt.state_dict()
         state["model_config"] = trainer.model.config.to_dict()
-    return dict(_plain(state))
+    return state
 
 
 class MemorySnapshots:
@@ -51,9 +38,12 @@ class MemorySnapshots:
 
     def __init__(self, segment: Segment, every: int) -> None:
         self.segment, self.every = segment, every
-        self.newest: int | None = None  # the newest step this process wrote
-        self.seconds: list[float] = []  # time each snapshot took (the training stall it caused)
+        self.newest: int | None = None  # the newest step in the segment that this process wrote or chose
+        self.stalls: list[float] = []  # training-thread time of each snapshot (the copy to host buffers)
+        self.seconds: list[float] = []  # background time of each (serialize into the segment)
         self._loaded: dict[int, dict[str, Any]] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._thread: threading.Thread | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, rank: int, world: int) -> MemorySnapshots | None:
@@ -62,14 +52,68 @@ class MemorySnapshots:
             return None
         return cls(Segment(job_hash(cfg.ckpt, cfg.job_id), rank, world), cfg.snapshot_every)
 
-    def take(self, trainer: Any) -> None:
-        """Write the trainer's state at its current step (every ``every`` steps, and at a breakpoint)."""
+    def take(self, trainer: Any, wait: bool = False) -> None:
+        """Snapshot the trainer's state at its current step: copied into reused host buffers here (the
+        stall), written into the segment by a background thread (``wait``: before returning). A write
+        still running from the previous call is waited for first."""
+        self.wait()
         t0 = time.perf_counter()
-        nbytes = self.segment.write(trainer.step, full_state(trainer))
-        self.newest = trainer.step
-        self.seconds.append(time.perf_counter() - t0)
-        log.debug("memory snapshot at step %d: %d bytes in %s in %.3fs", trainer.step, nbytes, self.segment.path,
-                  self.seconds[-1])
+        state = self._copy(full_state(trainer), "")
+        copied = None
+        if torch.cuda.is_available():  # the write waits for these copies only
+            copied = torch.cuda.Event()
+            copied.record()
+        self.stalls.append(time.perf_counter() - t0)
+        self._thread = threading.Thread(target=self._write, args=(trainer.step, state, copied),
+                                        name=f"shm-snapshot-{trainer.step}", daemon=True)
+        self._thread.start()
+        if wait:
+            self.wait()
+
+    def remove(self) -> None:
+        """Remove the segment, once no write is in flight (one would create it again)."""
+        self.wait()
+        self.segment.remove()
+
+    def wait(self) -> None:
+        """Wait for the snapshot being written, if any (a failed write is logged, not raised: the
+        checkpoints at the origin are unaffected)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _write(self, step: int, state: dict[str, Any], copied: Any) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()
+            t0 = time.perf_counter()
+            nbytes = self.segment.write(step, state)
+            self.newest = step
+            self.seconds.append(time.perf_counter() - t0)
+            log.debug("memory snapshot at step %d: %d bytes in %s in %.3fs", step, nbytes, self.segment.path,
+                      self.seconds[-1])
+        except Exception as exc:  # noqa: BLE001 - logged; the previous snapshot stays valid
+            log.error("memory snapshot at step %d into %s failed: %r", step, self.segment.path, exc)
+
+    def _copy(self, obj: Any, key: str) -> Any:
+        """``obj`` with every tensor copied into a reused host buffer (a DTensor: its local shard, as
+        checkpoints hold it); the same copy as CheckpointManager's snapshot, whose buffers are its own."""
+        if isinstance(obj, torch.Tensor):
+            src = obj.detach()
+            if hasattr(src, "to_local"):
+                src = src.to_local()
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+                self._buffers[key] = buf
+            buf.copy_(src, non_blocking=src.is_cuda)
+            return buf
+        if isinstance(obj, dict):
+            return {k: self._copy(v, f"{key}/{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            items = [self._copy(v, f"{key}/{i}") for i, v in enumerate(obj)]
+            return items if isinstance(obj, list) else tuple(items)
+        return copy.deepcopy(obj)
 
     def choose(self, committed: int | None, device: torch.device) -> int | None:
         """The snapshot step every rank resumes from, or None to fall back to the committed step.
@@ -141,9 +185,10 @@ class MemorySnapshots:
         if ckpt is None:
             return False
         try:
+            self.wait()
             if live and (self.newest is None or trainer.step > self.newest):
-                self.take(trainer)
-            step = self.newest
+                self.take(trainer, wait=True)
+            step = trainer.step if live else self.newest  # live: its own state, even if the shm write failed
             committed = ckpt.latest_step()
             if step is None or (committed is not None and step <= committed):
                 return True

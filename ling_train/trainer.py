@@ -249,7 +249,7 @@ class Trainer:
         if stopped and (self.stop.abandon.is_set()
                         or not self.snapshots.persist(self, live=True, abandon=self.stop.abandon)):
             return
-        self.snapshots.segment.remove()
+        self.snapshots.remove()
 
     def _persist_at_breakpoint(self) -> None:
         """An exception in the loop: commit the newest memory snapshot (the live state may be mid-step).
@@ -260,7 +260,7 @@ class Trainer:
             log.error("memory snapshot %s stays for a restart (no persist at a breakpoint with %d ranks)",
                       self.snapshots.segment.path, self.world)
         elif self.snapshots.persist(self, live=False):
-            self.snapshots.segment.remove()
+            self.snapshots.remove()
 
     def _should_stop(self) -> bool:
         """Whether a stop signal arrived (on any rank: every rank must stop at the same boundary)."""
