@@ -91,10 +91,11 @@ def restart_rows(module: str, base: TrainConfig, workdir: Path, options: dict[st
                 assert step == expected, f"{name} restart resumed at step {step}, expected {expected}"
                 out.append(seconds)
                 setups[name].append(setup)
-                shutil.rmtree(cache, ignore_errors=True)
                 log(f"ling: restart from {name}: first step after {seconds:.2f}s (setup {setup:.2f}s)")
     finally:
         remove_segments(job_segments(job_hash("", job)))
+        for cache in workdir.glob("restart-cache-*"):  # at the end: an abandoned run's threads may still use them
+            shutil.rmtree(cache, ignore_errors=True)
     load_memory = [t - s for t, s in zip(memory_s, setups["memory"], strict=True)]
     load_origin = [t - s for t, s in zip(origin_s, setups["origin"], strict=True)]
     extra = {"setup_s": setups, "snapshot_stall_s": stall_s, "snapshot_write_s": snapshot_s, "committed_step": committed, "snapshot_step": 6}
