@@ -227,11 +227,12 @@ def _kill_all(proc: subprocess.Popen[str]) -> None:
     proc.wait(30)
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_kill9_of_one_rank_then_restart_resumes_both_from_memory_at_the_common_step(corpus: str, tmp_path: Path,
-                                                                                    job: str) -> None:
+                                                                                    job: str, parallel: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "ling_train.cli", *_args(corpus, tmp_path, job, "--steps", "1000", "--snapshot-every", "2",
-                                            "--ckpt-every", "1000")]
+                                            "--ckpt-every", "1000", "--parallel", parallel)]
     env = {**os.environ, **ENV}
     proc, _ = _torchrun(cmd, env, r"^step\s+5/")
     try:
