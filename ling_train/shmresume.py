@@ -139,10 +139,13 @@ class MemorySnapshots:
             self.newest = step  # the segment's newest, which a breakpoint persists until a later one is taken
             return step
         if found:
-            why = (f"not newer than committed step {committed}" if step in found and committed is not None
-                   and step <= committed else "not held intact by every rank")
-            log.info("memory snapshot %s: step %d %s; resuming from the committed step", self.segment.path,
-                     step, why)
+            if step < 0:
+                why = "another rank holds no intact snapshot"
+            elif step in found and committed is not None and step <= committed:
+                why = f"step {step} is not newer than committed step {committed}"
+            else:
+                why = f"step {step} is not held intact by every rank"
+            log.info("memory snapshot %s not used: %s; resuming from the committed step", self.segment.path, why)
         return None
 
     # The two methods Trainer.restore calls on its source (CheckpointManager has the same two).

@@ -187,7 +187,7 @@ class Segment:
             newest = max(headers, key=lambda h: h.gen) if headers else None
             slot = 1 - newest.slot if newest is not None else 0
             gen = newest.gen + 1 if newest is not None else 1
-            if capacity <= 0:
+            if capacity <= 0 or size != 2 * HEADER + 2 * capacity:  # not a layout of ours: start over
                 raise _Full
             # Empty first: a kill during the payload must leave this slot empty, not "corrupt".
             os.pwrite(fd, bytes(HEADER), slot * HEADER)
