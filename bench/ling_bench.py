@@ -18,6 +18,9 @@ become "ratio at least 1/X"):
     measured with no step running, against a raw ``s3fs.pipe_file`` of the same bytes to the same bucket.
     Target <= 1.2x. ``durable_while_training`` (informational) is the same for the periodic checkpoints,
     taken while the steps go on.
+``restart_from_memory``
+    Restart to the first step from the memory snapshot against a restart from the committed step at the
+    origin (bench/_ling_restart.py). Target <= 0.3x.
 
 Groups ``ling_spread`` (writes spread over 2 DDP ranks) and ``ling_dcp_vs_async`` (against DCP's
 ``async_save`` plus a raw upload) live in :mod:`bench.ling_dcp_bench`.
@@ -39,6 +42,7 @@ import torch
 
 from bench import ling_dcp_bench
 from bench._common import env_int, log, make_row, repeats, run_groups, settle
+from bench._ling_restart import restart_rows
 from ling_train.config import TrainConfig
 from ling_train.corpus import sample_texts, write_text_corpus
 from ling_train.trainer import Trainer, TrainResult
@@ -155,5 +159,7 @@ def _async_rows(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
                  notes="informational: the persist thread and the niced uploader yield the CPU to the steps",
                  extra=extra),
     ]
+    rows += run_groups(NAME, [("ling_restart", lambda: restart_rows(NAME, _cfg(corpus, workdir, steps, ckpt_root, every),
+                                                                     workdir, opts))], filtered=False)
     server.delete_bucket(bucket)
     return rows

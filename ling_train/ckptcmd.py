@@ -1,4 +1,5 @@
-"""``ling-train ckpt list URL``: the committed steps under a checkpoint root, their sizes, and ``latest``.
+"""``ling-train ckpt list URL``: the committed steps under a checkpoint root, their sizes, and ``latest``;
+``ling-train ckpt clean-shm``: remove memory snapshots (``/dev/shm`` segments, :mod:`ling_train.shmsnap`).
 
 Only steps with a complete ``_COMMITTED`` marker count (they are what ``--resume`` may load); step
 directories without one (an interrupted or abandoned save) are listed apart: they are never loaded,
@@ -12,6 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from ling_train import shmsnap
 from ling_train.checkpoint import CheckpointManager
 from lingcore.cli import run_command
 from lingcore.errors import ConfigError
@@ -70,6 +72,17 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean_shm(args: argparse.Namespace) -> int:
+    if bool(args.all) == bool(args.url or args.job_id):
+        raise ConfigError("clean-shm", "give the checkpoint URL, --job-id, or --all (exactly one way)")
+    job = None if args.all else shmsnap.job_hash(args.url or "", args.job_id or "")
+    removed = shmsnap.remove_segments(shmsnap.job_segments(job))
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} memory snapshot segment(s) removed")
+    return 0
+
+
 def ckpt_main(argv: Sequence[str]) -> int:
     """Entry point of ``ling-train ckpt``."""
     parser = argparse.ArgumentParser(prog="ling-train ckpt", description=__doc__,
@@ -81,7 +94,13 @@ def ckpt_main(argv: Sequence[str]) -> int:
     p.add_argument("--cache-dir", help="pcache directory (default: pcache's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--log-level", help="DEBUG (errors with their traceback), INFO (default), WARNING")
+    p = sub.add_parser("clean-shm", help="remove the memory snapshots (/dev/shm segments) of a job, or all of ours")
+    p.add_argument("url", metavar="URL", nargs="?", help="the job's checkpoint root (as given to --ckpt)")
+    p.add_argument("--job-id", help="the job's --job-id (instead of the URL)")
+    p.add_argument("--all", action="store_true", help=f"every segment named {shmsnap.PREFIX}* (every job)")
+    p.add_argument("--log-level", help="DEBUG (errors with their traceback), INFO (default), WARNING")
     args = parser.parse_args(list(argv))
     setup_logging(args.log_level)
-    return run_command("ling-train ckpt", {"list": _list}, args, (ConfigError, ValueError, FileNotFoundError),
-                       url_of=lambda a: a.url)
+    return run_command("ling-train ckpt", {"list": _list, "clean-shm": _clean_shm}, args,
+                       (ConfigError, ValueError, FileNotFoundError),
+                       url_of=lambda a: a.url if a.command == "list" else None)

@@ -44,6 +44,9 @@ _HELP = {
     "resume_if_exists": "like --resume, but start from step 0 when nothing is committed under --ckpt",
     "log_file": "JSONL metrics file (one object per step)",
     "parallel": "ddp or fsdp (FSDP2 fully_shard) under torchrun",
+    "snapshot_every": "keep the newest state of each rank in /dev/shm every K steps (0: off); a restart with "
+                      "--resume-if-exists resumes from it when it is newer than the committed step",
+    "job_id": "names the job's memory snapshots (default: derived from --ckpt)",
 }
 
 

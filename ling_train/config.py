@@ -192,6 +192,9 @@ class TrainConfig:
         threads: torch intra-op threads (0: torch default).
         peak_tflops: Accelerator peak for the MFU estimate (0: known GPUs only).
         commit_timeout: Seconds a background persist may wait for durability before it fails.
+        snapshot_every: Keep the newest state of each rank in shared memory every K steps (0: off); a
+            restart with ``--resume-if-exists`` resumes from it when newer than the committed step.
+        job_id: Names the job's memory snapshots (default: derived from ``ckpt`` without its credentials).
     """
 
     preset: str = "tiny"
@@ -229,6 +232,8 @@ class TrainConfig:
     threads: int = 0
     peak_tflops: float = 0.0
     commit_timeout: float = 600.0
+    snapshot_every: int = 0
+    job_id: str = ""
 
     def __post_init__(self) -> None:
         preset(self.preset)
@@ -236,7 +241,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "keep_last", "spike_window", "spike_patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("ckpt_every", "warmup_steps", "threads", "reinject_after", "stop_at", "vocab_size"):
+        for name in ("ckpt_every", "warmup_steps", "threads", "reinject_after", "stop_at", "vocab_size",
+                     "snapshot_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.parallel not in ("ddp", "fsdp"):
@@ -247,6 +253,8 @@ class TrainConfig:
             raise ConfigError("resume", "--resume needs --ckpt")
         if self.resume_if_exists and not self.ckpt:
             raise ConfigError("resume_if_exists", "--resume-if-exists needs --ckpt")
+        if self.snapshot_every and not self.ckpt:
+            raise ConfigError("snapshot_every", "--snapshot-every needs --ckpt (where a breakpoint persists it)")
 
     def model_config(self) -> ModelConfig:
         """The preset with this run's vocabulary and routing overrides applied.

@@ -43,6 +43,7 @@ from ling_train.parts import (
     set_rng_state,
     setup_distributed,
 )
+from ling_train.shmresume import MemorySnapshots
 from lingcore.log import get_logger
 from loaders import InvalidParameterError, TokenDataset, TokenLoader, trim_cu_seqlens
 
@@ -113,6 +114,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(mc, self.active_params, cfg.seq_len)
         self.peak = peak_flops(cfg.peak_tflops)
         self.resume_step = self._resume_step()
+        self.snapshots = MemorySnapshots.from_config(cfg, self.rank, self.world)  # --snapshot-every (shmresume)
 
     def _resume_step(self) -> int | None:
         """The committed step to resume from; refuses ``--resume`` with nothing there (a mistyped --ckpt
@@ -143,9 +145,14 @@ class Trainer:
         return {"step": self.step, "model": model, "optim": optim, "meta": meta,
                 "local": {f"rank{self.rank:05d}": {"rng": rng_state(), "guard": self.guard.state_dict()}}}
 
-    def restore(self, step: int) -> None:
+    def restore(self, step: int, source: Any = None) -> None:
         """Load committed ``step`` at this world size and wrapping, whatever the saving run's were (DCP
-        reshards): model and optimizer, loader position, RNG, spike state."""
+        reshards): model and optimizer, loader position, RNG, spike state. With ``source`` (a
+        :class:`~ling_train.shmresume.MemorySnapshots`), load this rank's memory snapshot of ``step``
+        instead (same world size and wrapping: it holds this rank's own ``state()``)."""
+        if source is not None:
+            self._restore_snapshot(step, source)
+            return
         assert self.ckpt is not None
         names = self.ckpt.metadata(step).state_dict_metadata
         # RNG and spike state are per rank: a rank the saving run did not have takes rank 0's.
@@ -176,6 +183,18 @@ class Trainer:
                  f" (saved by {saved_world} ranks, {meta.get('parallel')}; resharded to {self.world})"
                  if saved_world != self.world else "")
 
+    def _restore_snapshot(self, step: int, source: Any) -> None:
+        snap = source.load(step)
+        meta, mine = snap["meta"], snap["local"][f"rank{self.rank:05d}"]
+        set_model_state_dict(self.model, snap["model"])
+        set_optimizer_state_dict(self.model, self.opt, snap["optim"])
+        self.hf_config = meta.get("hf_config")
+        self.loader.load_state_dict(meta["loader"])
+        self.guard.load_state_dict(mine["guard"])
+        set_rng_state(mine["rng"])
+        self.step = int(snap["step"])
+        log.info("%s", source.describe(step))
+
     def _adopt_architecture(self, saved: ModelConfig, step: int) -> None:
         """Build the model the checkpoint holds when it differs from the preset's (an imported release keeps
         its own rms_eps, padding id, shape); this run's loss and routing-warmup settings stay.
@@ -205,7 +224,10 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train up to ``cfg.stop_at`` (or ``cfg.steps``), checkpointing every ``ckpt_every`` steps and at the end."""
         cfg = self.cfg
-        if self.resume_step is not None:
+        memory = self._memory_step()
+        if memory is not None:
+            self.restore(memory, source=self.snapshots)
+        elif self.resume_step is not None:
             self.restore(self.resume_step)
         result = TrainResult(start_step=self.step, run_id=self.run_id)
         metrics = MetricsLog(cfg.log_file, cfg.log_every, enabled=self.rank == 0, run_id=self.run_id)
@@ -218,6 +240,10 @@ class Trainer:
         try:
             with self.stop.deferring():
                 self._loop(result, metrics, batches, end, autocast)
+                self._after_loop(result)
+        except Exception:
+            self._persist_at_breakpoint()
+            raise
         finally:
             metrics.close()
         elapsed = time.perf_counter() - run_t0
@@ -227,6 +253,36 @@ class Trainer:
         result.counts = dict(self.guard.counts)
         result.last_committed = self.ckpt.last_committed_step if self.ckpt else None
         return result
+
+    # -- memory snapshots (ling_train.shmresume) ------------------------------------------------------------
+    def _memory_step(self) -> int | None:
+        """The memory snapshot step to resume from (all ranks agree), when resuming and one is newer than
+        the committed step; else None."""
+        if self.snapshots is None or not (self.cfg.resume or self.cfg.resume_if_exists):
+            return None
+        return self.snapshots.choose(self.resume_step, self.device)
+
+    def _after_loop(self, result: TrainResult) -> None:
+        """Stopped by a signal: persist the newest snapshot (taken now, at the step boundary); finished:
+        remove the segment. Either way the newest state is committed, so memory holds nothing more."""
+        if self.snapshots is None:
+            return
+        stopped = result.stopped_by is not None
+        if stopped and (self.stop.abandon.is_set()
+                        or not self.snapshots.persist(self, live=True, abandon=self.stop.abandon)):
+            return
+        self.snapshots.remove()
+
+    def _persist_at_breakpoint(self) -> None:
+        """An exception in the loop: commit the newest memory snapshot (the live state may be mid-step).
+        One rank only: with several, the others may never reach the commit; their snapshots stay."""
+        if self.snapshots is None or self.ckpt is None:
+            return
+        if self.world > 1:
+            log.error("memory snapshot %s stays for a restart (no persist at a breakpoint with %d ranks)",
+                      self.snapshots.segment.path, self.world)
+        elif self.snapshots.persist(self, live=False):
+            self.snapshots.remove()
 
     def _should_stop(self) -> bool:
         """Whether a stop signal arrived (on any rank: every rank must stop at the same boundary)."""
@@ -255,6 +311,8 @@ class Trainer:
             stall = None
             if self.ckpt is not None and cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end:
                 stall = self.ckpt.save(self.step, self.state()).stall
+            if self.snapshots is not None and self.step % self.snapshots.every == 0:
+                self.snapshots.take(self)
             dt = time.perf_counter() - t0
             result.step_times.append(dt)
             result.step_ends.append(t0 + dt)
