@@ -29,6 +29,28 @@ def full_state(trainer: Any) -> dict[str, Any]:
     return state
 
 
+def fill_local_shards(target: Any, saved: Any) -> Any:
+    """Copy ``saved`` (a snapshot's model or optimizer state: every DTensor held as this rank's local shard,
+    see :meth:`MemorySnapshots._copy`) into ``target`` (the same state from ``get_*_state_dict``, whose
+    tensors and DTensors are the live ones) in place; non-tensor values are taken from ``saved``.
+
+    Raises:
+        KeyError, RuntimeError: ``saved`` does not have the structure or the shard shapes of ``target``.
+    """
+    if isinstance(target, torch.Tensor):
+        local = target.to_local() if hasattr(target, "to_local") else target
+        with torch.no_grad():
+            local.copy_(saved)
+        return target
+    if isinstance(target, dict):
+        for key in target:
+            target[key] = fill_local_shards(target[key], saved[key])
+        return target
+    if isinstance(target, list):
+        return [fill_local_shards(t, s) for t, s in zip(target, saved, strict=True)]
+    return copy.deepcopy(saved)
+
+
 class MemorySnapshots:
     """What the trainer does with memory snapshots: take one every K steps, choose it at start (all
     ranks agree), persist the newest at a breakpoint, remove them at a clean exit.

@@ -43,7 +43,7 @@ from ling_train.parts import (
     set_rng_state,
     setup_distributed,
 )
-from ling_train.shmresume import MemorySnapshots
+from ling_train.shmresume import MemorySnapshots, fill_local_shards
 from lingcore.log import get_logger
 from loaders import InvalidParameterError, TokenDataset, TokenLoader, trim_cu_seqlens
 
@@ -186,8 +186,11 @@ class Trainer:
     def _restore_snapshot(self, step: int, source: Any) -> None:
         snap = source.load(step)
         meta, mine = snap["meta"], snap["local"][f"rank{self.rank:05d}"]
-        set_model_state_dict(self.model, snap["model"])
-        set_optimizer_state_dict(self.model, self.opt, snap["optim"])
+        # The snapshot holds this rank's local shards: copy them into the live (D)Tensors.
+        model = fill_local_shards(get_model_state_dict(self.model), snap["model"])
+        optim = fill_local_shards(get_optimizer_state_dict(self.model, self.opt), snap["optim"])
+        set_model_state_dict(self.model, model)
+        set_optimizer_state_dict(self.model, self.opt, optim)
         self.hf_config = meta.get("hf_config")
         self.loader.load_state_dict(meta["loader"])
         self.guard.load_state_dict(mine["guard"])
