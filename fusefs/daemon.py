@@ -30,7 +30,15 @@ from fusefs.writable import WritableOperations
 from lingcore.log import get_logger
 from lingcore.marker import MARKER_NAME
 from lingcore.retry import RetryPolicy
-from pcache import CacheConfig, PCacheFileSystem, pending_bytes, resume_uploads, staged_files, still_pending
+from pcache import (
+    CacheConfig,
+    PCacheFileSystem,
+    pending_bytes,
+    resume_uploads,
+    staged_files,
+    still_pending,
+    upload_errors,
+)
 
 log = get_logger(__name__)
 
@@ -287,6 +295,13 @@ class Mount:
                           f"e.g. {busy[0]}; close them first")
         try:
             marker = self.pfs.commit(target, timeout)
+        except TimeoutError as exc:
+            metrics.COMMITS.labels("error").inc()
+            errors = upload_errors(self.pfs, target)
+            if errors:  # say why the uploads are stuck, not only that they are
+                failed, why = next(iter(errors.items()))
+                raise TimeoutError(f"{exc}; no marker written; upload of {failed} keeps failing: {why}") from None
+            raise
         except Exception:
             metrics.COMMITS.labels("error").inc()
             raise

@@ -20,7 +20,7 @@ Public API (other packages use pcache through these names only):
 - staged writes of a writable mount (:mod:`pcache.staging`): :class:`StagedWrite` (a file written at
   any offset, then published to the write-back), :func:`move_staged` (rename before or after upload),
   :func:`drop_staged`, :func:`staged_files`, :func:`is_pending`, :func:`pending_bytes`,
-  :func:`resume_uploads`, :func:`can_copy_server_side`, :func:`still_pending`
+  :func:`resume_uploads`, :func:`can_copy_server_side`, :func:`still_pending`, :func:`upload_errors`
 - typed errors: :class:`ConfigError`, :class:`OriginUnavailableError`, :class:`StaleObjectError`,
   :class:`CacheFullError`, :class:`CacheIndexError`, :class:`UploadError`, :class:`CommitMismatchError`
 
@@ -56,6 +56,7 @@ from pcache.staging import (
     resume_uploads,
     staged_files,
     still_pending,
+    upload_errors,
 )
 
 __all__ = [
@@ -82,6 +83,7 @@ __all__ = [
     "resume_uploads",
     "staged_files",
     "still_pending",
+    "upload_errors",
 ]
 
 

@@ -365,6 +365,12 @@ def still_pending(pfs: PCacheFileSystem, entry_ids: list[str]) -> set[str]:
     return {entry_id for entry_id in entry_ids if journal.get(entry_id) is not None}
 
 
+def upload_errors(pfs: PCacheFileSystem, path: str) -> dict[str, str]:
+    """``{url: last error}`` of pending uploads under ``path`` whose last attempt failed."""
+    return {e["url"]: str(e["last_error"]) for e in pfs.writeback.journal.pending(pfs.url(path))
+            if e.get("last_error")}
+
+
 def pending_bytes(pfs: PCacheFileSystem) -> int:
     """Bytes staged in the cache directory and not yet durable at the origin."""
     return int(pfs.writeback.journal.pending_bytes())

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import s3fs
 
-from fusefs import mount_entry
 from fusefs.testing import FUSE_MISSING, cleanup, daemon_pid, fusefs, mount, s3_env, wait_gone
 from pcache.testing import ChaosProxy, SeaweedServer
 
@@ -65,7 +64,7 @@ def _mount(server: SeaweedServer, bucket: str, root: Path, endpoint: str, *extra
     mnt = root / "mnt"
     mnt.mkdir(exist_ok=True)
     port = _free_port()
-    env = s3_env(server, PCACHE_RETRY_ATTEMPTS="2", PCACHE_RETRY_BASE_DELAY="0.05", PCACHE_UPLOADER_IDLE_EXIT="30")
+    env = s3_env(server, PCACHE_RETRY_ATTEMPTS="2", PCACHE_RETRY_BASE_DELAY="0.05")
     mount(f"s3://{bucket}/ckpt", mnt, "--writable", "--endpoint-url", endpoint, "--cache-dir", str(root / "cache"),
           "--metrics-port", str(port), *extra, env=env)
     s3 = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True)
@@ -184,7 +183,8 @@ def test_rename_of_an_uploaded_file_copies_server_side_and_deletes(wm: Mounted) 
 def test_origin_objects_and_the_marker_name_are_refused_and_the_origin_is_untouched(wm: Mounted) -> None:
     before = {k: wm.origin(k.removeprefix("ckpt/")) for k in ORIGIN}
     target = wm.mnt / "origin.bin"
-    for action in (lambda: open(target, "r+b"), lambda: open(target, "wb"), lambda: open(target, "ab"),
+    for action in (lambda: os.open(target, os.O_RDWR), lambda: os.open(target, os.O_WRONLY | os.O_TRUNC),
+                   lambda: os.open(target, os.O_WRONLY | os.O_APPEND),
                    lambda: os.truncate(target, 0), lambda: os.unlink(target),
                    lambda: os.rename(target, wm.mnt / "renamed.bin"),
                    lambda: (wm.mnt / "_COMMITTED").write_bytes(b"{}"),
@@ -306,9 +306,9 @@ unit_marker = "_COMMITTED"
                           text=True, env=environ, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     client = s3_server.client()
-    got = {k.rsplit("/", 1)[1]: client.get_object(Bucket=dst, Key=k)["Body"].read()
-           for k in [o["Key"] for o in client.list_objects_v2(Bucket=dst)["Contents"]]}
-    assert {k: v for k, v in got.items() if k != "_COMMITTED"} == files and "_COMMITTED" in got
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=dst)["Contents"]]
+    assert {*(f"units/v1/{n}" for n in files), "units/v1/_COMMITTED"} <= set(keys), keys
+    assert {n: client.get_object(Bucket=dst, Key=f"units/v1/{n}")["Body"].read() for n in files} == files
     s3_server.delete_bucket(dst)
 
 
@@ -348,7 +348,7 @@ def test_rename_while_the_upload_runs_waits_then_copies_and_outage_fails_commit(
 
     fault = proxy.fail("PUT", times=None)  # the origin takes no more writes
     (m.mnt / "u" / "shard.bin").write_bytes(b"s" * 5000)  # close() returns: durable locally
-    proc = m.run("commit", str(m.mnt / "u"), "--timeout", "20")
+    proc = m.run("commit", str(m.mnt / "u"), "--timeout", "8")
     assert proc.returncode == 1, proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"s3://{m.bucket}/ckpt/u" in lines[0], proc.stderr
