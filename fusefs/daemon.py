@@ -103,8 +103,14 @@ class Mount:
                                       self.pfs.origin.url, lambda done, total: bar.update(task, completed=done,
                                                                                           total=total))
         else:
-            listing = list_origin(self.pfs.fs, self.root, self.config.list_workers, self.policy,
-                                  self.pfs.origin.url)
+            try:
+                listing = list_origin(self.pfs.fs, self.root, self.config.list_workers, self.policy,
+                                      self.pfs.origin.url)
+            except FileNotFoundError:
+                if not self.config.writable:
+                    raise
+                # A new prefix: the mount starts empty (`fusefs mount` checked that the bucket exists).
+                listing = {}
         changes = self.ns.apply(listing)
         if self.config.writable:
             self._add_staged()
