@@ -235,24 +235,31 @@ def test_dcp_torch_save_safetensors_and_hf_directory_commit_and_read_back(wm: Mo
     assert all(torch.equal(load_file(str(wm.mnt / "ts" / "model.safetensors"))[k], state[k]) for k in state)
 
 
-_DCP_RANK = """
-import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
-rank, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-torch.manual_seed(rank)
-dcp.save({f"r{rank}": torch.randn(128, 128), "shared": torch.arange(10)},
-         storage_writer=dcp.FileSystemWriter(path))
-dist.destroy_process_group()
-"""
+def _dcp_rank(rank: int, port: str, path: str) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(rank)
+    dcp.save({f"r{rank}": torch.randn(128, 128), "shared": torch.arange(10)},
+             storage_writer=dcp.FileSystemWriter(path))
+    dist.destroy_process_group()
 
 
 def test_dcp_two_rank_gloo_writes_through_the_mount(wm: Mounted) -> None:
+    import multiprocessing
+
+    import torch  # noqa: F401 - imported once here; the forked ranks reuse it
+
     port = str(_free_port())
-    procs = [subprocess.Popen([PY, "-c", _DCP_RANK, str(rank), port, str(wm.mnt / "dcp2")], stderr=subprocess.PIPE,
-                              text=True) for rank in (0, 1)]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_dcp_rank, args=(rank, port, str(wm.mnt / "dcp2"))) for rank in (0, 1)]
     for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
     marker = _commit(wm, "dcp2")
     files = _same_everywhere(wm, "dcp2")
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "_COMMITTED"} <= set(files)
@@ -348,7 +355,7 @@ def test_rename_while_the_upload_runs_waits_then_copies_and_outage_fails_commit(
 
     fault = proxy.fail("PUT", times=None)  # the origin takes no more writes
     (m.mnt / "u" / "shard.bin").write_bytes(b"s" * 5000)  # close() returns: durable locally
-    proc = m.run("commit", str(m.mnt / "u"), "--timeout", "8")
+    proc = m.run("commit", str(m.mnt / "u"), "--timeout", "5")
     assert proc.returncode == 1, proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"s3://{m.bucket}/ckpt/u" in lines[0], proc.stderr
