@@ -233,6 +233,8 @@ class WritableOperations(ReadOnlyOperations):
         if writer is None or writer.orphaned:
             return
         if writer.failed is not None:
+            if writer.staged.published_id is None:
+                self._drop_failed(handle.node)
             raise _fail(errno.ENOSPC if isinstance(writer.failed, CacheFullError) else errno.EIO)
         try:
             await trio.to_thread.run_sync(self._publish_now, writer)
@@ -289,10 +291,16 @@ class WritableOperations(ReadOnlyOperations):
                 writer.failed = exc
         await trio.to_thread.run_sync(writer.staged.close)
         if writer.failed is not None and writer.staged.published_id is None and not writer.orphaned:
-            # Nothing half-published: the failed file disappears instead of becoming a short object.
-            parent = self.ns.lookup(posixpath.dirname(handle.node.path))
-            if parent is not None and parent.children.get(posixpath.basename(handle.node.path)) == handle.node.ino:
-                self.ns.remove(parent.ino, posixpath.basename(handle.node.path))
+            self._drop_failed(handle.node)
+
+    def _drop_failed(self, node: Node) -> None:
+        """Nothing half-published: a file whose write failed disappears instead of becoming a short object."""
+        parent = self.ns.lookup(posixpath.dirname(node.path))
+        name = posixpath.basename(node.path)
+        if parent is not None and parent.children.get(name) == node.ino:
+            self.ns.remove(parent.ino, name)
+            # The kernel caches names for entry_timeout; async: a handler must not wait for the kernel.
+            pyfuse3.invalidate_entry_async(parent.ino, os.fsencode(name), ignore_enoent=True)
 
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
