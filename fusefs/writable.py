@@ -203,16 +203,17 @@ class WritableOperations(ReadOnlyOperations):
         if writer.failed is not None:
             raise _fail(writer.failed.errno or errno.EIO)
         try:
-            # Into the page cache of the staging file: cheaper inline than the hop to a worker thread.
-            written = writer.staged.pwrite(buf, off)
+            # Queued for the file's writer thread: the kernel gets its answer at once and sends the next
+            # request while the bytes go into the page cache. Errors come back at flush/fsync (close).
+            written = writer.staged.write_behind(buf, off)
         except OSError as exc:
             writer.failed = exc
             log.error("write of %s failed, the file will not be published: %s", handle.url, exc,
                       extra={"url": handle.url})
             raise _fail(errno.ENOSPC if isinstance(exc, CacheFullError) else (exc.errno or errno.EIO)) from None
         metrics.STAGED_BYTES.inc(written)
-        if writer.staged.size != (handle.node.entry.size if handle.node.entry else 0):
-            self.ns.resize(handle.node, writer.staged.size, time.time_ns())
+        if handle.node.entry is not None and off + written > handle.node.entry.size:
+            self.ns.resize(handle.node, off + written, time.time_ns())
         return written
 
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -31,6 +31,7 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -51,6 +52,7 @@ log = get_logger(__name__)
 
 _LOCK_STRIPES = 256  # the uploader's (pcache.uploader.Uploader.url_locks): both must pick the same stripe
 _COPY_CHUNK = 64 * 1024 * 1024
+_BEHIND_BYTES = 64 * 1024 * 1024  # queued write_behind bytes per file before a caller waits
 
 
 class StagedWrite:
@@ -75,6 +77,10 @@ class StagedWrite:
         public, secret = split_secrets(pfs.target_options)
         self.manager.remember_secret(pfs.target_protocol, public, secret)
         self._lock = threading.Lock()
+        self._room = threading.Condition()
+        self._behind_bytes = 0  # queued by write_behind, not yet written
+        self._behind_error: BaseException | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._fd = -1
         self._reserved = 0
         self.size = 0
@@ -160,13 +166,54 @@ class StagedWrite:
             self.dirty = True
             return len(data)
 
+    def write_behind(self, data: bytes, offset: int) -> int:
+        """Like :meth:`pwrite`, but return once the bytes are queued for this file's writer thread.
+
+        The disk budget is claimed here, so a full disk tier still fails this call
+        (:class:`~pcache.errors.CacheFullError`); an error of the write itself surfaces at the next
+        :meth:`drain` (every other method drains first). At most ``_BEHIND_BYTES`` are queued; past that
+        this call waits. A FUSE daemon answers the kernel at once, so the copy into the page cache
+        overlaps the transfer of the next request.
+        """
+        with self._lock:
+            if self.published_id is None:  # after a publish, pwrite claims for its copy-on-write
+                self._claim(offset + len(data))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="pcache-staged")
+        with self._room:
+            while self._behind_bytes > _BEHIND_BYTES:
+                self._room.wait()
+            self._behind_bytes += len(data)
+        self._pool.submit(self._run_behind, data, offset)
+        return len(data)
+
+    def _run_behind(self, data: bytes, offset: int) -> None:
+        try:
+            if self._behind_error is None:  # after a failure the file is never published: skip the rest
+                self.pwrite(data, offset)
+        except BaseException as exc:  # noqa: BLE001 - kept for drain(), which raises it to the writer
+            self._behind_error = exc
+        finally:
+            with self._room:
+                self._behind_bytes -= len(data)
+                self._room.notify_all()
+
+    def drain(self) -> None:
+        """Wait for every queued :meth:`write_behind`; raise the error one of them met (every time)."""
+        if self._pool is not None:
+            self._pool.submit(lambda: None).result()  # one writer thread, FIFO: all before it are done
+        if self._behind_error is not None:
+            raise self._behind_error
+
     def pread(self, size: int, offset: int) -> bytes:
         """Read back staged bytes."""
+        self.drain()
         with self._lock:
             return os.pread(self._fd, size, offset)
 
     def truncate(self, size: int) -> None:
         """Cut or extend (with zeros) the file to ``size`` bytes."""
+        self.drain()
         with self._lock:
             self._unpublish()
             self._claim(size)
@@ -184,7 +231,11 @@ class StagedWrite:
         fsyncs the data and the directory, then records the journal entry (fsynced LMDB): once this
         returns, a crash of this process loses nothing (``pcache flush --cache-dir`` uploads it). A
         second publish without writes in between does nothing.
+
+        Raises:
+            OSError: a queued :meth:`write_behind` failed; nothing is published.
         """
+        self.drain()
         with self._lock:
             if not self.dirty:
                 return self.published_id
@@ -214,6 +265,10 @@ class StagedWrite:
 
     def close(self) -> None:
         """Let go of the file; bytes never published are dropped (nothing is uploaded)."""
+        with contextlib.suppress(Exception):  # an unpublished file's failed write no longer matters
+            self.drain()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)

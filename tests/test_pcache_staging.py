@@ -64,3 +64,30 @@ def test_move_before_upload_retargets_and_nothing_reaches_the_old_name(
     assert drop_staged(pfs, f"s3://{bucket}/m/y") == "deleted"
     s3.invalidate_cache()
     assert not s3.exists(f"{bucket}/m/y") and not s3.exists(f"{bucket}/m/x")
+
+
+def test_a_failed_write_behind_surfaces_at_publish_and_nothing_is_journaled(
+        bucket: str, s3_options: dict[str, Any], tmp_path: Path, monkeypatch: Any) -> None:
+    import errno
+
+    import pytest
+
+    pfs = _pfs(s3_options, tmp_path / "c")
+    staged = StagedWrite(pfs, f"s3://{bucket}/f/full.bin")
+    real = os.pwrite
+
+    def full_disk(fd: int, data: Any, offset: int) -> int:
+        if offset >= 1 << 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    assert staged.write_behind(b"x" * (1 << 20), 0) == 1 << 20  # queued: the caller is answered at once
+    staged.write_behind(b"y" * 10, 1 << 20)
+    with pytest.raises(OSError) as exc:
+        staged.publish()
+    assert exc.value.errno == errno.ENOSPC and f"s3://{bucket}/f/full.bin" in str(exc.value)
+    staged.close()
+    monkeypatch.undo()
+    assert not is_pending(pfs, f"s3://{bucket}/f/full.bin")
+    assert not pfs.writeback.journal.pending()
