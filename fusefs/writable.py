@@ -23,7 +23,6 @@ import os
 import posixpath
 import stat
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
@@ -32,17 +31,15 @@ import trio
 from fusefs import metrics
 from fusefs.config import MountConfig
 from fusefs.namespace import FileEntry, Namespace, Node
-from fusefs.ops import ReadOnlyOperations, _fail
+from fusefs.ops import _fail
+from fusefs.tree import TreeOperations, Writer
 from lingcore.log import get_logger
-from lingcore.marker import MARKER_NAME
 from pcache import (
     CacheFullError,
     PCacheFileSystem,
     StagedWrite,
     can_copy_server_side,
-    drop_staged,
     is_pending,
-    move_staged,
 )
 
 log = get_logger(__name__)
@@ -52,30 +49,26 @@ XATTR_CONTROL = b"user.fusefs.control"
 _WRITE = os.O_WRONLY | os.O_RDWR
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
-
-@dataclass
-class Writer:
-    """The open-for-write state of one local file, shared by all its write handles."""
-
-    staged: StagedWrite
-    handles: int = 0
-    failed: OSError | None = None  # a write failed (ENOSPC): the file must never be published
-    fresh: bool = False  # made by create() and never published: nothing of it exists anywhere else
-    orphaned: bool = False  # unlinked or replaced while open: its bytes go nowhere
-
-
 class LocalHandle:
-    """An open local file: reads come from its staged bytes, else through pcache (staged copy or origin)."""
+    """An open local file: reads come from its staged bytes, else through pcache (staged copy or origin).
 
-    def __init__(self, node: Node, url: str, writer: Writer | None, reader: Any = None) -> None:
-        self.node, self.url, self.writer, self.reader = node, url, writer, reader
+    ``writes`` is False for a read-only open of a file that is being written: it reads the writer's
+    bytes, but neither publishes them nor counts as one of the writer's handles.
+    """
+
+    def __init__(self, node: Node, url: str, writer: Writer | None, reader: Any = None, writes: bool = True,
+                 opener: Any = None) -> None:
+        self.node, self.url, self.writer, self.reader, self.writes = node, url, writer, reader, writes
+        self.opener = opener  # opens the file through pcache once the writer has closed it
 
     def in_memory(self, offset: int, size: int) -> bool:
         return False
 
     def read(self, offset: int, size: int) -> bytes:
-        if self.writer is not None:
+        if self.writer is not None and not (self.writer.staged.closed and self.opener is not None):
             return self.writer.staged.pread(size, offset)
+        if self.reader is None:
+            self.reader = self.opener()
         if hasattr(self.reader, "pread"):
             return bytes(self.reader.pread(offset, size))
         return os.pread(self.reader.fileno(), size, offset)
@@ -85,7 +78,7 @@ class LocalHandle:
             self.reader.close()
 
 
-class WritableOperations(ReadOnlyOperations):
+class WritableOperations(TreeOperations):
     """:class:`ReadOnlyOperations` plus create, write, flush/fsync, truncate, unlink, rename, mkdir, rmdir.
 
     Args:
@@ -100,7 +93,6 @@ class WritableOperations(ReadOnlyOperations):
                  control_path: str = "") -> None:
         super().__init__(ns, pfs, root, config)
         self.control_path = control_path
-        self._writers: dict[int, Writer] = {}
         self._local: dict[int, LocalHandle] = {}
         self.published: dict[str, int] = {}  # journal entry id -> bytes, until uploaded (metrics)
 
@@ -121,20 +113,6 @@ class WritableOperations(ReadOnlyOperations):
         if node.ino in self._writers:
             return "writing"
         return "staged" if is_pending(self.pfs, self.target(node)) else "uploaded"
-
-    def _check_name(self, name: bytes) -> str:
-        text = os.fsdecode(name)
-        if text == MARKER_NAME:
-            log.warning("refused to write %s through the mount: `fusefs commit` writes the marker", MARKER_NAME)
-            raise _fail(errno.EPERM)
-        return text
-
-    def _dir(self, ino: int) -> Node:
-        node = self._node(ino)
-        if not node.is_dir:
-            raise _fail(errno.ENOTDIR)
-        return node
-
     def _new_handle(self, handle: LocalHandle) -> int:
         fh = self._next_fh
         self._next_fh += 1
@@ -187,7 +165,9 @@ class WritableOperations(ReadOnlyOperations):
             writer = await trio.to_thread.run_sync(self._writer, node, bool(flags & os.O_TRUNC))
             handle = LocalHandle(node, self.url(node), writer)
         elif node.ino in self._writers:
-            handle = LocalHandle(node, self.url(node), self._writers[node.ino])
+            target = self.target(node)
+            handle = LocalHandle(node, self.url(node), self._writers[node.ino], writes=False,
+                                 opener=lambda: self.pfs.open(target, "rb"))
         else:
             target = self.target(node)
             reader = await trio.to_thread.run_sync(lambda: self.pfs.open(target, "rb"))
@@ -197,7 +177,7 @@ class WritableOperations(ReadOnlyOperations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._local.get(fh)
-        if handle is None or handle.writer is None:
+        if handle is None or handle.writer is None or not handle.writes:
             raise _fail(errno.EBADF)
         writer = handle.writer
         if writer.failed is not None:
@@ -231,7 +211,7 @@ class WritableOperations(ReadOnlyOperations):
 
     async def _publish(self, handle: LocalHandle) -> None:
         writer = handle.writer
-        if writer is None or writer.orphaned:
+        if writer is None or writer.orphaned or not handle.writes:
             return
         if writer.failed is not None:
             if writer.staged.published_id is None:
@@ -277,7 +257,7 @@ class WritableOperations(ReadOnlyOperations):
             return await super().release(fh)
         self._handles.pop(fh, None)
         writer = handle.writer
-        if writer is None:
+        if writer is None or not handle.writes:
             await trio.to_thread.run_sync(handle.close)
             return
         writer.handles -= 1
@@ -343,119 +323,6 @@ class WritableOperations(ReadOnlyOperations):
         st.f_blocks, st.f_bfree, st.f_bavail = local.f_blocks, local.f_bfree, local.f_bavail
         st.f_ffree = st.f_favail = local.f_ffree
         return st
-
-    # -- the tree --------------------------------------------------------------------------------------
-    def _unpublished(self, node: Node) -> bool:
-        """True when nothing of ``node`` was ever journaled or uploaded (a file still being first written)."""
-        writer = self._writers.get(node.ino)
-        return writer is not None and writer.fresh and writer.staged.published_id is None
-
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        text = self._check_name(name)
-        if text in self._dir(parent_inode).children:
-            raise _fail(errno.EEXIST)
-        return self.attrs(self.ns.add(parent_inode, text, None))
-
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        text = os.fsdecode(name)
-        node = self.ns.child(parent_inode, text)
-        if node is None:
-            raise _fail(errno.ENOENT)
-        if not node.is_dir:
-            raise _fail(errno.ENOTDIR)
-        if node.children:
-            raise _fail(errno.ENOTEMPTY)
-        if not node.local:
-            raise _fail(errno.EPERM)
-        self.ns.remove(parent_inode, text)
-
-    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        text = os.fsdecode(name)
-        node = self.ns.child(parent_inode, text)
-        if node is None:
-            raise _fail(errno.ENOENT)
-        if node.is_dir:
-            raise _fail(errno.EISDIR)
-        if not node.local:
-            raise _fail(errno.EPERM)
-        unpublished = self._unpublished(node)
-        writer = self._writers.get(node.ino)
-        if writer is not None:
-            writer.orphaned = True  # still open: its handles keep working, its bytes go nowhere
-        if not unpublished:
-            await trio.to_thread.run_sync(drop_staged, self.pfs, self.target(node))
-        self.ns.remove(parent_inode, text)
-
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-                     flags: int, ctx: Any) -> None:
-        if flags & _RENAME_EXCHANGE:
-            raise _fail(errno.EINVAL)
-        new_text, old_text = self._check_name(name_new), os.fsdecode(name_old)
-        self._dir(parent_inode_new)
-        node = self.ns.child(parent_inode_old, old_text)
-        if node is None:
-            raise _fail(errno.ENOENT)
-        if not node.local:
-            raise _fail(errno.EPERM)  # an origin object: never moved through the mount
-        existing = self.ns.child(parent_inode_new, new_text)
-        if existing is node:
-            return
-        if existing is not None:
-            if flags & _RENAME_NOREPLACE:
-                raise _fail(errno.EEXIST)
-            if not existing.local:
-                raise _fail(errno.EPERM)
-            if existing.is_dir and not node.is_dir:
-                raise _fail(errno.EISDIR)
-            if node.is_dir and not existing.is_dir:
-                raise _fail(errno.ENOTDIR)
-            if existing.is_dir and existing.children:
-                raise _fail(errno.ENOTEMPTY)
-        if node.is_dir:
-            if node.children:
-                raise _fail(errno.EXDEV)  # files below would each need a rename: mv falls back to copying
-        else:
-            await self._move_file(node, existing, self.ns.path_of(parent_inode_new, new_text))
-        if existing is not None:
-            writer = self._writers.get(existing.ino)
-            if writer is not None:
-                writer.orphaned = True
-            self.ns.remove(parent_inode_new, new_text)
-        self.ns.move(parent_inode_old, old_text, parent_inode_new, new_text)
-
-    async def _move_file(self, node: Node, existing: Node | None, new_path: str) -> None:
-        src = self.target(node)
-        dst = f"{self.root}/{new_path}" if self.root else new_path
-        unpublished = self._unpublished(node)
-        replaces = existing is not None and not self._unpublished(existing)
-
-        def work() -> None:
-            if unpublished:  # only in this daemon so far: the rename is the namespace's alone
-                if replaces:
-                    drop_staged(self.pfs, dst)
-                return
-            try:
-                move_staged(self.pfs, src, dst)
-            except FileNotFoundError:
-                if replaces:
-                    drop_staged(self.pfs, dst)
-
-        try:
-            await trio.to_thread.run_sync(work)
-        except TimeoutError as exc:
-            log.error("rename of %s refused: %s", self.url(node), exc)
-            raise _fail(errno.EBUSY) from None
-        except OSError as exc:
-            log.error("rename of %s to %s failed: %s", self.url(node), dst, exc, extra={"url": self.url(node)})
-            raise _fail(exc.errno if exc.errno == errno.EXDEV else errno.EIO) from None
-        writer = self._writers.get(node.ino)
-        if writer is not None:
-            writer.staged.retarget(dst)
-
-    async def _eperm(self, *args: Any, **kwargs: Any) -> Any:
-        raise _fail(errno.EPERM)
-
-    symlink = link = mknod = setxattr = removexattr = _eperm
 
     # -- extended attributes ---------------------------------------------------------------------------
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:

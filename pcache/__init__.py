@@ -17,7 +17,7 @@ Public API (other packages use pcache through these names only):
 - :class:`ObjectRef` and :func:`block_key`: the identity of every cached byte (:mod:`pcache.keys`)
 - :class:`CacheConfig`
 - :func:`flush` and :func:`commit` for write-back durability across the process's filesystems
-- staged writes of a writable mount (:mod:`pcache.staging`): :class:`StagedWrite` (a file written at
+- staged writes of a writable mount (:mod:`pcache.staging`, :mod:`pcache.stagemoves`): :class:`StagedWrite` (a file written at
   any offset, then published to the write-back), :func:`move_staged` (rename before or after upload),
   :func:`drop_staged`, :func:`staged_files`, :func:`is_pending`, :func:`pending_bytes`,
   :func:`resume_uploads`, :func:`can_copy_server_side`, :func:`still_pending`, :func:`upload_errors`
@@ -46,8 +46,7 @@ from pcache.errors import (
 )
 from pcache.fs import PCacheFile, PCacheFileSystem, all_filesystems, all_writebacks, get_writeback
 from pcache.keys import ObjectRef, block_key
-from pcache.staging import (
-    StagedWrite,
+from pcache.stagemoves import (
     can_copy_server_side,
     drop_staged,
     is_pending,
@@ -58,6 +57,7 @@ from pcache.staging import (
     still_pending,
     upload_errors,
 )
+from pcache.staging import StagedWrite
 
 __all__ = [
     "CacheConfig",
