@@ -443,3 +443,11 @@ def test_kill9_after_close_loses_nothing(proxied: tuple[Mounted, ChaosProxy], s3
     while not m.exists("k/c.bin") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert m.origin("k/c.bin") == b"c" * 1000
+
+
+def test_writable_with_refresh_is_a_config_error() -> None:
+    from fusefs import MountConfig
+    from lingcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="refresh"):
+        MountConfig(writable=True, refresh=5)
