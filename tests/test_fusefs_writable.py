@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(FUSE_MISSING, reason="/dev/fuse does not exist o
 
 MiB = 1024 * 1024
 PY = sys.executable
-ORIGIN = {"ckpt/origin.bin": os.urandom(100_000), "ckpt/old/_COMMITTED": b"{}", "ckpt/old/w.bin": b"w" * 1000}
+ORIGIN = {"ckpt/origin.bin": os.urandom(100_000), "ckpt/old/_COMMITTED": b"{}", "ckpt/old/w.bin": b"w" * 1000,
+          "ckpt/clean.bin": os.urandom(6 * MiB)}
 
 
 @dataclass
@@ -367,10 +368,11 @@ def test_rename_while_the_upload_runs_waits_then_copies_and_outage_fails_commit(
 
 def test_full_disk_tier_gives_enospc_and_publishes_nothing(proxied: tuple[Mounted, ChaosProxy]) -> None:
     m, proxy = proxied
-    assert (m.mnt / "origin.bin").read_bytes() == ORIGIN["ckpt/origin.bin"]  # some clean blocks
+    assert (m.mnt / "clean.bin").read_bytes() == ORIGIN["ckpt/clean.bin"]  # 6 MiB of clean blocks on disk
     proxy.fail("PUT", times=None)
     proxy.fail("POST", times=None)
-    (m.mnt / "first.bin").write_bytes(os.urandom(8 * MiB))  # dirty, stays pending
+    # Dirty, stays pending; 6 clean + 8 dirty MiB exceed the 12 MiB budget: clean blocks make room.
+    (m.mnt / "first.bin").write_bytes(os.urandom(8 * MiB))
     with pytest.raises(OSError) as exc, open(m.mnt / "second.bin", "wb") as f:
         f.write(os.urandom(8 * MiB))
         f.flush()
