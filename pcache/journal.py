@@ -172,7 +172,7 @@ class Journal:
         the upload locks of both URLs, so no uploader is sending either. Returns the ids whose data files
         the caller must unlink, or None when the entry is no longer pending.
         """
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             raw = txn.get(entry_id.encode(), db=self.pending_db)
             if raw is None:
                 return None
@@ -190,7 +190,7 @@ class Journal:
 
     def move_done(self, src_url: str, dst_url: str, etag: str | None) -> None:
         """Record that the uploaded ``src_url`` now lives at ``dst_url`` (a server-side copy + delete)."""
-        with self.env.begin(write=True) as txn:
+        with transaction(self.env, write=True) as txn:
             raw = txn.get(src_url.encode(), db=self.done_db)
             if raw is None:
                 return
