@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import time
 from typing import TYPE_CHECKING
-
-import xxhash
 
 from lingcore.files import unlink_quiet
 from lingcore.log import get_logger
 from lingcore.retry import retry_call
 from pcache.journal import split_secrets
-from pcache.locks import StripeLocks
+from pcache.locks import StripeLocks, url_lock_key, url_locks
 
 if TYPE_CHECKING:
     from pcache.fs import PCacheFileSystem
@@ -28,18 +25,11 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-_LOCK_STRIPES = 256  # the uploader's (pcache.uploader.Uploader.url_locks): both must pick the same stripe
-
-
 # -- renames and deletes of written files ------------------------------------------------------------
-def _stripe(url: str) -> int:
-    return int.from_bytes(xxhash.xxh3_64_digest(url.encode())[:4], "little") % _LOCK_STRIPES
-
-
 def _lock_urls(manager: WriteBack, urls: list[str], deadline: float) -> tuple[StripeLocks, list[int]]:
     """Take the uploader's lock of every URL (distinct stripes once), waiting while an upload runs."""
-    locks = StripeLocks(os.path.join(manager.journal.dir, "locks"), n_stripes=_LOCK_STRIPES)
-    keys = {_stripe(u): xxhash.xxh3_64_digest(u.encode()) for u in urls}
+    locks = url_locks(manager.journal.dir)  # the uploader's own
+    keys = {locks.stripe(url_lock_key(u)): url_lock_key(u) for u in urls}
     while True:
         held: list[int] = []
         for _, key in sorted(keys.items()):  # a fixed order: two renames never deadlock
