@@ -274,9 +274,17 @@ def _write_object(path: Path, size: int) -> str:
 
 
 def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
-    """Run every fusefs measure; see the module docstring."""
+    """Run every fusefs measure (reads here, checkpoint writes in :mod:`bench.fusefs_write_bench`)."""
+    from bench.fusefs_write_bench import run_write
+
+    write_rows = run_write(server, workdir) if selected("fusefs") or selected("fusefs_write") else []
     if not selected("fusefs"):
-        return []
+        return write_rows
+    return write_rows + run_reads(server, workdir)
+
+
+def run_reads(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
+    """The read measures; see the module docstring."""
     if not os.path.exists("/dev/fuse"):
         raise RuntimeError("/dev/fuse is missing: the fusefs benchmark needs real FUSE mounts")
     workdir = workdir / "fusefs"

@@ -1,8 +1,10 @@
-"""fusefs: a read-only FUSE mount of any fsspec URL, with reads served through pcache.
+"""fusefs: a FUSE mount of any fsspec URL, with reads served through pcache; read-only, or ``--writable``
+(new files written through pcache's write-back, origin objects read-only; see docs/fusefs.md).
 
 Public API:
 
-- :func:`fusefs.cli.main` (the ``fusefs`` command: ``mount`` and ``umount``)
+- :func:`fusefs.cli.main` (the ``fusefs`` command: ``mount``, ``umount``, and ``commit``/``flush`` of a
+  writable mount, which reach its daemon through :mod:`fusefs.control`)
 - :class:`Mount` and :class:`MountSpec` (mount from Python, e.g. in a test or a launcher)
 - :class:`MountConfig` (mount settings: timeouts, refresh, readahead, metrics)
 - :func:`unmount`, :func:`check_mountpoint`, :func:`mount_entry`

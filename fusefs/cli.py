@@ -1,6 +1,9 @@
 """fusefs: mount any fsspec URL read-only through pcache, and unmount it.
 
-  fusefs mount SOURCE_URL MOUNTPOINT [options]   s3://bucket/prefix, file:///path, ... (read-only, always)
+  fusefs mount SOURCE_URL MOUNTPOINT [options]   s3://bucket/prefix, file:///path, ... (read-only)
+  fusefs mount --writable SOURCE_URL MOUNTPOINT  new files written through pcache write-back
+  fusefs commit MOUNTPOINT/DIR                   wait until DIR is at the origin, write DIR/_COMMITTED
+  fusefs flush MOUNTPOINT[/PATH]                 wait until PATH is at the origin
   fusefs umount MOUNTPOINT                       also cleans up a stale mount whose daemon was killed
 
 `mount` daemonizes once the mount is ready; its exit code says whether it worked (0 mounted, 1 the mount
@@ -19,6 +22,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from fusefs import control
 from fusefs.config import MountConfig
 from fusefs.mounts import check_mountpoint, unmount
 from lingcore.cli import run_command
@@ -36,6 +40,7 @@ EXAMPLES = """examples:
   fusefs mount --peers http://10.0.0.2:9470,http://10.0.0.3:9470 --token-file /etc/pcache.token \\
       s3://datasets/pile /mnt/pile
   fusefs mount --foreground file:///data/shards /mnt/shards
+  fusefs mount --writable s3://ckpt/run1 /mnt/ckpt && fusefs commit /mnt/ckpt/step100
   fusefs umount /mnt/pile
 """
 
@@ -66,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--list-workers", type=int, help="prefixes listed in parallel (default 16)")
     g.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on 127.0.0.1:PORT (default off)")
     g.add_argument("--log-file", help="log of the daemon (default <cache-dir>/fusefs.log)")
+    g.add_argument("--writable", action="store_true", default=None,
+                   help="new files and directories can be made; they are written through pcache write-back "
+                        "(close() returns once durable locally); origin objects stay read-only")
+    for name, what in (("commit", "wait until every file under DIR is durable at the origin, then write DIR/"
+                                  "_COMMITTED with its manifest"),
+                       ("flush", "wait until every file under PATH (default: the whole mount) is durable at the "
+                                 "origin")):
+        p = sub.add_parser(name, help=what + " (writable mounts)")
+        p.add_argument("path", metavar="MOUNTPOINT/DIR" if name == "commit" else "MOUNTPOINT[/PATH]")
+        p.add_argument("--timeout", type=float, help="give up after SECONDS (default: wait)")
+        p.add_argument("--log-format", choices=["text", "json"], help="log format (env PCACHE_LOG_FORMAT)")
     p = sub.add_parser("umount", help="unmount MOUNTPOINT (also a stale mount whose daemon died)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--log-format", choices=["text", "json"], help="log format (env PCACHE_LOG_FORMAT)")
@@ -85,7 +101,7 @@ def load_configs(args: argparse.Namespace) -> tuple[MountConfig, CacheConfig]:
     """Build the mount and cache configs from flags, env and the TOML file (its tables are optional)."""
     toml = args.config or os.environ.get("PCACHE_CONFIG") or os.environ.get("FUSEFS_CONFIG")
     keys = ("foreground", "allow_other", "refresh", "entry_timeout", "attr_timeout",
-            "read_ahead_bytes", "list_workers", "metrics_port", "log_file")
+            "read_ahead_bytes", "list_workers", "metrics_port", "log_file", "writable")
     mount = MountConfig.load(toml if _has_table(toml, "fusefs") else None, **{k: getattr(args, k) for k in keys})
     args.config = toml if _has_table(toml, "pcache") else None
     saved = os.environ.pop("PCACHE_CONFIG", None)  # the [pcache] table is read through args.config only
@@ -184,7 +200,20 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"mount": cmd_mount, "umount": cmd_umount}
+def cmd_commit(args: argparse.Namespace) -> int:
+    reply = control.request(args.path, "commit", args.timeout)
+    print(f"committed {reply['url']}")
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    reply = control.request(args.path, "flush", args.timeout)
+    print(f"flushed {reply['url']}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"mount": cmd_mount, "umount": cmd_umount,
+                                                             "commit": cmd_commit, "flush": cmd_flush}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,8 @@ class MountConfig:
         metrics_port: Serve Prometheus metrics on 127.0.0.1 at this port (0: off).
         log_file: Where a daemonized mount writes its log (default ``<cache_dir>/fusefs.log``).
         fsname: The source name shown in ``/proc/mounts`` (default: the source URL).
+        writable: New files and directories can be made; they are written through pcache write-back
+            (origin objects stay read-only). Not with ``refresh``: the mount's own writes are its view.
     """
 
     foreground: bool = False
@@ -44,6 +46,7 @@ class MountConfig:
     metrics_port: int = 0
     log_file: str = ""
     fsname: str = ""
+    writable: bool = False
 
     def __post_init__(self) -> None:
         for name in ("refresh", "entry_timeout", "attr_timeout"):
@@ -53,6 +56,8 @@ class MountConfig:
             raise ConfigError("read_ahead_bytes", "must be >= 0")
         if self.list_workers < 1:
             raise ConfigError("list_workers", f"must be >= 1, got {self.list_workers}")
+        if self.writable and self.refresh:
+            raise ConfigError("refresh", "a writable mount does not re-list the origin; leave --refresh off")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError("metrics_port", f"must be a TCP port or 0, got {self.metrics_port}")
 

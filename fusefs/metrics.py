@@ -16,3 +16,9 @@ BYTES = Gauge("fusefs_bytes", "Total bytes of the files in the table")
 def serve_metrics(port: int) -> None:
     """Serve ``/metrics`` on 127.0.0.1:``port`` from a background thread (never on other interfaces)."""
     start_http_server(port, addr="127.0.0.1")
+
+# Writable mounts (--writable): what was written through the mount, and where it is on its way.
+STAGED_BYTES = Counter("fusefs_staged_bytes", "Bytes written through the mount into staged files")
+UPLOADED_BYTES = Counter("fusefs_uploaded_bytes", "Bytes of files written through the mount now durable at the origin")
+PENDING_BYTES = Gauge("fusefs_pending_bytes", "Bytes staged in the cache directory, not yet durable at the origin")
+COMMITS = Counter("fusefs_commits", "fusefs commit requests", ["result"])

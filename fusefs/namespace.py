@@ -40,12 +40,17 @@ class FileEntry:
 
 @dataclass
 class Node:
-    """An inode: a directory (``entry`` None) or a file version."""
+    """An inode: a directory (``entry`` None) or a file version.
+
+    ``local`` marks what was created through a writable mount (files staged or uploaded by this mount,
+    and directories made with ``mkdir``); everything listed at the origin stays read-only.
+    """
 
     ino: int
     path: str
     entry: FileEntry | None = None
     children: dict[str, int] = field(default_factory=dict)
+    local: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -192,3 +197,60 @@ class Namespace:
         self.nodes, self._by_path = nodes, by_path
         self.total_bytes = sum(e.size for e in files.values())
         return Changes(tuple(changed), tuple(removed), added)
+
+    # -- changes made through a writable mount (the daemon's event loop is the only caller) ------------
+    def add(self, parent: int, name: str, entry: FileEntry | None) -> Node:
+        """Create ``name`` in directory ``parent``: a local file (``entry``) or directory (None)."""
+        parent_node = self.nodes[parent]
+        path = posixpath.join(parent_node.path, name) if parent_node.path else name
+        ino = self._next
+        self._next += 1
+        node = Node(ino, path, entry, local=True)
+        self.nodes[ino], self._by_path[path] = node, ino
+        parent_node.children[name] = ino
+        self.total_bytes += entry.size if entry is not None else 0
+        return node
+
+    def resize(self, node: Node, size: int, mtime_ns: int) -> None:
+        """Record a local file's new size (a write or truncate)."""
+        if node.entry is not None:
+            self.total_bytes += size - node.entry.size
+            node.entry = FileEntry(size, mtime_ns, node.entry.version)
+
+    def remove(self, parent: int, name: str) -> Node | None:
+        """Drop ``name`` from directory ``parent``; return the node it named."""
+        parent_node = self.nodes[parent]
+        ino = parent_node.children.pop(name, None)
+        node = self.nodes.pop(ino, None) if ino is not None else None
+        if node is not None:
+            self._by_path.pop(node.path, None)
+            self.total_bytes -= node.entry.size if node.entry is not None else 0
+        return node
+
+    def move(self, parent: int, name: str, new_parent: int, new_name: str) -> Node:
+        """Rename a file or an empty directory (an existing target must have been removed first)."""
+        node = self.nodes[self.nodes[parent].children.pop(name)]
+        self._by_path.pop(node.path, None)
+        dest = self.nodes[new_parent]
+        node.path = posixpath.join(dest.path, new_name) if dest.path else new_name
+        dest.children[new_name] = node.ino
+        self._by_path[node.path] = node.ino
+        return node
+
+    def lookup(self, path: str) -> Node | None:
+        """The node at relative ``path`` ("" is the root), or None."""
+        ino = self._by_path.get(path.strip("/"))
+        return None if ino is None else self.nodes.get(ino)
+
+    def path_of(self, parent: int, name: str) -> str:
+        """Relative path ``name`` would have in directory ``parent``."""
+        base = self.nodes[parent].path
+        return posixpath.join(base, name) if base else name
+
+    def ensure_dirs(self, path: str) -> int:
+        """Inode of directory ``path``, creating missing (local) directories on the way."""
+        ino = ROOT_INODE
+        for part in [p for p in path.split("/") if p]:
+            child = self.nodes[ino].children.get(part)
+            ino = child if child is not None else self.add(ino, part, None).ino
+        return ino

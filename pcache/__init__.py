@@ -17,6 +17,10 @@ Public API (other packages use pcache through these names only):
 - :class:`ObjectRef` and :func:`block_key`: the identity of every cached byte (:mod:`pcache.keys`)
 - :class:`CacheConfig`
 - :func:`flush` and :func:`commit` for write-back durability across the process's filesystems
+- staged writes of a writable mount (:mod:`pcache.staging`, :mod:`pcache.stagemoves`): :class:`StagedWrite` (a file written at
+  any offset, then published to the write-back), :func:`move_staged` (rename before or after upload),
+  :func:`drop_staged`, :func:`staged_files`, :func:`is_pending`, :func:`pending_bytes`,
+  :func:`resume_uploads`, :func:`can_copy_server_side`, :func:`still_pending`, :func:`upload_errors`
 - typed errors: :class:`ConfigError`, :class:`OriginUnavailableError`, :class:`StaleObjectError`,
   :class:`CacheFullError`, :class:`CacheIndexError`, :class:`UploadError`, :class:`CommitMismatchError`
 
@@ -42,6 +46,18 @@ from pcache.errors import (
 )
 from pcache.fs import PCacheFile, PCacheFileSystem, all_filesystems, all_writebacks, get_writeback
 from pcache.keys import ObjectRef, block_key
+from pcache.stagemoves import (
+    can_copy_server_side,
+    drop_staged,
+    is_pending,
+    move_staged,
+    pending_bytes,
+    resume_uploads,
+    staged_files,
+    still_pending,
+    upload_errors,
+)
+from pcache.staging import StagedWrite
 
 __all__ = [
     "CacheConfig",
@@ -53,11 +69,21 @@ __all__ = [
     "OriginUnavailableError",
     "PCacheFile",
     "PCacheFileSystem",
+    "StagedWrite",
     "StaleObjectError",
     "UploadError",
     "block_key",
+    "can_copy_server_side",
     "commit",
+    "drop_staged",
     "flush",
+    "is_pending",
+    "move_staged",
+    "pending_bytes",
+    "resume_uploads",
+    "staged_files",
+    "still_pending",
+    "upload_errors",
 ]
 
 

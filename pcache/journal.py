@@ -164,6 +164,41 @@ class Journal:
                 txn.delete(entry_id.encode(), db=self.pending_db)
                 self._add_pending_bytes(txn, -json.loads(raw)["size"])
 
+    def retarget(self, entry_id: str, url: str, path: str) -> list[str] | None:
+        """Point a pending entry at another URL (a rename before its upload), in one durable transaction.
+
+        Other pending writes of ``url`` are superseded in the same transaction (the rename replaces
+        them, as ``os.replace`` does), and the entry becomes the newest write of ``url``. The caller holds
+        the upload locks of both URLs, so no uploader is sending either. Returns the ids whose data files
+        the caller must unlink, or None when the entry is no longer pending.
+        """
+        with transaction(self.env, write=True) as txn:
+            raw = txn.get(entry_id.encode(), db=self.pending_db)
+            if raw is None:
+                return None
+            drop = []
+            for key, value in list(txn.cursor(db=self.pending_db)):
+                other = json.loads(value)
+                if other["url"] == url and other["id"] != entry_id:
+                    txn.delete(key, db=self.pending_db)
+                    self._add_pending_bytes(txn, -other["size"])
+                    drop.append(str(other["id"]))
+            entry = json.loads(raw)
+            entry.update(url=url, path=path, created=time.time(), attempts=0, last_error=None)
+            txn.put(entry_id.encode(), json.dumps(entry).encode(), db=self.pending_db)
+        return drop
+
+    def move_done(self, src_url: str, dst_url: str, etag: str | None) -> None:
+        """Record that the uploaded ``src_url`` now lives at ``dst_url`` (a server-side copy + delete)."""
+        with transaction(self.env, write=True) as txn:
+            raw = txn.get(src_url.encode(), db=self.done_db)
+            if raw is None:
+                return
+            record = json.loads(raw)
+            record.update(etag=etag, created=time.time(), completed=time.time())
+            txn.put(dst_url.encode(), json.dumps(record).encode(), db=self.done_db)
+            txn.delete(src_url.encode(), db=self.done_db)
+
     # -- multipart upload intents (no orphan uploads) ---------------------------------------------------
     def begin_multipart(self, entry: dict[str, Any]) -> None:
         """Record, durably, that a multipart upload of ``entry`` is about to be created at the origin.

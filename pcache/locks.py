@@ -20,6 +20,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from typing import TypeVar
 
+import xxhash
+
 T = TypeVar("T")
 
 
@@ -78,9 +80,12 @@ class StripeLocks:
         self.n_stripes = n_stripes
         os.makedirs(lock_dir, exist_ok=True)
 
+    def stripe(self, key: bytes) -> int:
+        """The stripe (lock file number) ``key`` maps to: two keys on one stripe share a lock."""
+        return int.from_bytes(key[:4], "little") % self.n_stripes
+
     def _open(self, key: bytes) -> int:
-        stripe = int.from_bytes(key[:4], "little") % self.n_stripes
-        return _open_registered(os.path.join(self.lock_dir, f"{stripe:04x}"))
+        return _open_registered(os.path.join(self.lock_dir, f"{self.stripe(key):04x}"))
 
     def acquire(self, key: bytes) -> int:
         """Take the stripe lock for ``key`` (blocking); return the descriptor to pass to :meth:`release`."""
@@ -108,6 +113,17 @@ class StripeLocks:
 
     def forget_after_fork(self) -> None:
         """Nothing left to do: the fork handler of this module closed the child's copies already."""
+
+
+def url_locks(journal_dir: str) -> StripeLocks:
+    """The per-URL locks of a write-back journal: the uploader holds one while it uploads a URL, and a
+    rename of a staged file holds those of both names (so it never races an upload)."""
+    return StripeLocks(os.path.join(journal_dir, "locks"), n_stripes=256)
+
+
+def url_lock_key(url: str) -> bytes:
+    """The key of ``url`` in :func:`url_locks`."""
+    return xxhash.xxh3_64_digest(url.encode())
 
 
 @contextmanager

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-import xxhash
 from fsspec.asyn import sync
 
 from lingcore.checksum import hash_stream
@@ -30,7 +29,7 @@ from pcache.cluster.auth import load_token
 from pcache.cluster.replica import drop_remote, origin_mtime
 from pcache.config import CacheConfig
 from pcache.journal import Journal, merge_options, options_fingerprint
-from pcache.locks import StripeLocks
+from pcache.locks import url_lock_key, url_locks
 from pcache.orphans import abort_uploads_of
 from pcache.targets import build_target_fs
 
@@ -62,7 +61,7 @@ class Uploader:
         self.journal = Journal(config.cache_dir)
         self.secrets = secrets or {}
         self.policy = RetryPolicy(attempts=config.retry_attempts, base_delay=config.retry_base_delay)
-        self.url_locks = StripeLocks(os.path.join(self.journal.dir, "locks"), n_stripes=256)
+        self.url_locks = url_locks(self.journal.dir)
         self._fs: dict[str, Any] = {}
         self.orphans = {"aborted": 0, "failed": 0, "busy": 0}  # what the last drain's orphan sweep did
 
@@ -86,7 +85,7 @@ class Uploader:
             True when it is durable at the origin (or superseded), False when the upload failed, None
             when another uploader holds its URL.
         """
-        lock = self.url_locks.try_acquire(xxhash.xxh3_64_digest(entry["url"].encode()))
+        lock = self.url_locks.try_acquire(url_lock_key(entry["url"]))
         if lock is None:
             return None
         try:
@@ -318,7 +317,7 @@ class Uploader:
         """
         counts = {"aborted": 0, "failed": 0, "busy": 0}
         for url in dict.fromkeys(i["url"] for i in self.journal.multipart_intents()):
-            lock = self.url_locks.try_acquire(xxhash.xxh3_64_digest(url.encode()))
+            lock = self.url_locks.try_acquire(url_lock_key(url))
             if lock is None:
                 counts["busy"] += 1
                 continue
