@@ -284,13 +284,14 @@ def _durable_bytes(env: Env, made: dict[str, bytes], prefix: str) -> int:
 
 
 def test_kill9_at_random_points_converges_without_orphan_uploads(env: Env) -> None:
-    """Ten rounds, each on a fresh destination prefix: kill -9 at a random point (five by time, five by
+    """Four rounds, each on a fresh destination prefix: kill -9 at a random point (two by time, two by
     bytes sent), then a run to completion that must converge, re-send at most 1.1x the bytes that were
-    not durable, and leave no multipart upload behind."""
+    not durable, and leave no multipart upload behind. (Ten rounds repeated the same two kinds of kill
+    at twice the cost of a ~2 s CLI start each.)"""
     made = make_units(env, units=2, small=8, small_size=256 * 1024, big=1, big_size=11 * MiB)
     total = sum(len(v) for v in made.values())
     rng = random.Random(1234)
-    kinds = ["bytes", "time"] * 5
+    kinds = ["bytes", "time"] * 2
     rng.shuffle(kinds)
     killed = 0
     for round_no, kind in enumerate(kinds):
@@ -323,7 +324,7 @@ def test_kill9_at_random_points_converges_without_orphan_uploads(env: Env) -> No
         assert dst.keys() - made.keys() == {f"datasets/v{u}/_BABEL_MANIFEST.json" for u in range(2)}
         assert all(dst[k] == v for k, v in made.items())
         assert env.uploads() == []
-    assert killed >= 9, "the kill points must land while the copy is still running"
+    assert killed >= len(kinds) - 1, "the kill points must land while the copy is still running"
 
 
 # ---------------------------------------------------------------------- faults

@@ -55,6 +55,7 @@ READER = textwrap.dedent("""
     fs = fsspec.filesystem("pcache", target_protocol="s3", target_options=json.loads(options),
                            cache_dir=cache_dir, peers=tuple(peers.split(",")), token_file=token)
     fs.info(url)
+    open(cache_dir + ".ready", "w").close()  # set up and HEAD done: the test may reset the counts
     while not os.path.exists(go):
         time.sleep(0.005)
     with fs.open(url) as f:
@@ -76,6 +77,15 @@ def readers(tmp_path, n, url, s3_server, proxy, peers, token_file, go):
     return [subprocess.Popen([PY, "-c", READER, str(tmp_path / f"reader{i}"), url, options, ",".join(peers),
                               token_file, str(go)], stdout=subprocess.PIPE, text=True)
             for i in range(n)]
+
+
+def wait_ready(tmp_path, procs) -> None:
+    """Wait until every reader made its filesystem and its HEAD (instead of sleeping a fixed time)."""
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"reader{i}.ready").exists() for i in range(len(procs))):
+        assert all(p.poll() is None for p in procs), "a reader exited before it was ready"
+        assert time.monotonic() < deadline, "readers never became ready"
+        time.sleep(0.05)
 
 
 def collect(procs, data: bytes) -> list[dict]:
@@ -110,7 +120,7 @@ def test_three_nodes_four_readers_each_make_one_get_per_block(tmp_path, s3_serve
     data = seed(s3_options, url, 64 * MiB)
     go = tmp_path / "go"
     procs = readers(tmp_path, 12, url, s3_server, proxy, start_nodes(3, proxy.endpoint_url), token_file, go)
-    time.sleep(3)
+    wait_ready(tmp_path, procs)
     proxy.reset_counts()
     go.touch()
     counters = collect(procs, data)
@@ -126,7 +136,7 @@ def test_killing_a_node_mid_read_fails_no_read(tmp_path, s3_server, s3_options, 
     data = seed(s3_options, url, 48 * MiB)
     go = tmp_path / "go"
     procs = readers(tmp_path, 3, url, s3_server, proxy, start_nodes(3, proxy.endpoint_url), token_file, go)
-    time.sleep(3)
+    wait_ready(tmp_path, procs)
     go.touch()
     time.sleep(0.3)
     start_nodes.nodes[1].kill()  # SIGKILL, mid-read
