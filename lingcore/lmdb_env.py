@@ -70,6 +70,28 @@ def open_env(path: str, **options: Any) -> Any:
         return env
 
 
+def is_under(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or inside it (both made absolute)."""
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def close_envs(under: str) -> int:
+    """Close and forget this process's environments at or under ``under``; return how many.
+
+    For a process that is done with a directory (a test's temporary cache): the handles, their file
+    descriptors and memory maps would otherwise stay open for the life of the process. The caller makes
+    sure nothing still uses them.
+    """
+    with _LOCK:
+        gone = [path for path in _ENVS if is_under(path, under)]
+        envs = [_ENVS.pop(path)[0] for path in gone]
+    for env in envs:
+        with contextlib.suppress(lmdb.Error):
+            env.close()
+    return len(envs)
+
+
 @contextlib.contextmanager
 def transaction(env: Any, write: bool = False, **options: Any) -> Iterator[Any]:
     """``with env.begin(write=write, **options) as txn``, safe against a ``fork`` from another thread."""

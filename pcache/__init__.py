@@ -17,6 +17,8 @@ Public API (other packages use pcache through these names only):
 - :class:`ObjectRef` and :func:`block_key`: the identity of every cached byte (:mod:`pcache.keys`)
 - :class:`CacheConfig`
 - :func:`flush` and :func:`commit` for write-back durability across the process's filesystems
+- :func:`release`: close this process's engines, write-back managers and LMDB handles of cache
+  directories under a path (a process done with a cache directory; the tests' temporary ones)
 - staged writes of a writable mount (:mod:`pcache.staging`, :mod:`pcache.stagemoves`): :class:`StagedWrite` (a file written at
   any offset, then published to the write-back), :func:`move_staged` (rename before or after upload),
   :func:`drop_staged`, :func:`staged_files`, :func:`is_pending`, :func:`pending_bytes`,
@@ -44,7 +46,7 @@ from pcache.errors import (
     StaleObjectError,
     UploadError,
 )
-from pcache.fs import PCacheFile, PCacheFileSystem, all_filesystems, all_writebacks, get_writeback
+from pcache.fs import PCacheFile, PCacheFileSystem, all_filesystems, all_writebacks, get_writeback, release
 from pcache.keys import ObjectRef, block_key
 from pcache.stagemoves import (
     can_copy_server_side,
@@ -80,6 +82,7 @@ __all__ = [
     "is_pending",
     "move_staged",
     "pending_bytes",
+    "release",
     "resume_uploads",
     "staged_files",
     "still_pending",

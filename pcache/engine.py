@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 
+from lingcore.lmdb_env import is_under
 from lingcore.log import get_logger
 from pcache.config import CacheConfig
 from pcache.diskstore import DiskStore
@@ -369,6 +370,16 @@ def get_engine(config: CacheConfig, reserved: Callable[[], int] | None = None) -
             log.warning("cache_dir %s is already open in this process with other settings; using those",
                         config.cache_dir)
         return engine
+
+
+def close_engines(under: str) -> int:
+    """Close and forget this process's engines of cache directories at or under ``under``; return how many."""
+    with _ENGINES_LOCK:
+        gone = [d for d in _ENGINES if is_under(d, under)]
+        engines = [_ENGINES.pop(d) for d in gone]
+    for engine in engines:
+        engine.close()
+    return len(engines)
 
 
 def _forget_engines_after_fork() -> None:

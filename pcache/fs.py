@@ -18,6 +18,7 @@ from typing import Any
 from fsspec.implementations.chained import ChainedFileSystem
 
 from lingcore.files import put_whole
+from lingcore.lmdb_env import close_envs, is_under
 from lingcore.log import get_logger
 from lingcore.retry import RetryPolicy, retry_call
 from pcache.cluster.auth import load_token
@@ -25,10 +26,10 @@ from pcache.cluster.client import PeerTier
 from pcache.cluster.replica import node_id, replicate
 from pcache.commits import read_commit, read_committed, verify_commit
 from pcache.config import CacheConfig
-from pcache.engine import BlockCache, Fetch, PeerBlock, get_engine
+from pcache.engine import BlockCache, Fetch, PeerBlock, close_engines, get_engine
 from pcache.file import PCacheFile
 from pcache.keys import ObjectRef
-from pcache.metadata import get_metadata, merge_find, merge_listing, staged_info
+from pcache.metadata import forget_stores, get_metadata, merge_find, merge_listing, staged_info
 from pcache.origin import Origin
 from pcache.targets import build_target_fs, endpoint_of, strip_url
 from pcache.writeback import WriteBack, WriteBackFile
@@ -53,6 +54,25 @@ def all_writebacks() -> list[WriteBack]:
     """Write-back managers created in this process."""
     with _REGISTRY_LOCK:
         return list(_WRITEBACKS.values())
+
+
+def release(under: str) -> None:
+    """Close and forget everything this process holds for cache directories at or under ``under``: engines
+    (their fetch and publish threads), write-back managers, metadata stores and LMDB handles.
+
+    For a process that is done with a cache directory (a test's temporary one, a tool that warmed a cache
+    and goes on): they would otherwise live as long as the process, with their threads and descriptors.
+    Filesystems still using that directory must not be used afterwards; uploads already journaled carry
+    on in the uploader process, or at the next use of the directory.
+    """
+    close_engines(under)  # first: their write-behind threads still ask the write-back for its reservations
+    with _REGISTRY_LOCK:
+        gone = [d for d in _WRITEBACKS if is_under(d, under)]
+        writebacks = [_WRITEBACKS.pop(d) for d in gone]
+    for wb in writebacks:
+        wb.close()
+    forget_stores(under)
+    close_envs(under)
 
 
 def _forget_writebacks_after_fork() -> None:

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import lmdb
 
-from lingcore.lmdb_env import open_env, transaction
+from lingcore.lmdb_env import is_under, open_env, transaction
 from lingcore.log import get_logger
 
 log = get_logger(__name__)
@@ -291,6 +291,16 @@ def get_metadata(cache_dir: str, keep_s: float = 0.0) -> MetadataStore:
             store = _STORES[cache_dir] = MetadataStore(cache_dir)
         store.keep_s = max(store.keep_s, keep_s)
         return store
+
+
+def forget_stores(under: str) -> int:
+    """Forget this process's metadata stores of cache directories at or under ``under``; return how many
+    (their LMDB handles are closed by :func:`lingcore.lmdb_env.close_envs`)."""
+    with _STORES_LOCK:
+        gone = [d for d in _STORES if is_under(d, under)]
+        for d in gone:
+            del _STORES[d]
+    return len(gone)
 
 
 def _reset_locks_after_fork() -> None:

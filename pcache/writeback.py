@@ -253,6 +253,13 @@ class WriteBack:
             log.info("evicted %d bytes of clean cache blocks to stage %s", freed, url, extra={"url": url})
         return freed
 
+    def close(self) -> None:
+        """Record the disk tier's batched hits; its LMDB handle is closed with the others of the directory."""
+        with self._staging_lock:
+            disk, self._disk = self._disk, None
+        if disk is not None:
+            disk.close()
+
     def forget_after_fork(self) -> None:
         """In a forked child: forget the parent's uploader process (the child spawns its own if needed)."""
         self._proc = None

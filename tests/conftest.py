@@ -108,3 +108,19 @@ def proxy_options(s3_server: SeaweedServer) -> Callable[[ChaosProxy], StorageOpt
         return proxy_storage_options(s3_server, proxy)
 
     return build
+
+
+@pytest.fixture(autouse=True)
+def _release_temporary_caches(request):
+    """After each test, close what this process holds for cache directories under its ``tmp_path``.
+
+    pcache keeps one engine (fetch and publish threads), write-back manager and LMDB handle per cache
+    directory for the life of the process; without this a full run piles up hundreds of threads and
+    over a thousand descriptors, and every later fork copies them.
+    """
+    yield
+    tmp = getattr(request.node, "funcargs", {}).get("tmp_path")
+    if tmp is not None:
+        import pcache
+
+        pcache.release(str(tmp))

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from lingcore.marker import MARKER_NAME
-from pcache import CacheConfig, CommitMismatchError, ObjectRef, PCacheFileSystem, admin, block_key
+from pcache import CacheConfig, CommitMismatchError, ObjectRef, PCacheFileSystem, admin, block_key, release
 from pcache.diskstore import HEADER
 
 KiB = 1024
@@ -247,3 +247,29 @@ def test_admin_node_client_needs_a_token_file() -> None:
 
     with pytest.raises(ConfigError, match="token_file"):
         admin.node_stat("http://127.0.0.1:9", None)
+
+
+def test_release_closes_threads_and_handles_of_a_cache_dir_and_it_reopens(tmp_path) -> None:
+    import threading
+
+    import fsspec
+
+    src = tmp_path / "data.bin"
+    src.write_bytes(os.urandom(300_000))
+    cache = tmp_path / "cache"
+
+    def fetch_threads() -> int:
+        return sum(t.name.startswith(("pcache-fetch", "pcache-publish")) for t in threading.enumerate())
+
+    before, fds_before = fetch_threads(), len(os.listdir("/proc/self/fd"))
+    fs = fsspec.filesystem("pcache", target_protocol="file", cache_dir=str(cache), skip_instance_cache=True,
+                           block_size=65536)
+    assert fs.cat_file(str(src)) == src.read_bytes()
+    assert fetch_threads() > before
+    release(str(tmp_path))
+    assert fetch_threads() == before
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+    again = fsspec.filesystem("pcache", target_protocol="file", cache_dir=str(cache), skip_instance_cache=True,
+                              block_size=65536)
+    assert again.cat_file(str(src)) == src.read_bytes()  # reopened; the blocks are still on disk
+    assert again.engine.counters["hits_disk"] >= 1
