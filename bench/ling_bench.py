@@ -19,6 +19,11 @@ become "ratio at least 1/X"):
     Target <= 1.2x. ``durable_while_training`` (informational) is the same for the periodic checkpoints,
     taken while the steps go on.
 
+``commit`` (group ``ling_commit``, :mod:`bench._ling_commit`)
+    Snapshot end -> committed at the origin for a 512 MiB file through pcache with streaming upload,
+    against a raw ``s3fs.pipe_file`` of the same bytes (target <= 1.1x); ``commit_no_stream`` is the same
+    with ``stream_uploads=false``.
+
 No GPU is used here: GPU tokens/s and MFU in bf16 are not measured by this module.
 """
 
@@ -34,7 +39,8 @@ from typing import Any
 import s3fs
 import torch
 
-from bench._common import env_int, log, make_row, repeats, selected, settle
+from bench._common import env_int, log, make_row, repeats, run_groups, selected, settle
+from bench._ling_commit import commit_rows
 from ling_train.config import TrainConfig
 from ling_train.corpus import sample_texts, write_text_corpus
 from ling_train.trainer import Trainer, TrainResult
@@ -62,10 +68,11 @@ def _persisting_steps(result: TrainResult) -> list[list[int]]:
 
 
 def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
-    """Measure stall, step time under persist, and time to durable (see the module docstring)."""
+    """Measure stall, step time under persist, time to durable and to committed (see the module docstring)."""
+    commit = run_groups(NAME, [("ling_commit", lambda: commit_rows(server, workdir))])
     if not selected("ling"):
         log("ling: skipping (BENCH_ONLY)")
-        return []
+        return commit
     bucket = server.make_bucket("bench-ling")
     corpus = str(workdir / "corpus")
     write_text_corpus(corpus, sample_texts(3000, seed=3))
@@ -149,4 +156,4 @@ def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
                  extra=extra),
     ]
     server.delete_bucket(bucket)
-    return rows
+    return rows + commit

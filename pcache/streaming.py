@@ -4,10 +4,15 @@ Without it, a file reaches the origin only after ``close()``: stage, fsync, jour
 uploader sends every byte. With it (``stream_uploads = true``, S3 origins, files larger than one part), a
 :class:`StreamUpload` in the writer's process creates the multipart upload as soon as one full part is
 staged and sends each full part from the staged file in background threads while the writer goes on.
-``close()`` still returns once the file is durable locally; the stream then stops taking new parts,
-waits for the ones in flight, records the upload id and the parts sent in the file's journal entry, and
-hands over: the background uploader sends the remaining parts and completes the upload under the usual
-per-URL ordering rules (see :meth:`pcache.uploader.Uploader.upload_one`).
+``close()`` still returns once the file is durable locally; the stream then sends the remaining parts
+(the tail included) in the background, records the upload id and its parts in the file's journal entry,
+and hands over: the background uploader completes the upload under the usual per-URL ordering rules
+(see :meth:`pcache.uploader.Uploader.upload_one`), exactly as it completes an upload of its own.
+
+Why the stream, not the uploader, sends the parts left at ``close()``: handing over at ``close()`` would
+leave the origin idle while the parts in flight finish (up to ``upload_concurrency`` parts), and measured
+on a loaded machine that gap ate the whole gain. The parts are sent by the fsspec event-loop thread,
+whose hashing and socket work release the GIL.
 
 Correctness rests on three things:
 
@@ -97,8 +102,8 @@ def stream_live(journal: Journal, url: str) -> bool:
 class StreamUpload:
     """The streaming multipart upload of one write-back file (used by :class:`pcache.writeback.WriteBackFile`).
 
-    The writer calls :meth:`staged` after each append, then :meth:`hand_over` once the file's journal
-    entry is durable, or :meth:`abort` when the file is discarded.
+    The writer calls :meth:`staged` after each append, then :meth:`hand_over` with the final size once
+    the file's journal entry is durable, or :meth:`abort` when the file is discarded.
     """
 
     def __init__(self, config: CacheConfig, journal: Journal, entry: dict[str, Any], staged_path: str,
@@ -110,13 +115,15 @@ class StreamUpload:
         self._n_workers = config.upload_concurrency
         # The flock says "this stream is live" to every uploader (see stream_live); the same descriptor
         # reads the parts back, and keeps working after close() renames the staged file.
+        self._staged_path = staged_path
         self._fd = os.open(staged_path, os.O_RDONLY | os.O_CLOEXEC)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._cond = threading.Condition()
         self._ready = 0  # parts 1.._ready are wholly staged
+        self._final = 0  # once closed: the file's size (its last part may be short)
         self._next = 1  # the next part a worker takes
         self._parts: dict[int, dict[str, Any]] = {}
-        self._stopped = False  # no new parts (closing, discarded or failed)
+        self._stopped = False  # no new parts (discarded or failed)
         self._failed: BaseException | None = None
         self._upload_id: str | None = None
         self._registered = False  # the intent is journaled
@@ -134,23 +141,28 @@ class StreamUpload:
         simple put path.
         """
         ready = nbytes // self.part_size if nbytes > self.part_size else 0
-        if ready <= self._ready:
-            return
+        if ready > self._ready:
+            self._more(ready)
+
+    def _more(self, ready: int, final: int = 0) -> None:
         with self._cond:
             if self._stopped:
                 return
-            self._ready = ready
+            self._ready, self._final = ready, final
             self._cond.notify_all()
-            while len(self._workers) < min(self._n_workers, ready):
+            while len(self._workers) < min(self._n_workers, ready - self._next + 1):
                 worker = threading.Thread(target=self._work, name=f"pcache-stream-{len(self._workers)}",
                                           daemon=True)
                 self._workers.append(worker)
                 worker.start()
 
-    def hand_over(self, entry_id: str) -> None:
-        """``close()`` journaled the file: finish the parts in flight in the background, record them in
-        the entry ``entry_id``, and let the uploader take over (returns at once)."""
-        self._stop()
+    def hand_over(self, entry_id: str, size: int) -> None:
+        """``close()`` journaled the file (``size`` bytes): send the remaining parts in the background,
+        record them in the entry ``entry_id``, and let the uploader complete it (returns at once)."""
+        if self._ready:  # a file of at most one part never started: the uploader puts it whole
+            self._more(-(-size // self.part_size), final=size)
+        else:
+            self._stop()
         threading.Thread(target=self._hand_over, args=(entry_id,), name="pcache-stream-handover",
                          daemon=True).start()
 
@@ -197,6 +209,8 @@ class StreamUpload:
         while True:
             with self._cond:
                 while not self._stopped and self._next > self._ready:
+                    if self._final:
+                        return  # every part is taken
                     self._cond.wait()
                 if self._stopped:
                     return
@@ -206,8 +220,9 @@ class StreamUpload:
                 upload_id = self._create()
                 if upload_id is None:
                     return
-                body = os.pread(self._fd, self.part_size, (number - 1) * self.part_size)
-                if len(body) != self.part_size:
+                offset = (number - 1) * self.part_size
+                body = os.pread(self._fd, self.part_size, offset)
+                if len(body) != (min(self.part_size, self._final - offset) if self._final else self.part_size):
                     raise OSError(errno.EIO, f"staged file of {self.url} is short at part {number}")
                 part = upload_part(self.fs, self.entry["path"], upload_id, number, body, self.url, self.policy)
             except Exception as exc:  # noqa: BLE001 - the uploader sends the whole file after close()
@@ -241,6 +256,11 @@ class StreamUpload:
                     return False
                 self._cond.wait(0.05)
         try:
+            if not os.path.exists(self._staged_path) and self.journal.get(self.entry["id"]) is None:
+                # close() renamed the staged file (which it does before journaling it) and the entry is
+                # gone: while this stream waited for the lock, the uploader sent the file whole.
+                self._stop()
+                return False
             # create_upload journals the intent itself; doing it here, under the lock, is what orders
             # it after any sweep in progress. The create request then goes out without the lock.
             self.journal.begin_multipart(self.entry)
@@ -252,15 +272,16 @@ class StreamUpload:
     def _hand_over(self, entry_id: str) -> None:
         self._join()
         try:
-            if self._upload_id is not None and self._failed is None and self._parts:
+            complete = self._final and len(self._parts) == self._ready
+            if self._upload_id is not None and self._failed is None and complete:
                 parts = [self._parts[n] for n in sorted(self._parts)]
                 self.journal.update(entry_id, stream={"upload_id": self._upload_id, "part_size": self.part_size,
                                                       "parts": parts, "creates": self._creates})
-                log.info("streamed %d part(s) of %s before close; the uploader completes it", len(parts),
-                         self.url, extra={"url": self.url})
+                log.info("streamed all %d parts of %s; the uploader completes it", len(parts), self.url,
+                         extra={"url": self.url})
             elif self._registered and not self._create_sent:
                 self.journal.end_multipart([self.entry["id"]])
-            # Otherwise (failed, or nothing sent): the intent stays, the uploader's sweep aborts the
+            # Otherwise (failed, or never started): the intent stays, the uploader's sweep aborts the
             # upload and the staged file is uploaded whole.
         except Exception as exc:  # noqa: BLE001 - same fallback
             log.warning("streamed upload of %s not handed over (uploaded whole instead): %s", self.url, exc,

@@ -191,9 +191,9 @@ class WriteBackFile(io.RawIOBase):
             # Released just before, so no moment counts the file twice and refuses another write.
             self._release()
         self.manager.journal.add(entry)
-        if self._stream is not None:  # the stream records its parts in the entry; the uploader completes
+        if self._stream is not None:  # the stream sends the rest, records it; the uploader completes
             stream, self._stream = self._stream, None
-            stream.hand_over(self.upload_id)
+            stream.hand_over(self.upload_id, self._size)
         super().close()
         self.manager.kick()
         if self.on_close is not None:

@@ -93,13 +93,12 @@ def test_discard_aborts_the_streamed_upload(tmp_path, s3_options, bucket, how: s
     fs = pcache_fs(tmp_path, s3_options)
     key, s3 = f"ckpt/{how}/rank0.distcp", raw(s3_options)
     f = fs.open(f"{bucket}/{key}", "wb")
-    with pytest.raises(RuntimeError) if how == "exception" else contextlib.nullcontext():
-        with f:
-            f.write(data(3 * PART))
-            wait_for(lambda: parts_at_origin(s3, bucket, key) >= 1, "a streamed part")
-            if how == "exception":
-                raise RuntimeError("the save failed")
-            f.discard()
+    with pytest.raises(RuntimeError) if how == "exception" else contextlib.nullcontext(), f:
+        f.write(data(3 * PART))
+        wait_for(lambda: parts_at_origin(s3, bucket, key) >= 1, "a streamed part")
+        if how == "exception":
+            raise RuntimeError("the save failed")
+        f.discard()
     assert uploads_of(s3, bucket, key) == [], "the streamed upload was left behind"
     assert not s3.exists(f"{bucket}/{key}")
     fs.flush(timeout=60)
