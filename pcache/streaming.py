@@ -52,6 +52,10 @@ log = get_logger(__name__)
 _FS: dict[tuple[int, str], Any] = {}  # origin filesystems of this process, by (pid, target)
 _FS_LOCK = threading.Lock()
 _LIVE: weakref.WeakSet[StreamUpload] = weakref.WeakSet()
+# A stream's multipart intent has its own id (the entry id plus this), so that the uploader's own
+# intent for the same entry (a fallback after the stream failed, or after the entry was renamed) can
+# never overwrite it and orphan the stream's upload.
+INTENT_SUFFIX = "-stream"
 
 
 def _origin_fs(protocol: str, options: dict[str, Any]) -> Any:
@@ -84,9 +88,12 @@ def start_stream(config: CacheConfig, journal: Journal, entry: dict[str, Any], s
 def stream_live(journal: Journal, url: str) -> bool:
     """True while a writer is streaming an upload of ``url`` (its staged file's ``flock`` is held)."""
     for intent in journal.multipart_intents(url):
+        if not intent["id"].endswith(INTENT_SUFFIX):
+            continue
+        staged = intent["id"].removesuffix(INTENT_SUFFIX)
         for ext in ("tmp", "data"):  # renamed from .tmp to .data at close(): look in that order
             try:
-                fd = os.open(os.path.join(journal.dir, f"{intent['id']}.{ext}"), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(os.path.join(journal.dir, f"{staged}.{ext}"), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
@@ -109,7 +116,8 @@ class StreamUpload:
     def __init__(self, config: CacheConfig, journal: Journal, entry: dict[str, Any], staged_path: str,
                  fs: Any) -> None:
         self.journal, self.fs, self.url = journal, fs, entry["url"]
-        self.entry = {k: entry[k] for k in ("id", "url", "protocol", "path", "options")}
+        self.entry = {k: entry[k] for k in ("url", "protocol", "path", "options")}
+        self.entry["id"] = entry["id"] + INTENT_SUFFIX  # the intent's id, not the entry's
         self.part_size = config.upload_part_size
         self.policy = RetryPolicy(attempts=config.retry_attempts, base_delay=config.retry_base_delay)
         self._n_workers = config.upload_concurrency
@@ -276,7 +284,8 @@ class StreamUpload:
             if self._upload_id is not None and self._failed is None and complete:
                 parts = [self._parts[n] for n in sorted(self._parts)]
                 self.journal.update(entry_id, stream={"upload_id": self._upload_id, "part_size": self.part_size,
-                                                      "parts": parts, "creates": self._creates})
+                                                      "parts": parts, "creates": self._creates,
+                                                      "path": self.entry["path"], "intent": self.entry["id"]})
                 log.info("streamed all %d parts of %s; the uploader completes it", len(parts), self.url,
                          extra={"url": self.url})
             elif self._registered and not self._create_sent:

@@ -221,16 +221,14 @@ class Uploader:
         return etag.strip('"') if etag else None
 
     def _s3_multipart(self, fs: Any, entry: dict[str, Any], local: str) -> str | None:
-        url = entry["url"]
-        # A streamed upload (see pcache.streaming) is resumed: its parts are at the origin already, and
-        # the sweep before this call kept its upload (and its intent) alive.
-        stream = entry.get("stream") or {}
-        if stream.get("upload_id"):
+        url, stream = entry["url"], entry.get("stream") or {}
+        # A streamed upload (pcache.streaming) whose entry was not renamed since is resumed (the sweep kept it).
+        if stream.get("upload_id") and stream.get("path") == entry["path"]:
             upload_id, creates, part_size = stream["upload_id"], 1, int(stream["part_size"])
-            done = {int(p["PartNumber"]): p for p in stream["parts"]}
+            done, intent = {int(p["PartNumber"]): p for p in stream["parts"]}, stream["intent"]
         else:
             upload_id, creates = create_upload(fs, self.journal, entry, entry["created"], self.policy)
-            part_size, done = self.config.upload_part_size, {}
+            part_size, done, intent = self.config.upload_part_size, {}, entry["id"]
         try:
             etag = finish_upload(fs, entry, local, upload_id, part_size, done, self.config.upload_concurrency,
                                  self.policy)
@@ -243,7 +241,7 @@ class Uploader:
                 log.warning("could not abort multipart upload of %s: %s", url, exc, extra={"url": url})
             raise
         if creates == 1:
-            self.journal.end_multipart([entry["id"]])  # the one upload this intent created is complete
+            self.journal.end_multipart([intent])  # the one upload this intent created is complete
         else:  # a create whose reply was lost and was retried may have left another upload behind
             try:
                 self._abort_intents(self.journal.multipart_intents(url))
@@ -287,7 +285,8 @@ class Uploader:
         handed over (the uploader resumes it); return how many were aborted."""
         newest = self.journal.pending_for_url(url)
         stream = (newest or {}).get("stream") or {}
-        keep_id = newest["id"] if newest is not None and stream.get("upload_id") else None
+        keep_id = stream["intent"] if newest is not None and stream.get("upload_id") \
+            and stream.get("path") == newest["path"] else None
         intents = [i for i in self.journal.multipart_intents(url) if i["id"] != keep_id]
         if not intents:
             return 0

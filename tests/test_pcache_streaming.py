@@ -272,3 +272,31 @@ def test_stream_uploads_option_from_toml_env_and_flags(tmp_path, monkeypatch) ->
     assert CacheConfig.load(cache_dir=str(tmp_path)).stream_uploads is False
     args = build_parser().parse_args(["flush", "--cache-dir", str(tmp_path), "--stream-uploads"])
     assert cache_config(args).stream_uploads is True
+
+
+def test_an_entry_renamed_while_its_stream_runs_lands_at_the_new_name(tmp_path, s3_server, s3_options, bucket,
+                                                                       chaos_proxy, proxy_options) -> None:
+    """A pending entry whose URL changes (a rename of a staged file) while its stream still sends parts: the
+    stream's upload of the old key is never completed, and flush/gc abort it."""
+    from pcache.streaming import stream_live
+
+    proxy = chaos_proxy()
+    fs = pcache_fs(tmp_path, proxy_options(proxy))
+    old, new, payload, s3 = "ckpt/save.tmp", "ckpt/save.distcp", data(3 * PART + 1), raw(s3_options)
+    hold = proxy.hold("PUT", f"/{bucket}/{old}", "partNumber")  # keeps the stream live until released
+    with fs.open(f"{bucket}/{old}", "wb") as f:
+        f.write(payload)
+    journal = Journal(str(tmp_path / "c"))
+    try:
+        assert hold.wait(60), "the stream sent no part"
+        (entry,) = journal.pending()
+        journal.update(entry["id"], url=f"s3://{bucket}/{new}", path=f"{bucket}/{new}")
+    finally:
+        hold.release()
+    fs.flush(timeout=120)
+    wait_for(lambda: not stream_live(journal, f"s3://{bucket}/{old}"), "the stream to finish")
+    assert_origin_has(s3, f"{bucket}/{new}", payload)
+    assert not s3.exists(f"{bucket}/{old}")
+    pcache_cli(s3_server, tmp_path, "gc")
+    assert uploads_of(s3, bucket, old) == [] and uploads_of(s3, bucket, new) == []
+    assert journal.multipart_intents() == []
