@@ -65,16 +65,18 @@ class _ClientCpu:
         self.seconds = time.process_time() - self._self + kids + self._reaped_children() - self._reaped
 
 
-def _through_pcache(fs: Any, prefix: str, payload: bytes) -> tuple[float, float]:
+def _through_pcache(fs: Any, prefix: str, payload: bytes) -> tuple[float, float, float]:
+    """Write, close and commit ``payload``; return (seconds, client CPU seconds, seconds until close)."""
     view = memoryview(payload)
     with _ClientCpu() as cpu:
         t0 = time.perf_counter()
         with fs.open(f"{prefix}/rank0.distcp", "wb") as f:
             for off in range(0, len(view), _WRITE):
                 f.write(view[off:off + _WRITE])
+        closed = time.perf_counter() - t0
         fs.commit(prefix, timeout=600)
         seconds = time.perf_counter() - t0
-    return seconds, cpu.seconds
+    return seconds, cpu.seconds, closed
 
 
 def _raw(s3: s3fs.S3FileSystem, path: str, payload: bytes) -> tuple[float, float]:
@@ -100,6 +102,7 @@ def commit_rows(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
     }
     seconds: dict[str, list[float]] = {"stream": [], "after_close": [], "raw": []}
     cpu: dict[str, list[float]] = {k: [] for k in seconds}
+    closed: dict[str, list[float]] = {"stream": [], "after_close": []}  # of those seconds, until close()
     for i in range(repeats()):
         order = ["raw", "stream", "after_close"]
         order = order[i % 3:] + order[:i % 3]  # rotate, so no mode always runs first on a cold machine
@@ -108,7 +111,8 @@ def commit_rows(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
             if mode == "raw":
                 s, c = _raw(s3, f"{bucket}/raw/{i}/rank0.distcp", payload)
             else:
-                s, c = _through_pcache(modes[mode], f"{bucket}/{mode}/{i}", payload)
+                s, c, w = _through_pcache(modes[mode], f"{bucket}/{mode}/{i}", payload)
+                closed[mode].append(w)
             seconds[mode].append(s)
             cpu[mode].append(c)
             log(f"ling commit: {mode} repeat {i}: {s:.2f}s, client CPU {c:.2f}s")
@@ -116,7 +120,7 @@ def commit_rows(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
         got = s3.cat_file(f"{bucket}/{mode}/0/rank0.distcp")
         assert xxhash.xxh3_128_hexdigest(got) == digest, f"{mode}: origin bytes differ from the snapshot"
     per_gib = {k: [c / (size / GiB) for c in v] for k, v in cpu.items()}
-    extra = {"cpu_s_per_gib": per_gib, "seconds": seconds, "size_bytes": size}
+    extra = {"cpu_s_per_gib": per_gib, "seconds": seconds, "until_close_s": closed, "size_bytes": size}
     rows = []
     for mode, key, target in (("stream", "commit", TARGET), ("after_close", "commit_no_stream", None)):
         rows.append(make_row(

@@ -265,8 +265,9 @@ class StreamUpload:
                 self._cond.wait(0.05)
         try:
             if not os.path.exists(self._staged_path) and self.journal.get(self.entry["id"]) is None:
-                # close() renamed the staged file (which it does before journaling it) and the entry is
-                # gone: while this stream waited for the lock, the uploader sent the file whole.
+                # close() renamed the staged file and no entry is pending: the uploader sent it whole
+                # while this stream waited for the lock (or close() is between its rename and its
+                # journal entry): either way the uploader sends it, and a stream could orphan its upload.
                 self._stop()
                 return False
             # create_upload journals the intent itself; doing it here, under the lock, is what orders
