@@ -300,3 +300,29 @@ def test_an_entry_renamed_while_its_stream_runs_lands_at_the_new_name(tmp_path, 
     pcache_cli(s3_server, tmp_path, "gc")
     assert uploads_of(s3, bucket, old) == [] and uploads_of(s3, bucket, new) == []
     assert journal.multipart_intents() == []
+
+
+def test_a_forked_child_does_not_keep_a_stream_live(tmp_path, s3_options, bucket) -> None:
+    """A DataLoader-style fork while a stream runs: the child must not hold the stream's flock, or
+    uploaders would treat the URL as busy for as long as the child lives."""
+    from pcache.streaming import stream_live
+
+    fs = pcache_fs(tmp_path, s3_options)
+    key, s3 = "ckpt/fork.distcp", raw(s3_options)
+    url, journal = f"s3://{bucket}/{key}", Journal(str(tmp_path / "c"))
+    f = fs.open(f"{bucket}/{key}", "wb")
+    f.write(data(3 * PART))
+    wait_for(lambda: parts_at_origin(s3, bucket, key) >= 1, "a streamed part")
+    assert stream_live(journal, url)
+    pid = os.fork()
+    if pid == 0:  # the child only lives on, holding whatever descriptors it kept
+        time.sleep(30)
+        os._exit(0)
+    try:
+        f._stream._release()  # the parent's stream lets go (as at hand-over), the child still runs
+        assert not stream_live(journal, url), "the forked child kept the stream's flock"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        f.discard()
+    assert uploads_of(s3, bucket, key) == []
