@@ -314,15 +314,20 @@ def test_a_forked_child_does_not_keep_a_stream_live(tmp_path, s3_options, bucket
     f.write(data(3 * PART))
     wait_for(lambda: parts_at_origin(s3, bucket, key) >= 1, "a streamed part")
     assert stream_live(journal, url)
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child only lives on, holding whatever descriptors it kept
+    if pid == 0:  # the child (its at-fork hooks have run) only lives on, holding whatever it kept
+        os.write(ready_w, b"x")
         time.sleep(30)
         os._exit(0)
+    os.close(ready_w)
     try:
+        assert os.read(ready_r, 1) == b"x"
         f._stream._release()  # the parent's stream lets go (as at hand-over), the child still runs
         assert not stream_live(journal, url), "the forked child kept the stream's flock"
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        os.close(ready_r)
         f.discard()
     assert uploads_of(s3, bucket, key) == []
