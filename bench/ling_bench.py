@@ -25,6 +25,11 @@ become "ratio at least 1/X"):
 Groups ``ling_spread`` (writes spread over 2 DDP ranks) and ``ling_dcp_vs_async`` (against DCP's
 ``async_save`` plus a raw upload) live in :mod:`bench.ling_dcp_bench`.
 
+``commit`` (group ``ling_commit``, :mod:`bench._ling_commit`)
+    Snapshot end -> committed at the origin for a 512 MiB file through pcache with streaming upload,
+    against a raw ``s3fs.pipe_file`` of the same bytes (target <= 1.1x); ``commit_no_stream`` is the same
+    with ``stream_uploads=false``.
+
 No GPU is used here: GPU tokens/s and MFU in bf16 are not measured by this module.
 """
 
@@ -42,6 +47,7 @@ import torch
 
 from bench import ling_dcp_bench
 from bench._common import env_int, log, make_row, repeats, run_groups, settle
+from bench._ling_commit import commit_rows
 from bench._ling_restart import restart_rows
 from ling_train.config import TrainConfig
 from ling_train.corpus import sample_texts, write_text_corpus
@@ -70,8 +76,10 @@ def _persisting_steps(result: TrainResult) -> list[list[int]]:
 
 
 def run(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
-    """This module's groups: ``ling`` (below) and the DCP ones of :mod:`bench.ling_dcp_bench`."""
-    rows = run_groups(NAME, [("ling", lambda: _async_rows(server, workdir))])
+    """This module's groups: ``ling_commit`` (streaming upload to committed), ``ling`` (below) and the DCP
+    ones of :mod:`bench.ling_dcp_bench`."""
+    rows = run_groups(NAME, [("ling_commit", lambda: commit_rows(server, workdir))])
+    rows += run_groups(NAME, [("ling", lambda: _async_rows(server, workdir))])
     return rows + ling_dcp_bench.groups(server, workdir)
 
 

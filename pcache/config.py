@@ -67,6 +67,9 @@ class CacheConfig:
         upload_part_size: Multipart upload part size.
         upload_concurrency: Parts uploaded in parallel per file.
         upload_workers: Files uploaded in parallel by the background uploader.
+        stream_uploads: Upload whole parts of a large write-back file to an S3 origin while it is still
+            being written (see :mod:`pcache.streaming`); the background uploader then sends the rest and
+            completes it after ``close()``. False: the whole file is uploaded after ``close()``.
         uploader_idle_exit: Seconds the background uploader waits for new work before exiting.
         uploader_nice: CPU niceness increment of the background uploader process, so that on a busy
             node the training process keeps the CPU and uploads use what is left (0 to disable).
@@ -99,6 +102,7 @@ class CacheConfig:
     upload_part_size: int = 32 * MiB
     upload_concurrency: int = 8
     upload_workers: int = 2
+    stream_uploads: bool = True
     uploader_idle_exit: float = 5.0
     uploader_nice: int = 10
     peers: tuple[str, ...] = ()

@@ -22,6 +22,9 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct-writes", action=argparse.BooleanOptionalAction, default=None,
                    help="write disk-tier blocks with O_DIRECT, bypassing the page cache (default on; env "
                         "PCACHE_DIRECT_WRITES)")
+    p.add_argument("--stream-uploads", action=argparse.BooleanOptionalAction, default=None,
+                   help="upload parts of large write-back files to S3 while they are written (default on; env "
+                        "PCACHE_STREAM_UPLOADS)")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--log-format", choices=["text", "json"], help="log format (env PCACHE_LOG_FORMAT)")
@@ -32,5 +35,6 @@ def cache_config(args: argparse.Namespace) -> CacheConfig:
     return CacheConfig.load(args.config, cache_dir=args.cache_dir, block_size=args.block_size,
                             disk_bytes=args.disk_bytes, memory_bytes=args.memory_bytes,
                             compression=args.compression, direct_writes=getattr(args, "direct_writes", None),
+                            stream_uploads=getattr(args, "stream_uploads", None),
                             peers=getattr(args, "peers", None),
                             token_file=getattr(args, "token_file", None) if getattr(args, "peers", None) else None)

@@ -40,8 +40,9 @@ def multipart_uploads(fs: Any, bucket: str, key: str, url: str, policy: RetryPol
     return ids
 
 
-def abort_uploads_of(fs: Any, path: str, url: str, policy: RetryPolicy) -> int:
-    """Abort every multipart upload of the object at ``path`` on the s3fs filesystem ``fs``.
+def abort_uploads_of(fs: Any, path: str, url: str, policy: RetryPolicy, keep: frozenset[str] = frozenset()) -> int:
+    """Abort every multipart upload of the object at ``path`` on the s3fs filesystem ``fs``, except the
+    upload ids in ``keep`` (a streamed upload that the uploader resumes, see :mod:`pcache.streaming`).
 
     Returns:
         How many were aborted (one completed or aborted meanwhile is skipped).
@@ -52,6 +53,8 @@ def abort_uploads_of(fs: Any, path: str, url: str, policy: RetryPolicy) -> int:
     bucket, key, _ = fs.split_path(path)
     aborted = 0
     for upload_id in multipart_uploads(fs, bucket, key, url, policy):
+        if upload_id in keep:
+            continue
         try:
             retry_call(partial(sync, fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key,
                                UploadId=upload_id), url=url, policy=policy)

@@ -30,19 +30,12 @@ from pcache.cluster.replica import drop_remote, origin_mtime
 from pcache.config import CacheConfig
 from pcache.journal import Journal, merge_options, options_fingerprint
 from pcache.locks import url_lock_key, url_locks
+from pcache.multipart import CREATED_METADATA, create_upload, created_metadata, finish_upload
 from pcache.orphans import abort_uploads_of
+from pcache.streaming import stream_live
 from pcache.targets import build_target_fs
 
 log = get_logger("pcache.uploader")
-
-# S3 user metadata recording when the uploaded write was closed: lets replica adoption tell an older
-# write from a newer one by the writers' own clocks, not by when an upload happened to finish.
-CREATED_METADATA = "pcache-created"
-
-
-def _metadata(entry: dict[str, Any]) -> dict[str, str]:
-    return {CREATED_METADATA: repr(float(entry["created"]))}
-
 
 class Uploader:
     """Uploads journal entries of one ``cache_dir``.
@@ -89,6 +82,8 @@ class Uploader:
         if lock is None:
             return None
         try:
+            if stream_live(self.journal, entry["url"]):
+                return None  # a writer is streaming this URL (pcache.streaming): it hands over at close()
             current = self.journal.get(entry["id"])
             try:
                 self._sweep_url(entry["url"], current)
@@ -200,14 +195,14 @@ class Uploader:
         fs = self._filesystem(entry)
         local = self.journal.data_path(entry["id"])
         path, url = entry["path"], entry["url"]
-        if hasattr(fs, "_call_s3") and entry["size"] > self.config.upload_part_size:
+        if hasattr(fs, "_call_s3") and (entry["size"] > self.config.upload_part_size or entry.get("stream")):
             etag = self._s3_multipart(fs, entry, local)
         elif hasattr(fs, "_call_s3"):
             bucket, key, _ = fs.split_path(path)
             with open(local, "rb") as fh:
                 body = fh.read()
             resp = retry_call(lambda: sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=body,
-                                           Metadata=_metadata(entry)), url=url, policy=self.policy)
+                                           Metadata=created_metadata(entry["created"])), url=url, policy=self.policy)
             etag = resp.get("ETag")
         else:
             fs.makedirs(fs._parent(path), exist_ok=True)
@@ -220,66 +215,42 @@ class Uploader:
         return etag.strip('"') if etag else None
 
     def _s3_multipart(self, fs: Any, entry: dict[str, Any], local: str) -> str | None:
-        bucket, key, _ = fs.split_path(entry["path"])
-        url = entry["url"]
-        # The intent is durable before the request leaves: a kill while CreateMultipartUpload is in
-        # flight, or after its reply but before anything else is journaled, leaves this record, and the
-        # next uploader or ``pcache flush``/``gc`` aborts whatever upload the origin created.
-        self.journal.begin_multipart(entry)
-        creates = 0
-
-        def create() -> Any:
-            nonlocal creates
-            creates += 1
-            return sync(fs.loop, fs._call_s3, "create_multipart_upload", Bucket=bucket, Key=key,
-                        Metadata=_metadata(entry))
-
-        mpu = retry_call(create, url=url, policy=self.policy)
-        upload_id = mpu["UploadId"]
-        self.journal.note_multipart_id(entry["id"], upload_id)
-        part_size, size = self.config.upload_part_size, entry["size"]
-        spans = [(n + 1, off, min(part_size, size - off)) for n, off in enumerate(range(0, size, part_size))]
-        fd = os.open(local, os.O_RDONLY)
-
-        def send_part(span: tuple[int, int, int]) -> dict[str, Any]:
-            number, offset, length = span
-            body = os.pread(fd, length, offset)
-            resp = retry_call(
-                lambda: sync(fs.loop, fs._call_s3, "upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
-                             PartNumber=number, Body=body),
-                url=f"{url} part {number}", policy=self.policy)
-            return {"PartNumber": number, "ETag": resp["ETag"]}
-
+        url, stream = entry["url"], entry.get("stream") or {}
+        # A streamed upload (pcache.streaming) whose entry was not renamed since is resumed (the sweep kept it).
+        if stream.get("upload_id") and stream.get("path") == entry["path"]:
+            upload_id, creates, part_size = stream["upload_id"], 1, int(stream["part_size"])
+            done, intent = {int(p["PartNumber"]): p for p in stream["parts"]}, stream["intent"]
+        else:
+            upload_id, creates = create_upload(fs, self.journal, entry, entry["created"], self.policy)
+            part_size, done, intent = self.config.upload_part_size, {}, entry["id"]
         try:
-            with ThreadPoolExecutor(self.config.upload_concurrency) as pool:
-                parts = list(pool.map(send_part, spans))
-            resp = retry_call(
-                lambda: sync(fs.loop, fs._call_s3, "complete_multipart_upload", Bucket=bucket, Key=key,
-                             UploadId=upload_id, MultipartUpload={"Parts": parts}),
-                url=url, policy=self.policy)
+            etag = finish_upload(fs, entry, local, upload_id, part_size, done, self.config.upload_concurrency,
+                                 self.policy)
         except BaseException:
+            if stream:  # the next attempt starts a fresh upload: this one is aborted just below
+                self.journal.update(entry["id"], stream=None)
             try:  # every upload of the key, not just ours: a retried create may have made two
                 self._abort_intents(self.journal.multipart_intents(url))
             except Exception as exc:  # noqa: BLE001 - the intent stays; flush or gc aborts it later
                 log.warning("could not abort multipart upload of %s: %s", url, exc, extra={"url": url})
             raise
-        finally:
-            os.close(fd)
         if creates == 1:
-            self.journal.end_multipart([entry["id"]])  # the one upload this intent created is complete
+            self.journal.end_multipart([intent])  # the one upload this intent created is complete
         else:  # a create whose reply was lost and was retried may have left another upload behind
             try:
                 self._abort_intents(self.journal.multipart_intents(url))
             except Exception as exc:  # noqa: BLE001 - the upload itself succeeded; flush or gc retries this
                 log.warning("multipart uploads of %s left for flush/gc to abort: %s", url, exc, extra={"url": url})
-        return resp.get("ETag")
+        return etag
 
     # -- orphan multipart uploads ---------------------------------------------------------------------
-    def _abort_intents(self, intents: list[dict[str, Any]]) -> int:
-        """Abort every multipart upload at the origin of the objects ``intents`` name, then forget them.
+    def _abort_intents(self, intents: list[dict[str, Any]], keep: frozenset[str] = frozenset()) -> int:
+        """Abort every multipart upload at the origin of the objects ``intents`` name, except the upload
+        ids in ``keep``, then forget the intents.
 
-        The caller holds the URL's stripe lock, so no uploader of this ``cache_dir`` is sending that URL:
-        no upload of the key is resumed, and each one is an orphan. Returns how many were aborted.
+        The caller holds the URL's stripe lock and has seen no live stream of it, so no uploader or writer
+        of this ``cache_dir`` is sending that URL: every upload of the key but a handed-over stream's
+        (``keep``) is an orphan. Returns how many were aborted.
 
         Raises:
             Exception: the origin's error when listing or aborting fails; the intents are kept.
@@ -290,7 +261,7 @@ class Uploader:
             fs, target = self._filesystem(intent), (options_fingerprint(intent["protocol"], intent["options"]),
                                                     intent["path"])
             if hasattr(fs, "_call_s3") and target not in swept:
-                aborted += abort_uploads_of(fs, intent["path"], intent["url"], self.policy)
+                aborted += abort_uploads_of(fs, intent["path"], intent["url"], self.policy, keep=keep)
                 swept.add(target)
             self.journal.end_multipart([intent["id"]])
         return aborted
@@ -299,11 +270,21 @@ class Uploader:
         """Abort the orphans of ``url`` left by killed uploaders (the caller holds its stripe lock)."""
         if entry is not None and entry.get("upload_id") and not self.journal.multipart_intents(url):
             self.journal.begin_multipart(entry)  # a journal from before intents existed: same treatment
-        intents = self.journal.multipart_intents(url)
-        if intents:
-            self._abort_intents(intents)
+        self._sweep_intents(url)
         if entry is not None and entry.get("upload_id"):
             self.journal.update(entry["id"], upload_id=None)
+
+    def _sweep_intents(self, url: str) -> int:
+        """Abort the orphan uploads of ``url``, keeping the streamed upload that its newest pending write
+        handed over (the uploader resumes it); return how many were aborted."""
+        newest = self.journal.pending_for_url(url)
+        stream = (newest or {}).get("stream") or {}
+        keep_id = stream["intent"] if newest is not None and stream.get("upload_id") \
+            and stream.get("path") == newest["path"] else None
+        intents = [i for i in self.journal.multipart_intents(url) if i["id"] != keep_id]
+        if not intents:
+            return 0
+        return self._abort_intents(intents, frozenset([stream["upload_id"]]) if keep_id else frozenset())
 
     def abort_orphans(self) -> dict[str, int]:
         """Abort every multipart upload that a killed uploader of this ``cache_dir`` may have left.
@@ -322,7 +303,10 @@ class Uploader:
                 counts["busy"] += 1
                 continue
             try:
-                counts["aborted"] += self._abort_intents(self.journal.multipart_intents(url))
+                if stream_live(self.journal, url):
+                    counts["busy"] += 1
+                    continue
+                counts["aborted"] += self._sweep_intents(url)
             except Exception as exc:  # noqa: BLE001 - one unreachable origin must not stop the others
                 counts["failed"] += 1
                 log.error("orphan multipart uploads of %s not aborted: %s", url, exc, extra={"url": url})

@@ -33,6 +33,7 @@ from pcache.config import CacheConfig
 from pcache.diskstore import DiskStore
 from pcache.errors import CacheFullError, UploadError
 from pcache.journal import Journal, options_fingerprint, split_secrets
+from pcache.streaming import StreamUpload, start_stream
 
 log = get_logger(__name__)
 
@@ -52,6 +53,7 @@ class WriteBackFile(io.RawIOBase):
                  on_close: Any = None, replicator: Any = None) -> None:
         super().__init__()
         self._fd, self._size = -1, 0  # set first: __del__ must work even if os.open below fails
+        self._stream: StreamUpload | None = None  # parts sent while writing (pcache.streaming)
         self._reserved = 0  # bytes of the disk budget this file has claimed (see WriteBack.reserve)
         self._staged = 0  # bytes in the staged file so far
         self.manager, self.url, self.protocol, self.path = manager, url, protocol, path
@@ -66,6 +68,9 @@ class WriteBackFile(io.RawIOBase):
         self._size = 0
         # Start the uploader now, so its start-up (a Python process importing s3fs) overlaps the write.
         public, secret = split_secrets(options)
+        self._stream = start_stream(manager.config, manager.journal, {
+            "id": self.upload_id, "url": url, "protocol": protocol, "path": path, "options": public,
+        }, self._tmp, options, replicated=replicator is not None)
         manager.remember_secret(protocol, public, secret)
         manager.kick()
 
@@ -115,6 +120,8 @@ class WriteBackFile(io.RawIOBase):
                 if self.manager.free_space(len(view), self.url) == 0:
                     raise
         self._staged += len(view)
+        if self._stream is not None:
+            self._stream.staged(self._staged)
 
     def _fail(self, exc: OSError) -> None:
         """Drop the staged file and raise; a full disk becomes :class:`CacheFullError` naming the URL."""
@@ -130,7 +137,10 @@ class WriteBackFile(io.RawIOBase):
         self._reserved = 0
 
     def discard(self) -> None:
-        """Drop the staged bytes; nothing is uploaded."""
+        """Drop the staged bytes; nothing is uploaded (a streamed upload is aborted)."""
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            stream.abort()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -181,6 +191,9 @@ class WriteBackFile(io.RawIOBase):
             # Released just before, so no moment counts the file twice and refuses another write.
             self._release()
         self.manager.journal.add(entry)
+        if self._stream is not None:  # the stream sends the rest, records it; the uploader completes
+            stream, self._stream = self._stream, None
+            stream.hand_over(self.upload_id, self._size)
         super().close()
         self.manager.kick()
         if self.on_close is not None:
