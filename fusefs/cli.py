@@ -1,4 +1,4 @@
-"""fusefs: mount any fsspec URL read-only through pcache, and unmount it.
+"""fusefs: mount any fsspec URL through pcache (read-only, or --writable for new files), and unmount it.
 
   fusefs mount SOURCE_URL MOUNTPOINT [options]   s3://bucket/prefix, file:///path, ... (read-only)
   fusefs mount --writable SOURCE_URL MOUNTPOINT  new files written through pcache write-back
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusefs", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("mount", help="mount SOURCE_URL read-only at MOUNTPOINT (daemonizes when ready)",
+    p = sub.add_parser("mount", help="mount SOURCE_URL at MOUNTPOINT, read-only unless --writable (daemonizes when ready)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE_URL", help="fsspec URL: s3://bucket/prefix, file:///path, ...")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty directory")
