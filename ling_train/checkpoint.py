@@ -27,7 +27,6 @@ marker, and every file read is checked against the marker (size, and xxh3-128 wh
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import json
 import os
@@ -36,7 +35,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,7 +43,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from torch.distributed.tensor import DTensor
 
 from ling_train.ckptlayout import (
     CheckpointError,
@@ -53,6 +51,7 @@ from ling_train.ckptlayout import (
     step_dir,
 )
 from ling_train.dcpio import PCacheReader, PCacheWriter, as_checkpoint_error, check_entries, dcp_errors
+from ling_train.hostcopy import HostBuffers
 from lingcore.log import get_logger
 from lingcore.marker import MARKER_NAME
 from lingcore.retry import RetryPolicy, retry_call
@@ -104,7 +103,7 @@ class CheckpointManager:
         self.policy = RetryPolicy()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._host = HostBuffers(keep_placement=True)  # FSDP2 shards stay DTensors: DCP writes them
         self.history: list[SaveStats] = []
         self.on_commit: Callable[[int], None] | None = None
         self.housekeeping_errors = 0  # failures after a commit (latest, retention): logged, not raised
@@ -122,7 +121,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         self.wait()
         t1 = time.perf_counter()
-        snapshot = self._snapshot(state, "")
+        snapshot = self._host.copy(state)
         copied = None
         if torch.cuda.is_available():  # the persist waits for these copies only, not for later steps
             copied = torch.cuda.Event()
@@ -206,38 +205,6 @@ class CheckpointManager:
             thread.join(poll)
         self.wait()
         return None
-
-    def _snapshot(self, obj: Any, key: str) -> Any:
-        """Copy tensors into reused host buffers (pinned when the source is on a GPU); deep-copy the rest."""
-        if isinstance(obj, DTensor):  # FSDP2: a host copy of this rank's shard that keeps its placement
-            src = obj
-            local = src.to_local().detach()
-            held = self._buffers.get(key)
-            if (not isinstance(held, DTensor) or held.shape != src.shape or held.to_local().shape != local.shape
-                    or held.dtype != src.dtype):
-                # from_local would move a host tensor onto a GPU mesh's device; .to("cpu") keeps the mesh
-                # and placement with a host local tensor (what torch's own async staging does).
-                held = (cast(DTensor, src.to("cpu")) if local.device.type != "cpu" else
-                        DTensor.from_local(torch.empty_like(local), src.device_mesh, src.placements,
-                                           run_check=False, shape=src.shape, stride=src.stride()))
-                self._buffers[key] = held
-            with torch.no_grad():  # to_local() is a view of the host copy
-                held.to_local().copy_(local, non_blocking=local.is_cuda)
-            return held
-        if isinstance(obj, torch.Tensor):
-            plain = obj.detach()
-            buf = self._buffers.get(key)
-            if buf is None or buf.shape != plain.shape or buf.dtype != plain.dtype:
-                buf = torch.empty(plain.shape, dtype=plain.dtype, pin_memory=plain.is_cuda)
-                self._buffers[key] = buf
-            buf.copy_(plain, non_blocking=plain.is_cuda)
-            return buf
-        if isinstance(obj, dict):
-            return {k: self._snapshot(v, f"{key}/{k}") for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            items = [self._snapshot(v, f"{key}/{i}") for i, v in enumerate(obj)]
-            return type(obj)(items) if isinstance(obj, list) else tuple(items)
-        return copy.deepcopy(obj)
 
     def _url(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *parts])

@@ -5,13 +5,13 @@ an exception), remove it at a clean exit. docs/ling_train.md, "Memory snapshots"
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from typing import Any
 
 import torch
 
+from ling_train.hostcopy import HostBuffers
 from ling_train.shmsnap import Segment, job_hash
 from lingcore.log import get_logger
 
@@ -29,28 +29,6 @@ def full_state(trainer: Any) -> dict[str, Any]:
     return state
 
 
-def fill_local_shards(target: Any, saved: Any) -> Any:
-    """Copy ``saved`` (a snapshot's model or optimizer state: every DTensor held as this rank's local shard,
-    see :meth:`MemorySnapshots._copy`) into ``target`` (the same state from ``get_*_state_dict``, whose
-    tensors and DTensors are the live ones) in place; non-tensor values are taken from ``saved``.
-
-    Raises:
-        KeyError, RuntimeError: ``saved`` does not have the structure or the shard shapes of ``target``.
-    """
-    if isinstance(target, torch.Tensor):
-        local = target.to_local() if hasattr(target, "to_local") else target
-        with torch.no_grad():
-            local.copy_(saved)
-        return target
-    if isinstance(target, dict):
-        for key in target:
-            target[key] = fill_local_shards(target[key], saved[key])
-        return target
-    if isinstance(target, list):
-        return [fill_local_shards(t, s) for t, s in zip(target, saved, strict=True)]
-    return copy.deepcopy(saved)
-
-
 class MemorySnapshots:
     """What the trainer does with memory snapshots: take one every K steps, choose it at start (all
     ranks agree), persist the newest at a breakpoint, remove them at a clean exit.
@@ -64,7 +42,7 @@ class MemorySnapshots:
         self.stalls: list[float] = []  # training-thread time of each snapshot (the copy to host buffers)
         self.seconds: list[float] = []  # background time of each (serialize into the segment)
         self._loaded: dict[int, dict[str, Any]] = {}
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._host = HostBuffers(keep_placement=False)  # a rank's own shards, as plain tensors
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -80,7 +58,7 @@ class MemorySnapshots:
         still running from the previous call is waited for first."""
         self.wait()
         t0 = time.perf_counter()
-        state = self._copy(full_state(trainer), "")
+        state = self._host.copy(full_state(trainer))
         copied = None
         if torch.cuda.is_available():  # the write waits for these copies only
             copied = torch.cuda.Event()
@@ -116,26 +94,6 @@ class MemorySnapshots:
                       self.seconds[-1])
         except Exception as exc:  # noqa: BLE001 - logged; the previous snapshot stays valid
             log.error("memory snapshot at step %d into %s failed: %r", step, self.segment.path, exc)
-
-    def _copy(self, obj: Any, key: str) -> Any:
-        """``obj`` with every tensor copied into a reused host buffer (a DTensor: its local shard, as
-        checkpoints hold it); the same copy as CheckpointManager's snapshot, whose buffers are its own."""
-        if isinstance(obj, torch.Tensor):
-            src = obj.detach()
-            if hasattr(src, "to_local"):
-                src = src.to_local()
-            buf = self._buffers.get(key)
-            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
-                self._buffers[key] = buf
-            buf.copy_(src, non_blocking=src.is_cuda)
-            return buf
-        if isinstance(obj, dict):
-            return {k: self._copy(v, f"{key}/{k}") for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            items = [self._copy(v, f"{key}/{i}") for i, v in enumerate(obj)]
-            return items if isinstance(obj, list) else tuple(items)
-        return copy.deepcopy(obj)
 
     def choose(self, committed: int | None, device: torch.device) -> int | None:
         """The snapshot step every rank resumes from, or None to fall back to the committed step.

@@ -30,6 +30,7 @@ from ling_train.anomaly import AnomalyGuard, SpikeConfig
 from ling_train.checkpoint import CheckpointManager
 from ling_train.ckptlayout import CheckpointError, NothingToResumeError, SaveStats
 from ling_train.config import TRAINING_KNOBS, ModelConfig, TrainConfig
+from ling_train.hostcopy import fill_local_shards
 from ling_train.interrupt import StopSignals
 from ling_train.metrics import MetricsLog, flops_per_token, peak_flops
 from ling_train.model import count_params
@@ -43,7 +44,7 @@ from ling_train.parts import (
     set_rng_state,
     setup_distributed,
 )
-from ling_train.shmresume import MemorySnapshots, fill_local_shards
+from ling_train.shmresume import MemorySnapshots
 from lingcore.log import get_logger
 from loaders import InvalidParameterError, TokenDataset, TokenLoader, trim_cu_seqlens
 
