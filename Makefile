@@ -25,9 +25,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# The corpus-reader fuzzers with thousands of damaged corpora per format (make test runs 40).
+# The corpus-reader fuzzers with thousands of damaged corpora per format (make test runs 40), and kill -9
+# of a 2-rank training job at 12 moments of its checkpoint saves (make test: 2).
 soak: setup
 	LOADERS_FUZZ_EXAMPLES=$${LOADERS_FUZZ_EXAMPLES:-5000} $(BIN)/python -m pytest -q tests/test_loaders_fuzz.py
+	LING_KILL9_MOMENTS=$${LING_KILL9_MOMENTS:-12} $(BIN)/python -m pytest -q tests/test_ling_ckpt.py -k kill9
 
 demo: setup
 	$(BIN)/python -m ling_train.demo

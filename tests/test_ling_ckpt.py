@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -67,12 +68,35 @@ def _reference(corpus: str) -> dict[int, str]:
     return rec.hashes
 
 
-def _run_until_killed(cmd: list[str], env: dict[str, str], steps: int, delay: float) -> tuple[bool, int]:
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its ranks in sessions of their own)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """kill -9 ``pid`` and every process below it, all at once (a node that loses power)."""
+    for victim in [pid, *_descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
+def _run_until_killed(cmd: list[str], env: dict[str, str], steps: int, delay: float,
+                      group: bool = False) -> tuple[bool, int]:
     """Start the trainer, wait until it printed ``steps`` steps, then kill -9 it after ``delay``.
 
     Counting steps rather than seconds makes every round progress (and commit) as far on a busy
     machine as on an idle one. Returns (killed, last step it printed); the trainer prints step S after
-    starting the save of S.
+    starting the save of S. With ``group``, every process below it dies too (torchrun and its ranks).
     """
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     reached = threading.Event()
@@ -99,7 +123,10 @@ def _run_until_killed(cmd: list[str], env: dict[str, str], steps: int, delay: fl
         if proc.poll() is not None:
             assert proc.returncode == 0, "".join(tail[-30:])
             return False, STEPS
-        os.kill(proc.pid, signal.SIGKILL)
+        if group:
+            _kill_tree(proc.pid)
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
         reader.join(10)
         printed = [int(line.split()[1].split("/")[0]) for line in tail if line.startswith("step ")]
@@ -107,6 +134,8 @@ def _run_until_killed(cmd: list[str], env: dict[str, str], steps: int, delay: fl
     finally:
         if proc.poll() is None:
             proc.kill()
+        if group:
+            _kill_tree(proc.pid)  # ranks a dead torchrun left behind
         proc.wait(30)
 
 
@@ -117,7 +146,7 @@ def test_kill9_during_async_saves_always_resumes_the_newest_committed_step(corpu
            "--cache-dir", str(tmp_path / "cache"), *ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PCACHE_UPLOADER_IDLE_EXIT": "1"}
     rng = random.Random(1234)
-    checker = CheckpointManager(root, cache_dir=str(tmp_path / "verify-cache"))
+    checker = CheckpointManager(root, cache_dir=str(tmp_path / "verify-cache"))  # replaced every round
     newest_seen, in_flight_kills, rounds, verified = 0, 0, 0, set()
     # Four kills inside a save, with two resumed commits checked, cover the distinct moments (before the
     # first commit, mid-persist with older commits present, during retention); more rounds only repeat
@@ -127,6 +156,7 @@ def test_kill9_during_async_saves_always_resumes_the_newest_committed_step(corpu
         # A DCP persist of this state takes about 0.6-1.2 s here (per-tensor serialization, two upload rounds:
         # data, then .metadata): kills up to 1.5 s after the steps let some saves commit.
         killed, printed = _run_until_killed(cmd, env, rng.randint(1, 3), rng.uniform(0.0, 1.5))
+        checker = CheckpointManager(root, cache_dir=str(tmp_path / f"verify-cache-{rounds}"))
         committed = checker.committed_steps()
         newest = checker.latest_step() or 0
         if committed:
@@ -216,3 +246,58 @@ def test_housekeeping_failure_after_a_commit_is_logged_not_raised(tmp_path: Path
     mgr.save(3, {"w": torch.arange(10)})
     mgr.wait()  # raising here on rank 0 alone would strand the other ranks in their next collective
     assert mgr.housekeeping_errors == 1 and mgr.committed_steps() == [3] and mgr.latest_step() == 3
+
+
+TWO_RANK_STEPS = 30
+TWO_RANK_KILLS = int(os.environ.get("LING_KILL9_MOMENTS", "2"))  # make soak: 12
+
+
+def _torchrun(corpus: str, root: str, cache_dir: str, steps: int, keep_last: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "ling_train.cli", "--data", corpus, "--ckpt", root, "--resume-if-exists", "--cache-dir", cache_dir,
+            "--steps", str(steps), "--batch-size", "2", "--seq-len", "32", "--threads", "1", "--ckpt-every", "1",
+            "--keep-last", str(keep_last), "--log-every", "1", "--seed", "5", "--parallel", "ddp"]
+
+
+def test_kill9_of_two_ranks_during_async_saves_resumes_the_newest_committed_step(corpus: str, tmp_path: Path) -> None:
+    """kill -9 of a 2-rank DDP job (both ranks and torchrun) at several moments of its saves: the newest
+    committed step always loads, bit-equal to the same step of an uninterrupted 2-rank run, and a step the
+    kill interrupted never loads. (``make soak`` kills at 12 moments.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PCACHE_UPLOADER_IDLE_EXIT": "1"}
+    # The reference: the same job uninterrupted, every step committed and kept.
+    ref_root = f"pcache::file://{tmp_path}/ref"
+    subprocess.run(_torchrun(corpus, ref_root, str(tmp_path / "ref-cache"), TWO_RANK_STEPS, TWO_RANK_STEPS),
+                   env=env, check=True, capture_output=True, timeout=300)
+    ref = CheckpointManager(ref_root, cache_dir=str(tmp_path / "ref-verify"))
+    reference = {}
+    for step in ref.committed_steps():
+        state = ref.load(step)
+        reference[step] = state_hash(state["model"], state["optim"])
+    assert len(reference) == TWO_RANK_STEPS
+
+    root = f"pcache::file://{tmp_path}/ckpt"
+    cmd = _torchrun(corpus, root, str(tmp_path / "cache"), TWO_RANK_STEPS, 3)
+    rng = random.Random(99)
+    newest_seen, in_flight_kills, rounds, verified = 0, 0, 0, set()
+    while in_flight_kills < TWO_RANK_KILLS and rounds < TWO_RANK_KILLS + 6:
+        rounds += 1
+        killed, printed = _run_until_killed(cmd, env, rng.randint(1, 3), rng.uniform(0.0, 0.6), group=True)
+        # A fresh reader each round: a cache dir of its own remembers "no marker" for metadata_ttl.
+        checker = CheckpointManager(root, cache_dir=str(tmp_path / f"verify-cache-{rounds}"))
+        newest = checker.latest_step() or 0
+        assert newest >= newest_seen, f"committed step {newest_seen} disappeared"
+        if newest:
+            state = checker.load(newest)
+            assert state["step"] == newest
+            assert state_hash(state["model"], state["optim"]) == reference[newest], f"step {newest} differs"
+            verified.add(newest)
+        for step in (s for s in checker.all_steps() if s > newest):
+            with pytest.raises(CheckpointError, match="not committed"):
+                checker.load(step)
+        newest_seen = newest
+        if killed and printed > newest:
+            in_flight_kills += 1
+        if not killed:
+            break
+    assert in_flight_kills >= min(TWO_RANK_KILLS, rounds - 1), f"{in_flight_kills} kills in a save, {rounds} rounds"
+    assert verified, "no committed step was checked"
