@@ -331,3 +331,21 @@ def test_a_forked_child_does_not_keep_a_stream_live(tmp_path, s3_options, bucket
         os.close(ready_r)
         f.discard()
     assert uploads_of(s3, bucket, key) == []
+
+
+def test_parts_are_sent_from_a_thread_niced_like_the_uploader(tmp_path, s3_options, bucket) -> None:
+    # The parts' CPU (signing, checksums) must yield to the writer's own work (training steps), as the
+    # niced uploader process does: the stream's event loop runs on a thread of its own at uploader_nice.
+    import threading
+
+    fs = pcache_fs(tmp_path, s3_options)  # uploader_nice 10 (one loop per process: the first config's)
+    key, payload = "nice/big.bin", data(2 * PART + 5)
+    with fs.open(f"{bucket}/{key}", "wb") as f:
+        f.write(payload)
+    fs.flush(timeout=120)
+    assert_origin_has(raw(s3_options), f"{bucket}/{key}", payload)
+    loop_threads = [t for t in threading.enumerate() if t.name == "pcache-stream-io"]
+    assert len(loop_threads) == 1
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert os.getpriority(os.PRIO_PROCESS, loop_threads[0].native_id) == min(19, mine + 10)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the writer is not niced
