@@ -97,6 +97,22 @@ def _umount(mnt: Path) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def rclone_mounted(mnt: Path, args: list[str], env: dict[str, str], stop_timeout: float) -> Iterator[None]:
+    """``rclone mount REMOTE MNT ARGS...`` for the duration of the block (the read and write benches' one)."""
+    remote, rest = args[0], args[1:]
+    proc = subprocess.Popen([_bin("rclone"), "mount", remote, str(mnt), *rest, "--log-level", "ERROR"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_mounted(mnt, proc)
+        yield
+    finally:
+        _umount(mnt)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=stop_timeout)
+
+
 class Systems:
     """Starts and stops the three mounts; every mount gets a fresh mountpoint (a fresh page cache)."""
 
@@ -134,17 +150,9 @@ class Systems:
     @contextlib.contextmanager
     def rclone(self, prefix: str, cache: Path) -> Iterator[Path]:
         mnt = self._mountpoint("rclone")
-        proc = subprocess.Popen([_bin("rclone"), "mount", f"sw:{BUCKET}/{prefix}", str(mnt), "--read-only",
-                                 "--vfs-cache-mode", "full", "--cache-dir", str(cache), "--log-level", "ERROR"],
-                                env=self.rclone_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            _wait_mounted(mnt, proc)
+        with rclone_mounted(mnt, [f"sw:{BUCKET}/{prefix}", "--read-only", "--vfs-cache-mode", "full",
+                                  "--cache-dir", str(cache)], self.rclone_env, stop_timeout=60):
             yield mnt
-        finally:
-            _umount(mnt)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
 
     def juicefs_format(self) -> None:
         self.server.make_bucket(JFS_BUCKET)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +31,8 @@ from typing import Any
 import s3fs
 
 from bench._common import MiB, env_int, log, make_row, object_size, proc_cpu_seconds
-from bench.fusefs_bench import _bin, _pid_serving, _umount, _wait_mounted
+from bench.fusefs_bench import _bin, _pid_serving, _umount, _wait_mounted, rclone_mounted
+from lingcore.files import fsync_path
 from pcache.testing import SeaweedServer
 
 NAME = "fusefs"
@@ -84,14 +84,6 @@ def _save(state: Any, path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _fusefs(server: SeaweedServer, workdir: Path, env: dict[str, str]) -> Iterator[Path]:
     mnt = workdir / f"mnt-fusefs-w-{time.monotonic_ns()}"
@@ -114,17 +106,9 @@ def _rclone(server: SeaweedServer, workdir: Path) -> Iterator[Path]:
     env = dict(os.environ, RCLONE_CONFIG_SW_TYPE="s3", RCLONE_CONFIG_SW_PROVIDER="SeaweedFS",
                RCLONE_CONFIG_SW_ACCESS_KEY_ID=server.access_key, RCLONE_CONFIG_SW_SECRET_ACCESS_KEY=server.secret_key,
                RCLONE_CONFIG_SW_ENDPOINT=server.endpoint_url, RCLONE_CONFIG_SW_REGION="us-east-1")
-    proc = subprocess.Popen([_bin("rclone"), "mount", f"sw:{WB_BUCKET}/rclone", str(mnt), "--vfs-cache-mode", "writes",
-                             "--cache-dir", str(workdir / "rc-cache"), "--log-level", "ERROR"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_mounted(mnt, proc)
+    with rclone_mounted(mnt, [f"sw:{WB_BUCKET}/rclone", "--vfs-cache-mode", "writes",
+                              "--cache-dir", str(workdir / "rc-cache")], env, stop_timeout=120):
         yield mnt
-    finally:
-        _umount(mnt)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
 
 
 @contextlib.contextmanager
@@ -183,7 +167,7 @@ def run_write(server: SeaweedServer, workdir: Path) -> list[dict[str, Any]]:
         daemon = _pid_serving(mnt)
         for i in range(repeat + 1):  # the first round warms the uploader and the page cache; not counted
             local = local_dir / "model.pt"
-            t_local = _save(state, local) + _timed(lambda: _fsync_path(local))  # noqa: B023
+            t_local = _save(state, local) + _timed(lambda: fsync_path(local))  # noqa: B023
             nbytes = local.stat().st_size
             t_raw = t_local + _timed(lambda: s3.put_file(str(local), f"{WB_BUCKET}/raw/{i}/model.pt"))  # noqa: B023
             local.unlink()

@@ -15,13 +15,18 @@ def unlink_quiet(path: str) -> None:
         os.unlink(path)
 
 
-def fsync_dir(path: str) -> None:
-    """fsync a directory so a rename inside it survives a crash."""
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync the file or directory at ``path`` (opened read-only: fsync needs no write access)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so a rename inside it survives a crash."""
+    fsync_path(path)
 
 
 def write_all(fd: int, data: Any) -> None:
